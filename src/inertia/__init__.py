@@ -1,0 +1,18 @@
+"""inertia: Momentum Residual Networks for PyTorch, trainable with memory constant in depth.
+
+Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
+"""
+
+from ._errors import InertiaError, InversionError, InversionWarning
+from .nn import MomentumNet, from_momentumnet_state_dict
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "InertiaError",
+    "InversionError",
+    "InversionWarning",
+    "MomentumNet",
+    "__version__",
+    "from_momentumnet_state_dict",
+]

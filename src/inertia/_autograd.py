@@ -1,0 +1,371 @@
+"""The momentum loop, its inverse, and the memory-free autograd Function.
+
+What the memory-free Function keeps for backward (``ctx.save_for_backward``, so saved-tensor hooks
+see all of it): the final state ``(x_N, v_N)``, the tensor extra arguments, the generator state
+before each block that drew random numbers, and a sketch of ``(x_0, v_0)`` (nine numbers). The
+stack's input is not saved. Memory for backward is therefore constant in depth (plus one generator
+state per random block). Backward walks the blocks in reverse; for block ``n`` it inverts ``x_n =
+x_{n+1} - v_{n+1}``, evaluates ``f_n(x_n)`` once with autograd recording, and uses that one
+evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma) f_n(x_n)) / gamma`` and for the vector-
+Jacobian product. Peak memory in backward is one block's activations.
+
+Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
+
+    dL/dv_n      = gamma * a
+    dL/dx_n      = dL/dx_{n+1} + J_{f_n}(x_n)^T (1 - gamma) a
+    dL/dtheta_n += J_{f_n}(theta_n)^T (1 - gamma) a
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from ._arith import Arithmetic, State
+from ._errors import InertiaError, InversionError, InversionWarning
+from ._replay import AutocastState, RngTracker, frozen_running_stats, same_state
+
+__all__ = ["StackSpec", "inverse", "momentum_forward"]
+
+_INIT = -1  # call index of the init function, so blocks keep their own indices
+_SKETCH_SIZE = 4  # random projections per tensor in the inversion check
+_SKETCH_SEED = 0x1A2B3C4D
+_TENSOR = object()  # placeholder for a tensor among the extra arguments' pytree leaves
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """Non-tensor description of a momentum stack, built by `MomentumNet` for each call."""
+
+    blocks: tuple[nn.Module, ...]
+    init_function: nn.Module | None
+    arith: Arithmetic
+    is_residual: bool
+    check_inversion: str | None = "warn"
+    inversion_tol: float | None = None
+
+
+def _describe(index: int, module: nn.Module) -> str:
+    name = "init_function" if index == _INIT else f"block {index}"
+    return f"{name} ({type(module).__name__})"
+
+
+def call_block(
+    spec: StackSpec, index: int, x: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Tensor:
+    """Evaluate ``f_index(x)`` (or ``v_0 = init_function(x)``) and check what it did to ``x``."""
+    module = spec.init_function if index == _INIT else spec.blocks[index]
+    assert module is not None
+    version = None if x.is_inference() else x._version  # inference tensors have no counter
+    out = module(x) if index == _INIT else module(x, *args, **kwargs)
+    if version is not None and x._version != version:
+        raise InertiaError(
+            f"{_describe(index, module)} modified its input in place; the momentum update needs "
+            "x unchanged. Use out-of-place operations in the block (for example "
+            "nn.ReLU(inplace=False), or `y = x + h` instead of `x += h`)."
+        )
+    if not isinstance(out, Tensor):
+        raise InertiaError(
+            f"{_describe(index, module)} returned {type(out).__name__}; a momentum block must "
+            "return one tensor of its input's shape."
+        )
+    if out.shape != x.shape:
+        raise InertiaError(
+            f"{_describe(index, module)} maps shape {tuple(x.shape)} to {tuple(out.shape)}; a "
+            "momentum block must keep its input's shape. Keep shape-changing layers outside the "
+            "MomentumNet (for example in an nn.Sequential around it)."
+        )
+    if index == _INIT or spec.is_residual:
+        return out
+    return out - x
+
+
+def run_forward(
+    spec: StackSpec,
+    x: Tensor,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    rng: RngTracker | None = None,
+    sketch: bool = False,
+) -> tuple[State, dict[int, tuple[Tensor, ...]], Tensor | None]:
+    """The momentum loop.
+
+    With ``rng``, also return the generator state before each call that drew random numbers (keyed
+    by call index); with ``sketch``, a sketch of ``(x_0, v_0)`` for the inversion check.
+    """
+    replay: dict[int, tuple[Tensor, ...]] = {}
+    current = rng.get_state() if rng is not None else ()
+
+    def call(index: int, inp: Tensor) -> Tensor:
+        nonlocal current
+        out = call_block(spec, index, inp, args, kwargs)
+        if rng is not None:
+            after = rng.get_state()
+            if not same_state(current, after):
+                replay[index] = current
+            current = after
+        return out
+
+    v = call(_INIT, x) if spec.init_function is not None else torch.zeros_like(x)
+    start = _sketch(x, v) if sketch else None
+    state = spec.arith.encode(x, v)
+    for n in range(len(spec.blocks)):
+        state = spec.arith.step(state, call(n, spec.arith.position(state)))
+    return state, replay, start
+
+
+def inverse(
+    spec: StackSpec, x: Tensor, v: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)`` without autograd."""
+    arith = spec.arith
+    with torch.no_grad():
+        state = arith.encode(x, v)
+        for n in reversed(range(len(spec.blocks))):
+            state = arith.unstep_position(state)
+            f = call_block(spec, n, arith.position(state), args, kwargs)
+            state = arith.unstep_velocity(state, f)
+        return arith.position(state), arith.velocity(state)
+
+
+def _sketch(x: Tensor, v: Tensor) -> Tensor:
+    """Random projections of ``x`` and ``v`` (same directions every call) and ``|x|^2 + |v|^2``."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xf, vf = x.detach().reshape(-1).to(dtype), v.detach().reshape(-1).to(dtype)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(_SKETCH_SEED)
+    out = [xf.dot(xf) + vf.dot(vf)]
+    for _ in range(_SKETCH_SIZE):
+        g = torch.randn(xf.numel(), generator=gen, device=x.device, dtype=dtype)
+        out += [xf.dot(g), vf.dot(g)]
+    return torch.stack(out).double()
+
+
+def default_inversion_tol(dtype: torch.dtype) -> float:
+    """``sqrt(eps)`` of the dtype: half its digits (float32: 3.5e-4, float64: 1.5e-8)."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _check_drift(spec: StackSpec, forward: Tensor, backward: Tensor, dtype: torch.dtype) -> None:
+    """Compare the sketches of the forward's and the reconstructed ``(x_0, v_0)``."""
+    diff = (backward[1:] - forward[1:]).pow(2).sum() / _SKETCH_SIZE
+    drift = float((diff / forward[0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
+    tol = spec.inversion_tol if spec.inversion_tol is not None else default_inversion_tol(dtype)
+    if drift <= tol:  # False for NaN, so NaN is reported as drift
+        return
+    gamma, depth = spec.arith.gamma, len(spec.blocks)
+    growth = torch.finfo(dtype).eps * gamma**-depth if gamma > 0 else math.inf
+    message = (
+        f"memory-free backward: the reconstructed input of this MomentumNet differs from the "
+        f"forward's by about {drift:.1e} (relative), above inversion_tol={tol:.1e}, so its "
+        f"gradients are off by a similar amount. Float rounding grows like eps * gamma**-depth "
+        f"= {growth:.1e} here (gamma={gamma}, depth={depth}, {dtype}). Use a larger gamma, "
+        "shorter stacks, float64, or use_backprop=True."
+    )
+    if spec.check_inversion == "raise":
+        raise InversionError(message)
+    warnings.warn(message, InversionWarning, stacklevel=2)
+
+
+@dataclass(frozen=True)
+class _Config:
+    """What `_MomentumFunction` needs besides tensors."""
+
+    spec: StackSpec
+    treespec: pytree.TreeSpec
+    leaves: tuple[
+        Any, ...
+    ]  # extra-argument leaves, _TENSOR where a tensor input of the Function goes
+    n_tensors: int  # how many of the Function's inputs after x are extra-argument tensors
+    call_params: tuple[tuple[int, ...], ...]  # for call index i, at i + 1: positions in the params
+
+    def unflatten(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        it = iter(tensors)
+        leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self.leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, self.treespec)
+        return tuple(args), dict(kwargs)
+
+
+class _MomentumFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, cfg: _Config, x: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        arg_tensors = tensors[: cfg.n_tensors]
+        args, kwargs = cfg.unflatten(arg_tensors)
+        rng = RngTracker(x.device)
+        check = cfg.spec.check_inversion is not None
+        state, replay, sketch = run_forward(cfg.spec, x, args, kwargs, rng, sketch=check)
+        ctx.cfg = cfg
+        ctx.rng = rng
+        ctx.autocast = AutocastState.capture(x.device)
+        ctx.n_state = len(state)
+        ctx.replay_keys = tuple(sorted(replay))
+        rng_tensors = [t for k in ctx.replay_keys for t in replay[k]]
+        ctx.save_for_backward(
+            *state, *arg_tensors, *rng_tensors, *([sketch] if sketch is not None else [])
+        )
+        ctx.set_materialize_grads(False)
+        return cfg.spec.arith.position(state), cfg.spec.arith.velocity(state)
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():
+            raise InertiaError(
+                "double backward (create_graph=True) is not supported by the memory-free "
+                "MomentumNet; construct it with use_backprop=True for higher-order gradients."
+            )
+        cfg: _Config = ctx.cfg
+        spec, arith = cfg.spec, cfg.spec.arith
+        saved = ctx.saved_tensors
+        state: State = saved[: ctx.n_state]
+        arg_tensors = saved[ctx.n_state : ctx.n_state + cfg.n_tensors]
+        rest = saved[ctx.n_state + cfg.n_tensors :]
+        k = ctx.rng.n_states
+        replay = {key: rest[i * k : (i + 1) * k] for i, key in enumerate(ctx.replay_keys)}
+        sketch = rest[len(replay) * k :]
+        needs = ctx.needs_input_grad  # (cfg, x, *extra-argument tensors, *params)
+
+        # Extra arguments are detached once and shared by every recomputation.
+        arg_in = [t.detach().requires_grad_(needs[2 + i]) for i, t in enumerate(arg_tensors)]
+        args, kwargs = cfg.unflatten(arg_in)
+        grads = _Gradients(cfg, ctx, arg_in, n_params=len(needs) - 2 - cfg.n_tensors)
+
+        dtype = arith.position(state).dtype
+        gx = grad_x if grad_x is not None else torch.zeros_like(arith.position(state))
+        gv = grad_v if grad_v is not None else torch.zeros_like(arith.velocity(state))
+        with ctx.rng.fork():
+            for n in reversed(range(len(spec.blocks))):
+                state = arith.unstep_position(state)
+                a = gx + gv
+                f, dx = grads.recompute(n, arith.position(state), args, kwargs, a, replay)
+                state = arith.unstep_velocity(state, f)
+                gv = arith.gamma * a
+                if dx is not None:
+                    gx = gx + dx
+            if spec.init_function is not None:
+                _, dx = grads.recompute(_INIT, arith.position(state), args, kwargs, gv, replay)
+                if dx is not None:
+                    gx = gx + dx
+        if sketch:
+            x0, v0 = arith.position(state), arith.velocity(state)
+            _check_drift(spec, sketch[0], _sketch(x0, v0), dtype)
+        return (None, gx if needs[1] else None, *grads.args, *grads.params)
+
+
+class _Gradients:
+    """Recomputes one call at a time and accumulates parameter and extra-argument gradients."""
+
+    def __init__(self, cfg: _Config, ctx: Any, arg_in: list[Tensor], n_params: int) -> None:
+        self.cfg, self.ctx, self.arg_in = cfg, ctx, arg_in
+        self.args: list[Tensor | None] = [None] * len(arg_in)
+        self.params: list[Tensor | None] = [None] * n_params
+
+    def recompute(
+        self,
+        index: int,
+        x: Tensor,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        adjoint: Tensor,
+        replay: dict[int, tuple[Tensor, ...]],
+    ) -> tuple[Tensor, Tensor | None]:
+        """Evaluate call ``index`` at ``x`` once, as its forward did, and pull back ``adjoint``.
+
+        ``adjoint`` is the gradient of the call's contribution to the velocity: for a block,
+        ``dL/dv_{n+1}`` (the block's output enters scaled by ``1 - gamma``); for the init
+        function, ``dL/dv_0``. Returns the detached output and the gradient with respect to ``x``
+        (None where ``x``'s gradient is not needed or does not depend on it).
+        """
+        spec, ctx = self.cfg.spec, self.ctx
+        module = spec.init_function if index == _INIT else spec.blocks[index]
+        assert module is not None
+        wanted = [p for p in module.parameters() if p.requires_grad]
+        positions = self.cfg.call_params[index + 1]
+        if len(wanted) != len(positions):
+            raise InertiaError(
+                f"{_describe(index, module)}: parameters changed requires_grad between forward "
+                "and backward; set requires_grad before the forward pass."
+            )
+        need_x = index > 0 or ctx.needs_input_grad[1]
+        if index in replay:
+            ctx.rng.set_state(replay[index])
+        # Norm layers' running statistics are restored after the VJP, which may read them.
+        with frozen_running_stats(module):
+            with torch.enable_grad(), ctx.autocast.enter():
+                inp = x.detach().requires_grad_(need_x)
+                out = call_block(spec, index, inp, args, kwargs)
+            # As autograd differentiates `gamma * v + (1 - gamma) * f`: cast first, then scale.
+            grad_out = adjoint.to(out.dtype)
+            if index != _INIT:
+                grad_out = grad_out * (1 - spec.arith.gamma)
+            arg_wanted = [i for i, t in enumerate(self.arg_in) if t.requires_grad]
+            inputs = ([inp] if need_x else []) + wanted + [self.arg_in[i] for i in arg_wanted]
+            if not inputs or not out.requires_grad:
+                return out.detach(), None
+            pulled = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        dx = pulled[0] if need_x else None
+        rest = pulled[1:] if need_x else pulled
+        for pos, g in zip(positions, rest[: len(wanted)], strict=True):
+            self.params[pos] = _add(self.params[pos], g)
+        for i, g in zip(arg_wanted, rest[len(wanted) :], strict=True):
+            self.args[i] = _add(self.args[i], g)
+        return out.detach(), dx
+
+
+def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
+    """Out of place: a gradient returned by autograd may alias another one."""
+    if g is None:
+        return total
+    return g if total is None else total + g
+
+
+def _unique_trainable(
+    modules: Sequence[nn.Module | None],
+) -> tuple[list[Tensor], list[tuple[int, ...]]]:
+    """Parameters requiring grad, each once, and for each module their positions in that list."""
+    params: list[Tensor] = []
+    where: dict[int, int] = {}
+    positions = []
+    for module in modules:
+        own = [] if module is None else [p for p in module.parameters() if p.requires_grad]
+        for p in own:
+            if id(p) not in where:
+                where[id(p)] = len(params)
+                params.append(p)
+        positions.append(tuple(where[id(p)] for p in own))
+    return params, positions
+
+
+def momentum_forward(
+    spec: StackSpec,
+    x: Tensor,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    memory_free: bool,
+) -> tuple[Tensor, Tensor]:
+    """Run the stack: memory-free when asked and when autograd has something to differentiate."""
+    params, positions = _unique_trainable((spec.init_function, *spec.blocks))
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or bool(params) or any(t.requires_grad for t in arg_tensors)
+    )
+    if not (memory_free and differentiable and spec.blocks):
+        state, _, _ = run_forward(spec, x, args, kwargs)
+        return spec.arith.position(state), spec.arith.velocity(state)
+    cfg = _Config(
+        spec=spec,
+        treespec=treespec,
+        leaves=tuple(_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in leaves),
+        n_tensors=len(arg_tensors),
+        call_params=tuple(positions),
+    )
+    x_n, v_n = _MomentumFunction.apply(cfg, x, *arg_tensors, *params)
+    return x_n, v_n

@@ -1,0 +1,105 @@
+"""What a block's recomputation must reproduce of its forward: random numbers, autocast, norm stats.
+
+- Random numbers: the generator state before a block is kept only when the block changed it (it drew
+  random numbers, as dropout does), and restored before that block's recomputation.
+- Autocast: the forward's autocast state is captured once and re-entered around the recomputation.
+- Norm layers: running statistics (BatchNorm, InstanceNorm with ``track_running_stats``) are updated
+  by the forward only; the recomputation's update is undone, so one training step updates them once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["AutocastState", "RngTracker", "frozen_running_stats"]
+
+
+class RngTracker:
+    """Reads and writes the generators a computation on ``device`` can draw from.
+
+    The CPU generator always, and the default generator of ``device`` when it is an accelerator.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._accel = None if device.type == "cpu" else torch.get_device_module(device.type)
+
+    def get_state(self) -> tuple[Tensor, ...]:
+        states = [torch.get_rng_state()]
+        if self._accel is not None:
+            states.append(self._accel.get_rng_state(self.device))
+        return tuple(states)
+
+    def set_state(self, states: tuple[Tensor, ...]) -> None:
+        torch.set_rng_state(states[0])
+        if self._accel is not None:
+            self._accel.set_rng_state(states[1], self.device)
+
+    @property
+    def n_states(self) -> int:
+        return 1 if self._accel is None else 2
+
+    @contextlib.contextmanager
+    def fork(self) -> Iterator[None]:
+        """Restore the tracked generators on exit: replaying leaves the caller's RNG untouched."""
+        saved = self.get_state()
+        try:
+            yield
+        finally:
+            self.set_state(saved)
+
+
+def same_state(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Autocast settings of the forward, for the device type of the input and for the CPU."""
+
+    settings: tuple[tuple[str, bool, torch.dtype], ...]
+    cache_enabled: bool
+
+    @classmethod
+    def capture(cls, device: torch.device) -> AutocastState:
+        types = dict.fromkeys((device.type, "cpu"))
+        settings = tuple(
+            (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
+        )
+        return cls(settings, torch.is_autocast_cache_enabled())
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype in self.settings:
+                stack.enter_context(
+                    torch.autocast(
+                        device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled
+                    )
+                )
+            yield
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` without keeping the running-statistics updates of its norm layers."""
+    buffers = [
+        b
+        for m in module.modules()
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if b is not None
+    ]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)

@@ -1,0 +1,293 @@
+"""`MomentumNet`: residual blocks with momentum, trainable without storing activations."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, overload
+
+import torch
+from torch import Tensor, nn
+
+from ._arith import FloatArithmetic
+from ._autograd import StackSpec, inverse, momentum_forward
+from ._errors import InertiaError
+
+__all__ = ["MomentumNet", "from_momentumnet_state_dict"]
+
+_CHECK_INVERSION = ("warn", "raise", None)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class MomentumNet(nn.Module):
+    r"""A Momentum Residual Network (Sander, Ablin, Blondel and Peyré, ICML 2021).
+
+    Iterates, over the blocks ``f_0 ... f_{N-1}``,
+
+    .. code-block:: text
+
+        v_{n+1} = gamma * v_n + (1 - gamma) * f_n(x_n)
+        x_{n+1} = x_n + v_{n+1}
+
+    from ``v_0 = init_function(x_0)`` (or zero). The map inverts in closed form, so with
+    ``use_backprop=False`` training keeps no activations: backward rebuilds ``x_n, v_n`` block by
+    block, evaluating each block once for both the inverse and the vector-Jacobian product. Memory
+    for backward is then constant in depth. ``gamma = 0`` is the plain ResNet.
+
+    The signature and defaults are those of the paper's package (``momentumnet`` 0.10), so
+    ``from inertia import MomentumNet`` replaces ``from momentumnet import MomentumNet``.
+
+    Args:
+        functions: The blocks, as a list, ``nn.ModuleList`` or ``nn.Sequential``. Each maps ``x`` of
+            any shape ``(*)`` (and the extra arguments of ``forward``) to a tensor of shape
+            ``(*)``.
+            They become children ``"0" ... "N-1"``; the same module may appear more than once.
+        gamma: The momentum, ``0 <= gamma <= 1``. Memory-free mode needs ``gamma > 0``.
+        init_speed: Start from ``v_0 = init_function(x_0)`` instead of zero.
+        init_function: Module mapping ``x_0`` to ``v_0`` (same shape); child ``"init"``.
+        use_backprop: True: ordinary autograd through the loop. False: the memory-free backward.
+        is_residual: True: blocks are residuals ``f``. False: each block is a whole map ``g``, and
+            ``f(x) = g(x) - x``.
+        check_inversion: Memory-free mode only. ``"warn"`` or ``"raise"`` when the backward's
+            reconstruction of ``(x_0, v_0)`` drifts from the forward's by more than
+            ``inversion_tol`` (relative), measured on a random-projection sketch; None: no check.
+        inversion_tol: Relative drift allowed; default ``sqrt(eps)`` of the input's dtype
+            (float32: 3.5e-4, float64: 1.5e-8).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from inertia import MomentumNet
+        >>> def block():
+        ...     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+        >>> blocks = [block() for _ in range(10)]
+        >>> net = MomentumNet(blocks, gamma=0.9, use_backprop=False)
+        >>> net(torch.randn(4, 8)).shape
+        torch.Size([4, 8])
+    """
+
+    def __init__(
+        self,
+        functions: Iterable[nn.Module],
+        gamma: float,
+        init_speed: bool = False,
+        init_function: nn.Module | None = None,
+        use_backprop: bool = True,
+        is_residual: bool = True,
+        *,
+        check_inversion: str | None = "warn",
+        inversion_tol: float | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(functions)
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(
+                    f"functions[{i}] is a {type(block).__name__}; MomentumNet needs nn.Module "
+                    "blocks (wrap a function in a small nn.Module)."
+                )
+            self.add_module(str(i), block)
+        self._depth = len(blocks)
+        if init_speed and init_function is None:
+            raise ValueError("init_speed=True needs an init_function that maps x_0 to v_0.")
+        if init_function is not None:
+            if not init_speed:
+                warnings.warn(
+                    "init_function is given but init_speed=False, so it is not used and v_0 = 0; "
+                    "pass init_speed=True to use it.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.add_module("init", init_function)
+        self.init_speed = init_speed
+        self.is_residual = is_residual
+        if check_inversion not in _CHECK_INVERSION:
+            raise ValueError(
+                f"check_inversion={check_inversion!r}; use 'warn', 'raise' or None (no check)."
+            )
+        if inversion_tol is not None and not inversion_tol > 0:
+            raise ValueError(f"inversion_tol={inversion_tol!r}; it must be a positive number.")
+        self.check_inversion = check_inversion
+        self.inversion_tol = inversion_tol
+        self._gamma = _validate_gamma(gamma, use_backprop)
+        self._use_backprop = bool(use_backprop)
+
+    @property
+    def gamma(self) -> float:
+        """The momentum term; validated when set."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = _validate_gamma(value, self._use_backprop)
+
+    @property
+    def use_backprop(self) -> bool:
+        """False for the memory-free backward; may be switched at any time."""
+        return self._use_backprop
+
+    @use_backprop.setter
+    def use_backprop(self, value: bool) -> None:
+        _validate_gamma(self._gamma, value)
+        self._use_backprop = bool(value)
+
+    @property
+    def functions(self) -> list[nn.Module]:
+        """The blocks, in order (``momentumnet`` compatibility)."""
+        return list(self)
+
+    @property
+    def init_function(self) -> nn.Module | None:
+        """The module computing ``v_0``, or None."""
+        return self._modules.get("init")
+
+    def __len__(self) -> int:
+        return self._depth
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (self._block(i) for i in range(self._depth))
+
+    @overload
+    def __getitem__(self, idx: int) -> nn.Module: ...
+
+    @overload
+    def __getitem__(self, idx: slice) -> MomentumNet: ...
+
+    def __getitem__(self, idx: int | slice) -> nn.Module | MomentumNet:
+        if isinstance(idx, slice):
+            start = idx.indices(self._depth)[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # gamma = 1 was warned about already
+                return MomentumNet(
+                    list(self)[idx],
+                    self._gamma,
+                    init_speed=self.init_speed and start == 0,
+                    init_function=self.init_function if start == 0 else None,
+                    use_backprop=self._use_backprop,
+                    is_residual=self.is_residual,
+                    check_inversion=self.check_inversion,
+                    inversion_tol=self.inversion_tol,
+                )
+        if not -self._depth <= idx < self._depth:
+            raise IndexError(
+                f"index {idx} is out of range for a MomentumNet of {self._depth} blocks"
+            )
+        return self._block(idx % self._depth)
+
+    def _block(self, i: int) -> nn.Module:
+        return self._modules[str(i)]  # type: ignore[return-value]
+
+    def _spec(self) -> StackSpec:
+        return StackSpec(
+            blocks=tuple(self),
+            init_function=self.init_function if self.init_speed else None,
+            arith=FloatArithmetic(self._gamma),
+            is_residual=self.is_residual,
+            check_inversion=self.check_inversion,
+            inversion_tol=self.inversion_tol,
+        )
+
+    def forward(
+        self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Run the stack.
+
+        Args:
+            x: Input of shape ``(*)``, floating point.
+            *args: Passed to every block after ``x``. Tensors among them get gradients (summed
+                over blocks), in both modes.
+            return_velocity: Also return the final velocity ``v_N``.
+            **kwargs: Passed to every block.
+
+        Returns:
+            ``x_N`` of shape ``(*)``, or ``(x_N, v_N)`` with ``return_velocity=True``.
+        """
+        _check_input(x)
+        if not self._use_backprop:
+            _validate_gamma(self._gamma, use_backprop=False)
+        x_n, v_n = momentum_forward(
+            self._spec(), x, args, kwargs, memory_free=not self._use_backprop
+        )
+        return (x_n, v_n) if return_velocity else x_n
+
+    def inverse(self, x: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)``, without autograd.
+
+        Exact up to float rounding, which grows like ``eps * gamma**-depth``; blocks must be
+        deterministic (eval mode for dropout) and stateless for the inverse to match the forward.
+
+        Example:
+            >>> net = MomentumNet([nn.Linear(3, 3) for _ in range(4)], gamma=0.9).eval()
+            >>> x = torch.randn(2, 3)
+            >>> x0, v0 = net.inverse(*net(x, return_velocity=True))
+            >>> torch.allclose(x0, x, atol=1e-5)
+            True
+        """
+        _check_input(x)
+        if x.shape != v.shape:
+            raise ValueError(f"x has shape {tuple(x.shape)} but v has {tuple(v.shape)}.")
+        if self._gamma == 0:
+            raise ValueError("gamma = 0 is not invertible (the inverse divides by gamma).")
+        return inverse(self._spec(), x, v, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self._gamma}, use_backprop={self._use_backprop}, "
+            f"is_residual={self.is_residual}, init_speed={self.init_speed}"
+        )
+
+
+def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a real number in [0, 1]; got {type(gamma).__name__}.")
+    value = float(gamma)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"gamma={value!r} is outside [0, 1]; the momentum must satisfy 0 <= gamma <= 1."
+        )
+    if value == 0.0 and not use_backprop:
+        raise ValueError(
+            "gamma=0 with use_backprop=False: the memory-free backward inverts the velocity update "
+            "by dividing by gamma. Use gamma > 0 (the paper uses 0.9), or use_backprop=True "
+            "(gamma=0 is the plain ResNet)."
+        )
+    if value == 1.0:
+        warnings.warn(
+            "gamma=1 makes every block inert (v_n = v_0 for all n, so the blocks never affect "
+            "the output); use gamma < 1.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return value
+
+
+def _check_input(x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"MomentumNet expects a tensor input; got {type(x).__name__}.")
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"MomentumNet needs a real floating-point input (float16, bfloat16, float32 or "
+            f"float64); got {x.dtype}. Convert it first, for example x.float()."
+        )
+
+
+_MOMENTUMNET_KEY = re.compile(r"(^|\.)network\.(?=(\d+|init)\.)")
+
+
+def from_momentumnet_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename the keys of a state_dict saved by ``momentumnet`` 0.10 to inertia's.
+
+    ``momentumnet`` nests the blocks under ``network`` (``network.0.weight``, ``network.init.*``);
+    inertia registers them directly (``0.weight``, ``init.*``). Keys of enclosing models keep their
+    prefix (``layer1.network.0.conv1.weight`` becomes ``layer1.0.conv1.weight``).
+
+    Example:
+        >>> old = {"network.0.weight": torch.ones(3, 3), "network.0.bias": torch.zeros(3)}
+        >>> sorted(from_momentumnet_state_dict(old))
+        ['0.bias', '0.weight']
+    """
+    out = {_MOMENTUMNET_KEY.sub(r"\1", key): value for key, value in state_dict.items()}
+    if len(out) != len(state_dict):
+        raise InertiaError("renaming momentumnet keys made two keys equal; load them by hand.")
+    return out

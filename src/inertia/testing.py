@@ -1,0 +1,200 @@
+"""Checks that inertia's own tests use, public so that users can run them on their models.
+
+- `SavedTensorMeter`: bytes saved for backward, live and peak, through the backward too.
+- `relative_error` and `TOLERANCES`: the one definition of "equal" (``||a - b|| / ||b||``).
+- `gradient_errors` / `assert_gradients_match`: a model against a reference on the same weights and
+  inputs: outputs, input gradients, every parameter's gradient and every buffer, by name.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "TOLERANCES",
+    "SavedTensorMeter",
+    "assert_gradients_match",
+    "gradient_errors",
+    "relative_error",
+]
+
+#: Relative error (``||a - b|| / ||b||``) allowed per tensor when two computations should agree.
+TOLERANCES: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64; 0 when both are zero, inf when only ``b`` is."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    num, den = float((a - b).norm()), float(b.norm())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+class _Packed:
+    """What the pack hook stores: the tensor, and a callback when autograd frees it."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward while active, each storage once.
+
+    A saved view counts its whole storage, since that is what it keeps alive.
+
+    Keep it active through the backward to see the recomputation's saved tensors as well: ``peak``
+    is then the most bytes held at once, forward and backward together. Storages of ``ignore``
+    (typically the model's parameters, which exist anyway) are not counted.
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> with SavedTensorMeter(ignore=lin.parameters()) as meter:
+        ...     lin(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        >>> meter.peak
+        32
+    """
+
+    def __init__(self, ignore: Iterable[Tensor] = ()) -> None:
+        self._ignore = {t.untyped_storage().data_ptr() for t in ignore}
+        self._refs: dict[tuple[str, int], int] = {}
+        self._sizes: dict[tuple[str, int], int] = {}
+        self.current = 0
+        self.peak = 0
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: Tensor) -> Any:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key[1] in self._ignore or storage.nbytes() == 0:
+            return tensor
+        packed = _Packed(tensor)
+        if key not in self._refs:
+            self._refs[key] = 0
+            self._sizes[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self._refs[key] += 1
+        weakref.finalize(packed, self._release, key)
+        return packed
+
+    def _release(self, key: tuple[str, int]) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.current -= self._sizes.pop(key)
+
+    @staticmethod
+    def _unpack(packed: Any) -> Tensor:
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def _default_loss(out: Any) -> Tensor:
+    outs = out if isinstance(out, tuple) else (out,)
+    # A fixed, non-symmetric weighting so that every output element matters differently.
+    total = torch.zeros((), dtype=torch.float64)
+    for o in outs:
+        w = torch.linspace(-1.0, 2.0, o.numel(), dtype=o.dtype, device=o.device).view_as(o)
+        total = total + (o * w).sum().double() + o.pow(2).sum().double()
+    return total
+
+
+def gradient_errors(
+    reference: nn.Module,
+    model: nn.Module,
+    *inputs: Any,
+    loss_fn: Callable[[Any], Tensor] = _default_loss,
+    steps: int = 1,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Relative errors of ``model`` against ``reference`` (same weights) on the same inputs.
+
+    Resets both models' gradients, runs ``steps`` forward/backward passes on each (gradients
+    accumulate, as in gradient accumulation), then compares the outputs of the last pass
+    (``"output"``), the gradient of each tensor input that requires grad (``"input.i"``), each
+    parameter's gradient (``"grad.<name>"``) and each buffer (``"buffer.<name>"``).
+    With ``seed``, the generator is seeded before each model runs, so both draw the same random
+    numbers (dropout). Both models are left with their gradients and updated buffers.
+    """
+    results: list[tuple[Any, list[Tensor | None], Mapping[str, Tensor]]] = []
+    for net in (reference, model):
+        leaves = [
+            t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
+            for t in inputs
+        ]
+        net.zero_grad(set_to_none=True)
+        if seed is not None:
+            torch.manual_seed(seed)
+        for _ in range(steps):
+            out = net(*leaves, **kwargs)
+            loss_fn(out).backward()  # type: ignore[no-untyped-call]
+        grads = [t.grad if isinstance(t, Tensor) and t.requires_grad else None for t in leaves]
+        results.append((out, grads, dict(net.named_buffers())))
+    (ref_out, ref_grads, ref_bufs), (out, grads, bufs) = results
+    errors: dict[str, float] = {}
+    ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    outs = out if isinstance(out, tuple) else (out,)
+    for i, (a, b) in enumerate(zip(outs, ref_outs, strict=True)):
+        errors["output" if len(outs) == 1 else f"output.{i}"] = relative_error(a, b)
+    for i, (ga, gb) in enumerate(zip(grads, ref_grads, strict=True)):
+        if gb is not None or ga is not None:
+            errors[f"input.{i}"] = _grad_error(ga, gb)
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            errors[f"grad.{name}"] = _grad_error(p.grad, ref_params[name].grad)
+    for name, buf in bufs.items():
+        errors[f"buffer.{name}"] = relative_error(buf.double(), ref_bufs[name].double())
+    return errors
+
+
+def _grad_error(a: Tensor | None, b: Tensor | None) -> float:
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None:
+        return float("inf")  # one side has a gradient, the other none
+    return relative_error(a, b)
+
+
+def assert_gradients_match(
+    reference: nn.Module,
+    model: nn.Module,
+    *inputs: Any,
+    rtol: float | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """`gradient_errors`, failing when any error exceeds ``rtol`` (default: `TOLERANCES`)."""
+    dtype = next((t.dtype for t in inputs if isinstance(t, Tensor)), torch.float32)
+    tol = TOLERANCES[dtype] if rtol is None else rtol
+    errors = gradient_errors(reference, model, *inputs, **kwargs)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    if bad:
+        worst = sorted(bad.items(), key=lambda kv: -kv[1])[:10]
+        lines = "\n".join(f"  {name}: {err:.3e}" for name, err in worst)
+        raise AssertionError(
+            f"{len(bad)} of {len(errors)} tensors differ by more than {tol:.0e}:\n{lines}"
+        )
+    return errors

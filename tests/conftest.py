@@ -1,0 +1,84 @@
+"""Blocks and reference implementations shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from inertia import MomentumNet
+
+DTYPES = [torch.float32, torch.float64]
+
+
+class MLP(nn.Module):
+    """Linear - [BatchNorm] - Tanh - [Dropout] - Linear: a block that keeps the shape."""
+
+    def __init__(self, d: int = 8, h: int = 16, dropout: float = 0.0, bn: bool = False) -> None:
+        super().__init__()
+        # As in conv-BN stacks, no bias before BatchNorm: its gradient would be zero up to rounding.
+        layers: list[nn.Module] = [nn.Linear(d, h, bias=not bn)]
+        if bn:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.Tanh())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(h, d))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ArgBlock(nn.Module):
+    """A block with extra positional and keyword arguments, tensors and not."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.mlp = MLP(d)
+
+    def forward(
+        self, x: Tensor, scale: Tensor, *, shift: Tensor | None = None, power: int = 1
+    ) -> Tensor:
+        out = self.mlp(x) * scale**power
+        return out if shift is None else out + shift
+
+
+class LoopNet(nn.Module):
+    """The momentum loop written out by hand: the reference for the library's two modes."""
+
+    def __init__(self, net: MomentumNet) -> None:
+        super().__init__()
+        for i, block in enumerate(net):
+            self.add_module(str(i), block)
+        if net.init_function is not None:
+            self.add_module("init", net.init_function)
+        self.depth, self.gamma = len(net), net.gamma
+        self.init_speed, self.is_residual = net.init_speed, net.is_residual
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        v = self._modules["init"](x) if self.init_speed else torch.zeros_like(x)  # type: ignore[misc]
+        for i in range(self.depth):
+            f = self._modules[str(i)](x, *args, **kwargs)  # type: ignore[misc]
+            if not self.is_residual:
+                f = f - x
+            v = self.gamma * v + (1 - self.gamma) * f
+            x = x + v
+        return x
+
+
+def twins(net: MomentumNet) -> tuple[MomentumNet, MomentumNet, LoopNet]:
+    """Independent copies: (backprop, memory-free, hand-written loop), same weights."""
+    backprop = copy.deepcopy(net)
+    backprop.use_backprop = True
+    free = copy.deepcopy(net)
+    free.use_backprop = False
+    return backprop, free, LoopNet(copy.deepcopy(net))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

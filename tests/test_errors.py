@@ -1,0 +1,131 @@
+"""Every misuse gets an error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import MLP
+from inertia import InertiaError, MomentumNet
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
+def test_gamma_out_of_range(gamma: float) -> None:
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        MomentumNet([MLP()], gamma)
+
+
+@pytest.mark.parametrize("gamma", ["0.9", True, torch.tensor(0.9)])
+def test_gamma_not_a_number(gamma: object) -> None:
+    with pytest.raises(TypeError, match="gamma must be a real number"):
+        MomentumNet([MLP()], gamma)  # type: ignore[arg-type]
+
+
+def test_gamma_zero_memory_free_names_alternative() -> None:
+    with pytest.raises(ValueError, match=r"dividing by gamma.*use_backprop=True"):
+        MomentumNet([MLP()], 0.0, use_backprop=False)
+    net = MomentumNet([MLP()], 0.0)
+    with pytest.raises(ValueError, match="dividing by gamma"):
+        net.use_backprop = False
+    net = MomentumNet([MLP()], 0.5, use_backprop=False)
+    with pytest.raises(ValueError, match="dividing by gamma"):
+        net.gamma = 0.0
+
+
+def test_shape_change_names_block() -> None:
+    net = MomentumNet([MLP(), nn.Linear(8, 4), MLP()], 0.9, use_backprop=False)
+    with pytest.raises(InertiaError, match=r"block 1 \(Linear\) maps shape \(2, 8\) to \(2, 4\)"):
+        net(torch.randn(2, 8, requires_grad=True))
+
+
+class InPlace(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.tanh_()
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_in_place_names_block(use_backprop: bool) -> None:
+    net = MomentumNet([MLP(), MLP(), InPlace()], 0.9, use_backprop=use_backprop)
+    with pytest.raises(InertiaError, match=r"block 2 \(InPlace\) modified its input in place"):
+        net(torch.randn(2, 8))
+
+
+def test_block_returning_tuple() -> None:
+    class Pair(nn.Module):
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return x, x
+
+    with pytest.raises(InertiaError, match=r"block 0 \(Pair\) returned tuple"):
+        MomentumNet([Pair()], 0.9)(torch.randn(2, 3))
+
+
+def test_init_function_shape() -> None:
+    net = MomentumNet([MLP()], 0.9, init_speed=True, init_function=nn.Linear(8, 3))
+    with pytest.raises(InertiaError, match=r"init_function \(Linear\) maps shape"):
+        net(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_unsupported_dtype(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match=r"real floating-point input .* x.float\(\)"):
+        MomentumNet([MLP()], 0.9)(torch.zeros(2, 8, dtype=dtype))
+
+
+def test_not_a_tensor() -> None:
+    with pytest.raises(TypeError, match="expects a tensor"):
+        MomentumNet([MLP()], 0.9)([1.0] * 8)
+
+
+def test_double_backward_names_alternative() -> None:
+    net = MomentumNet([MLP()], 0.9, use_backprop=False)
+    x = torch.randn(2, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=False)
+    with pytest.raises(InertiaError, match=r"double backward.*use_backprop=True"):
+        torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    # The alternative works.
+    net.use_backprop = True
+    (g2,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    assert g2.requires_grad
+    assert torch.allclose(g, g2, atol=1e-6)
+
+
+def test_init_speed_without_function() -> None:
+    with pytest.raises(ValueError, match="init_speed=True needs an init_function"):
+        MomentumNet([MLP()], 0.9, init_speed=True)
+
+
+def test_unused_init_function_warns() -> None:
+    with pytest.warns(UserWarning, match="init_speed=False, so it is not used"):
+        MomentumNet([MLP()], 0.9, init_function=nn.Linear(8, 8))
+
+
+def test_non_module_block() -> None:
+    with pytest.raises(TypeError, match=r"functions\[1\] is a builtin_function_or_method"):
+        MomentumNet([MLP(), torch.tanh], 0.9)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"check_inversion": "loud"}, "check_inversion='loud'"),
+        ({"inversion_tol": 0.0}, "inversion_tol=0.0"),
+    ],
+)
+def test_bad_check_settings(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MomentumNet([MLP()], 0.9, **kwargs)  # type: ignore[arg-type]
+
+
+def test_inverse_needs_matching_shapes() -> None:
+    net = MomentumNet([MLP()], 0.9)
+    with pytest.raises(ValueError, match="x has shape"):
+        net.inverse(torch.zeros(2, 8), torch.zeros(3, 8))
+
+
+def test_requires_grad_changed_between_forward_and_backward() -> None:
+    net = MomentumNet([MLP(), MLP()], 0.9, use_backprop=False)
+    out = net(torch.randn(2, 8))
+    net[1].net[0].weight.requires_grad_(False)
+    with pytest.raises(InertiaError, match="changed requires_grad between forward and backward"):
+        out.sum().backward()

@@ -1,0 +1,177 @@
+"""MomentumNet as an nn.Module: containers, state_dict, copies, modes, inverse, compatibility."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import inertia._autograd
+from conftest import MLP, twins
+from inertia import MomentumNet, from_momentumnet_state_dict
+from inertia.testing import relative_error
+
+
+@pytest.mark.parametrize("container", [list, nn.ModuleList, lambda b: nn.Sequential(*b)])
+def test_blocks_are_children_like_sequential(container: object) -> None:
+    blocks = [MLP() for _ in range(3)]
+    net = MomentumNet(container(blocks), 0.9)  # type: ignore[operator]
+    assert len(net) == 3
+    assert list(net) == blocks
+    assert net[0] is blocks[0]
+    assert net[-1] is blocks[2]
+    assert [name for name, _ in net.named_children()] == ["0", "1", "2"]
+    assert net.functions == blocks
+    with pytest.raises(IndexError, match="out of range"):
+        net[3]
+    head = net[:2]
+    assert isinstance(head, MomentumNet)
+    assert list(head) == blocks[:2]
+    assert head.gamma == 0.9
+
+
+def test_state_dict_keys_identical_across_modes() -> None:
+    net = MomentumNet([MLP(bn=True) for _ in range(3)], 0.9)
+    backprop, free, _ = twins(net)
+    assert list(backprop.state_dict()) == list(free.state_dict())
+    assert next(iter(free.state_dict())) == "0.net.0.weight"
+    free.load_state_dict(backprop.state_dict(), strict=True)
+
+
+def test_no_tensor_kept_between_calls() -> None:
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False)
+    before = {k: v for k, v in vars(net).items() if k != "_modules"}
+    net(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    after = {k: v for k, v in vars(net).items() if k != "_modules"}
+    assert before.keys() == after.keys()
+    assert not any(isinstance(v, torch.Tensor) for v in after.values())
+    assert list(net.state_dict()) == list(MomentumNet([MLP() for _ in range(3)], 0.9).state_dict())
+
+
+def test_deepcopy_and_pickle() -> None:
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False)
+    x = torch.randn(2, 8)
+    clone = copy.deepcopy(net)
+    assert torch.equal(clone(x), net(x))
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), net(x))
+    assert loaded.use_backprop is False
+
+
+def test_train_eval_propagate() -> None:
+    net = MomentumNet([MLP(dropout=0.5) for _ in range(3)], 0.9, use_backprop=False)
+    net.eval()
+    assert not net[0].net[2].training
+    x = torch.randn(4, 8)
+    assert torch.equal(net(x), net(x))  # dropout off
+    net.train()
+    assert net[0].net[2].training
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_inverse_round_trip(use_backprop: bool) -> None:
+    init = nn.Linear(8, 8)
+    net = MomentumNet(
+        [MLP() for _ in range(10)],
+        0.9,
+        init_speed=True,
+        init_function=init,
+        use_backprop=use_backprop,
+    ).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    x_n, v_n = net(x, return_velocity=True)
+    x0, v0 = net.inverse(x_n, v_n)
+    assert relative_error(x0, x) < 1e-12
+    assert relative_error(v0, init(x)) < 1e-12
+
+
+def test_no_grad_costs_nothing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad and inference_mode the memory-free path is the plain loop: no Function."""
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False)
+    x = torch.randn(2, 8, requires_grad=True)
+    expected = MomentumNet(list(net), 0.9)(x)
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("the custom Function ran")
+
+    monkeypatch.setattr(inertia._autograd._MomentumFunction, "apply", forbidden)
+    with torch.no_grad():
+        assert torch.equal(net(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(net(x), expected)
+    with pytest.raises(AssertionError, match="Function ran"):
+        net(x)
+
+
+def test_gamma_zero_backprop_is_resnet() -> None:
+    blocks = [MLP() for _ in range(4)]
+    x = torch.randn(3, 8)
+    expected = x
+    for b in blocks:
+        expected = expected + b(expected)
+    assert torch.equal(MomentumNet(blocks, 0.0)(x), expected)
+
+
+def test_gamma_one_warns() -> None:
+    with pytest.warns(UserWarning, match="inert"):
+        MomentumNet([MLP()], 1.0)
+
+
+def test_repr_names_settings() -> None:
+    assert "gamma=0.9, use_backprop=False" in repr(MomentumNet([MLP()], 0.9, use_backprop=False))
+
+
+def test_from_momentumnet_state_dict() -> None:
+    """A state_dict with momentumnet 0.10's keys (``network.N.*``, ``network.init.*``) loads."""
+    init = nn.Linear(8, 8)
+    net = MomentumNet([MLP() for _ in range(2)], 0.9, init_speed=True, init_function=init)
+    old = {f"network.{k}": v for k, v in net.state_dict().items()}
+    assert "network.init.weight" in old
+    fresh = MomentumNet(
+        [MLP() for _ in range(2)], 0.9, init_speed=True, init_function=nn.Linear(8, 8)
+    )
+    fresh.load_state_dict(from_momentumnet_state_dict(old), strict=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), net(x))
+    nested = from_momentumnet_state_dict({"layer1.network.0.conv.weight": 1, "network.x": 2})
+    assert nested == {"layer1.0.conv.weight": 1, "network.x": 2}
+
+
+def test_hooks_fire_again_in_recomputation() -> None:
+    """Documented: forward hooks on blocks run once in forward and once more in backward."""
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False)
+    calls: list[int] = []
+    for i, block in enumerate(net):
+        block.register_forward_hook(lambda *_, i=i: calls.append(i))
+    out = net(torch.randn(2, 8, requires_grad=True))
+    assert calls == [0, 1, 2]
+    out.sum().backward()
+    assert calls == [0, 1, 2, 2, 1, 0]
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_each_block_runs_once_forward_once_backward(use_backprop: bool) -> None:
+    counts = [[0, 0] for _ in range(4)]  # [forward, backward-time] calls per block
+
+    class Counting(MLP):
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            self.i = i
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            counts[self.i][int(torch.is_grad_enabled() and in_backward)] += 1
+            return super().forward(x)
+
+    in_backward = False
+    net = MomentumNet([Counting(i) for i in range(4)], 0.9, use_backprop=use_backprop)
+    out = net(torch.randn(2, 8, requires_grad=True))
+    assert counts == [[1, 0]] * 4
+    in_backward = True
+    out.sum().backward()
+    assert counts == ([[1, 0]] * 4 if use_backprop else [[1, 1]] * 4)
