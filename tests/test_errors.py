@@ -115,6 +115,10 @@ def test_non_module_block() -> None:
 def test_bad_check_settings(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MomentumNet([MLP()], 0.9, **kwargs)  # type: ignore[arg-type]
+    net = MomentumNet([MLP()], 0.9)
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=match):
+        setattr(net, name, value)
 
 
 def test_inverse_needs_matching_shapes() -> None:

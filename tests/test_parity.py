@@ -8,7 +8,6 @@ float32 1e-5. Where float rounding is predicted to exceed a tenth of the toleran
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -256,4 +255,3 @@ def test_is_loop_of_blocks_copy() -> None:
     assert isinstance(loop, LoopNet)
     assert free[0].net[0].weight is not loop._modules["0"].net[0].weight  # type: ignore[union-attr]
     assert torch.equal(free[0].net[0].weight, loop._modules["0"].net[0].weight)  # type: ignore[union-attr]
-    _ = copy

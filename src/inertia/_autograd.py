@@ -18,6 +18,7 @@ Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -141,10 +142,11 @@ def _sketch(x: Tensor, v: Tensor) -> Tensor:
     xf, vf = x.detach().reshape(-1).to(dtype), v.detach().reshape(-1).to(dtype)
     gen = torch.Generator(device=x.device)
     gen.manual_seed(_SKETCH_SEED)
-    out = [xf.dot(xf) + vf.dot(vf)]
-    for _ in range(_SKETCH_SIZE):
-        g = torch.randn(xf.numel(), generator=gen, device=x.device, dtype=dtype)
-        out += [xf.dot(g), vf.dot(g)]
+    with torch.autocast(x.device.type, enabled=False):  # full precision, whatever the caller's
+        out = [xf.dot(xf) + vf.dot(vf)]
+        for _ in range(_SKETCH_SIZE):
+            g = torch.randn(xf.numel(), generator=gen, device=x.device, dtype=dtype)
+            out += [xf.dot(g), vf.dot(g)]
     return torch.stack(out).double()
 
 
@@ -180,9 +182,8 @@ class _Config:
 
     spec: StackSpec
     treespec: pytree.TreeSpec
-    leaves: tuple[
-        Any, ...
-    ]  # extra-argument leaves, _TENSOR where a tensor input of the Function goes
+    # Leaves of the extra arguments, with _TENSOR where a tensor input of the Function goes.
+    leaves: tuple[Any, ...]
     n_tensors: int  # how many of the Function's inputs after x are extra-argument tensors
     call_params: tuple[tuple[int, ...], ...]  # for call index i, at i + 1: positions in the params
 
@@ -239,7 +240,7 @@ class _MomentumFunction(torch.autograd.Function):
         dtype = arith.position(state).dtype
         gx = grad_x if grad_x is not None else torch.zeros_like(arith.position(state))
         gv = grad_v if grad_v is not None else torch.zeros_like(arith.velocity(state))
-        with ctx.rng.fork():
+        with ctx.rng.fork() if replay else contextlib.nullcontext():
             for n in reversed(range(len(spec.blocks))):
                 state = arith.unstep_position(state)
                 a = gx + gv

@@ -102,12 +102,6 @@ class MomentumNet(nn.Module):
             self.add_module("init", init_function)
         self.init_speed = init_speed
         self.is_residual = is_residual
-        if check_inversion not in _CHECK_INVERSION:
-            raise ValueError(
-                f"check_inversion={check_inversion!r}; use 'warn', 'raise' or None (no check)."
-            )
-        if inversion_tol is not None and not inversion_tol > 0:
-            raise ValueError(f"inversion_tol={inversion_tol!r}; it must be a positive number.")
         self.check_inversion = check_inversion
         self.inversion_tol = inversion_tol
         self._gamma = _validate_gamma(gamma, use_backprop)
@@ -131,6 +125,28 @@ class MomentumNet(nn.Module):
     def use_backprop(self, value: bool) -> None:
         _validate_gamma(self._gamma, value)
         self._use_backprop = bool(value)
+
+    @property
+    def check_inversion(self) -> str | None:
+        """``"warn"``, ``"raise"`` or None; validated when set."""
+        return self._check_inversion
+
+    @check_inversion.setter
+    def check_inversion(self, value: str | None) -> None:
+        if value not in _CHECK_INVERSION:
+            raise ValueError(f"check_inversion={value!r}; use 'warn', 'raise' or None (no check).")
+        self._check_inversion = value
+
+    @property
+    def inversion_tol(self) -> float | None:
+        """Relative drift allowed, or None for ``sqrt(eps)`` of the dtype; validated when set."""
+        return self._inversion_tol
+
+    @inversion_tol.setter
+    def inversion_tol(self, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"inversion_tol={value!r}; it must be a positive number or None.")
+        self._inversion_tol = value
 
     @property
     def functions(self) -> list[nn.Module]:
@@ -204,8 +220,6 @@ class MomentumNet(nn.Module):
             ``x_N`` of shape ``(*)``, or ``(x_N, v_N)`` with ``return_velocity=True``.
         """
         _check_input(x)
-        if not self._use_backprop:
-            _validate_gamma(self._gamma, use_backprop=False)
         x_n, v_n = momentum_forward(
             self._spec(), x, args, kwargs, memory_free=not self._use_backprop
         )
