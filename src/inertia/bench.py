@@ -187,6 +187,14 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, config: B
     variants = list(dict.fromkeys(r.variant for r in rows))
     depths = list(dict.fromkeys(r.depth for r in rows))
     cell = {(r.variant, r.depth): r for r in rows}
+
+    def table(title: str, fmt: Callable[[BenchRow], str]) -> list[str]:
+        lines = [f"### {title}", "", "| depth | " + " | ".join(variants) + " |"]
+        lines.append("|---" * (len(variants) + 1) + "|")
+        for d in depths:
+            lines.append(f"| {d} | " + " | ".join(fmt(cell[v, d]) for v in variants) + " |")
+        return [*lines, ""]
+
     lines = [
         f"Produced by `{command}` ({environment()}).",
         "",
@@ -194,35 +202,15 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, config: B
         f"gamma {config.gamma}; time: median of {config.repeats} interleaved steps "
         "[min-max], ratio to plain in parentheses.",
         "",
-        "### Peak bytes saved for backward (MiB), ratio to plain",
-        "",
-        "| depth | " + " | ".join(variants) + " |",
-        "|---" * (len(variants) + 1) + "|",
+        *table(
+            "Peak bytes saved for backward (MiB), ratio to plain",
+            lambda r: f"{r.peak_saved_bytes / 2**20:.2f} ({r.memory_ratio:.2f}x)",
+        ),
+        *table(
+            "Training step (ms), ratio to plain",
+            lambda r: (
+                f"{r.step_ms:.0f} [{r.step_ms_min:.0f}-{r.step_ms_max:.0f}] ({r.time_ratio:.2f}x)"
+            ),
+        ),
     ]
-    for d in depths:
-        lines.append(
-            f"| {d} | "
-            + " | ".join(
-                f"{cell[v, d].peak_saved_bytes / 2**20:.2f} ({cell[v, d].memory_ratio:.2f}x)"
-                for v in variants
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "### Training step (ms), ratio to plain",
-        "",
-        "| depth | " + " | ".join(variants) + " |",
-        "|---" * (len(variants) + 1) + "|",
-    ]
-    for d in depths:
-        lines.append(
-            f"| {d} | "
-            + " | ".join(
-                f"{cell[v, d].step_ms:.0f} [{cell[v, d].step_ms_min:.0f}-"
-                f"{cell[v, d].step_ms_max:.0f}] ({cell[v, d].time_ratio:.2f}x)"
-                for v in variants
-            )
-            + " |"
-        )
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines))
