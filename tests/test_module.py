@@ -175,3 +175,28 @@ def test_each_block_runs_once_forward_once_backward(use_backprop: bool) -> None:
     in_backward = True
     out.sum().backward()
     assert counts == ([[1, 0]] * 4 if use_backprop else [[1, 1]] * 4)
+
+
+def test_keep_first_runs_leading_blocks_as_layers() -> None:
+    widen = nn.Linear(4, 8)
+    blocks = [widen, MLP(), MLP()]
+    net = MomentumNet(blocks, 0.9, keep_first=1).double()
+    assert len(net) == 3
+    assert net[0] is widen
+    assert "keep_first=1" in repr(net)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    h = widen(x)
+    v = torch.zeros_like(h)
+    for block in blocks[1:]:
+        v = 0.9 * v + (1 - 0.9) * block(h)
+        h = h + v
+    assert torch.equal(net(x), h)
+    x_n, v_n = net(x, return_velocity=True)
+    x0, _ = net.inverse(x_n, v_n)  # the momentum part only: back to widen(x)
+    assert relative_error(x0, widen(x)) < 1e-12
+    tail = net[1:]
+    assert tail.keep_first == 0
+    assert list(tail) == blocks[1:]
+    assert net[:2].keep_first == 1
+    with pytest.raises(ValueError, match="keep_first=4"):
+        MomentumNet(blocks, 0.9, keep_first=4)

@@ -5,6 +5,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 
 from ._errors import InertiaError, InversionError, InversionWarning
 from .nn import MomentumNet, from_momentumnet_state_dict
+from .transform import transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "MomentumNet",
     "__version__",
     "from_momentumnet_state_dict",
+    "transform_to_momentumnet",
 ]

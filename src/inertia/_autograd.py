@@ -51,11 +51,12 @@ class StackSpec:
     is_residual: bool
     check_inversion: str | None = "warn"
     inversion_tol: float | None = None
+    first_index: int = 0  # index of blocks[0] among the module's children, for messages
 
-
-def _describe(index: int, module: nn.Module) -> str:
-    name = "init_function" if index == _INIT else f"block {index}"
-    return f"{name} ({type(module).__name__})"
+    def describe(self, index: int) -> str:
+        if index == _INIT:
+            return f"init_function ({type(self.init_function).__name__})"
+        return f"block {index + self.first_index} ({type(self.blocks[index]).__name__})"
 
 
 def call_block(
@@ -68,18 +69,18 @@ def call_block(
     out = module(x) if index == _INIT else module(x, *args, **kwargs)
     if version is not None and x._version != version:
         raise InertiaError(
-            f"{_describe(index, module)} modified its input in place; the momentum update needs "
+            f"{spec.describe(index)} modified its input in place; the momentum update needs "
             "x unchanged. Use out-of-place operations in the block (for example "
             "nn.ReLU(inplace=False), or `y = x + h` instead of `x += h`)."
         )
     if not isinstance(out, Tensor):
         raise InertiaError(
-            f"{_describe(index, module)} returned {type(out).__name__}; a momentum block must "
+            f"{spec.describe(index)} returned {type(out).__name__}; a momentum block must "
             "return one tensor of its input's shape."
         )
     if out.shape != x.shape:
         raise InertiaError(
-            f"{_describe(index, module)} maps shape {tuple(x.shape)} to {tuple(out.shape)}; a "
+            f"{spec.describe(index)} maps shape {tuple(x.shape)} to {tuple(out.shape)}; a "
             "momentum block must keep its input's shape. Keep shape-changing layers outside the "
             "MomentumNet (for example in an nn.Sequential around it)."
         )
@@ -290,7 +291,7 @@ class _Gradients:
         positions = self.cfg.call_params[index + 1]
         if len(wanted) != len(positions):
             raise InertiaError(
-                f"{_describe(index, module)}: parameters changed requires_grad between forward "
+                f"{spec.describe(index)}: parameters changed requires_grad between forward "
                 "and backward; set requires_grad before the forward pass."
             )
         need_x = index > 0 or ctx.needs_input_grad[1]

@@ -9,10 +9,12 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ._arith import FloatArithmetic
 from ._autograd import StackSpec, inverse, momentum_forward
 from ._errors import InertiaError
+from ._replay import frozen_running_stats
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
 
@@ -54,6 +56,11 @@ class MomentumNet(nn.Module):
             ``inversion_tol`` (relative), measured on a random-projection sketch; None: no check.
         inversion_tol: Relative drift allowed; default ``sqrt(eps)`` of the input's dtype
             (float32: 3.5e-4, float64: 1.5e-8).
+        keep_first: How many leading blocks run as ordinary layers, ``x = f(x)``, before the
+            momentum stack starts; they may change the shape (the first block of a ResNet stage).
+            They keep their activations for backward unless ``checkpoint_kept``.
+        checkpoint_kept: Run the ``keep_first`` blocks under ``torch.utils.checkpoint`` while
+            training, so that they store only their input.
 
     Example:
         >>> import torch
@@ -78,9 +85,18 @@ class MomentumNet(nn.Module):
         *,
         check_inversion: str | None = "warn",
         inversion_tol: float | None = None,
+        keep_first: int = 0,
+        checkpoint_kept: bool = False,
     ) -> None:
         super().__init__()
         blocks = list(functions)
+        if isinstance(keep_first, bool) or not 0 <= keep_first <= len(blocks):
+            raise ValueError(
+                f"keep_first={keep_first!r}; it counts leading blocks, from 0 to len(functions) "
+                f"= {len(blocks)}."
+            )
+        self.keep_first = keep_first
+        self.checkpoint_kept = checkpoint_kept
         for i, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(
@@ -172,7 +188,9 @@ class MomentumNet(nn.Module):
 
     def __getitem__(self, idx: int | slice) -> nn.Module | MomentumNet:
         if isinstance(idx, slice):
-            start = idx.indices(self._depth)[0]
+            start, stop, step = idx.indices(self._depth)
+            if step != 1:
+                raise IndexError("MomentumNet slices must be contiguous (step 1).")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # gamma = 1 was warned about already
                 return MomentumNet(
@@ -184,6 +202,8 @@ class MomentumNet(nn.Module):
                     is_residual=self.is_residual,
                     check_inversion=self.check_inversion,
                     inversion_tol=self.inversion_tol,
+                    keep_first=max(0, min(stop, self.keep_first) - start),
+                    checkpoint_kept=self.checkpoint_kept,
                 )
         if not -self._depth <= idx < self._depth:
             raise IndexError(
@@ -196,13 +216,28 @@ class MomentumNet(nn.Module):
 
     def _spec(self) -> StackSpec:
         return StackSpec(
-            blocks=tuple(self),
+            blocks=tuple(self)[self.keep_first :],
             init_function=self.init_function if self.init_speed else None,
             arith=FloatArithmetic(self._gamma),
             is_residual=self.is_residual,
             check_inversion=self.check_inversion,
             inversion_tol=self.inversion_tol,
+            first_index=self.keep_first,
         )
+
+    def _run_kept(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        for i in range(self.keep_first):
+            block = self._block(i)
+            if self.checkpoint_kept and torch.is_grad_enabled():
+                x = checkpoint(_OnceStateful(block), x, *args, use_reentrant=False, **kwargs)
+            else:
+                x = block(x, *args, **kwargs)
+            if not isinstance(x, Tensor):
+                raise InertiaError(
+                    f"block {i} ({type(block).__name__}) returned {type(x).__name__}; blocks must "
+                    "return one tensor."
+                )
+        return x
 
     def forward(
         self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any
@@ -220,6 +255,7 @@ class MomentumNet(nn.Module):
             ``x_N`` of shape ``(*)``, or ``(x_N, v_N)`` with ``return_velocity=True``.
         """
         _check_input(x)
+        x = self._run_kept(x, args, kwargs)
         x_n, v_n = momentum_forward(
             self._spec(), x, args, kwargs, memory_free=not self._use_backprop
         )
@@ -228,8 +264,10 @@ class MomentumNet(nn.Module):
     def inverse(self, x: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)``, without autograd.
 
-        Exact up to float rounding, which grows like ``eps * gamma**-depth``; blocks must be
-        deterministic (eval mode for dropout) and stateless for the inverse to match the forward.
+        With ``keep_first``, ``x_0`` is the input of the momentum stack (the output of the kept
+        blocks), which are not inverted. Exact up to float rounding, which grows like
+        ``eps * gamma**-depth``; blocks must be deterministic (eval mode for dropout) and stateless
+        for the inverse to match the forward.
 
         Example:
             >>> net = MomentumNet([nn.Linear(3, 3) for _ in range(4)], gamma=0.9).eval()
@@ -249,7 +287,23 @@ class MomentumNet(nn.Module):
         return (
             f"gamma={self._gamma}, use_backprop={self._use_backprop}, "
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
+            + (f", keep_first={self.keep_first}" if self.keep_first else "")
         )
+
+
+class _OnceStateful:
+    """Calls ``module``; from the second call on (checkpoint's recomputation), keeps its norm
+    layers' running statistics as they were, so that one training step updates them once."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.calls = module, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self.module(*args, **kwargs)
+        with frozen_running_stats(self.module):
+            return self.module(*args, **kwargs)
 
 
 def _validate_gamma(gamma: Any, use_backprop: bool) -> float:

@@ -1,0 +1,122 @@
+"""`transform_to_momentumnet`: make the residual stacks of an existing model momentum stacks."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Sequence
+
+from torch import nn
+
+from ._errors import InertiaError
+from .nn import MomentumNet
+
+__all__ = ["transform_to_momentumnet"]
+
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def transform_to_momentumnet(
+    model: nn.Module,
+    residual_layers: Sequence[str] | str | None = _RESNET_STAGES,
+    keep_first_layer: bool = True,
+    gamma: float = 0.9,
+    use_backprop: bool = False,
+    is_residual: bool = False,
+    *,
+    inplace: bool = False,
+    sub_layers: Sequence[str] | str | None = None,
+    checkpoint_kept: bool = False,
+    check_inversion: str | None = "warn",
+    inversion_tol: float | None = None,
+) -> nn.Module:
+    """Return ``model`` with each stack of blocks at ``residual_layers`` made a `MomentumNet`.
+
+    The positional order and defaults are those of ``momentumnet`` 0.10. Each stack (an
+    ``nn.Sequential`` that the parent calls as a module, like a torchvision ResNet's ``layer1``)
+    is replaced by a `MomentumNet` holding the same block objects under the same names, so the
+    model's ``state_dict`` keeps its keys and their order and the parameter count is unchanged:
+    weights load in both directions with ``strict=True``, before or after conversion.
+
+    Args:
+        model: The model to convert.
+        residual_layers: Dotted paths of the stacks (``"layer1"``, ``"encoder.blocks"``). A single
+            string is one path.
+        keep_first_layer: Run each stack's first block as an ordinary layer; it may change the
+            shape (stride, channels), as the first block of a ResNet stage does.
+        gamma: The momentum, as in `MomentumNet`.
+        use_backprop: False (the default, as in ``momentumnet``): the memory-free backward.
+        is_residual: False (the default): each block is a whole map ``g(x)``, as torchvision's
+            ``BasicBlock`` and ``Bottleneck`` are (they add their own skip connection), and the
+            momentum update uses ``f(x) = g(x) - x``. With ``gamma=0`` the converted model then
+            computes exactly what the original computed.
+        inplace: Convert ``model`` itself instead of a deep copy (no second copy of the weights).
+        sub_layers: ``momentumnet``'s name for ``residual_layers``.
+        checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), so that they stop
+            dominating memory in the memory-free mode.
+        check_inversion: As in `MomentumNet`.
+        inversion_tol: As in `MomentumNet`.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace``).
+
+    Example:
+        >>> from torchvision.models import resnet18
+        >>> mresnet = transform_to_momentumnet(resnet18(), gamma=0.9)
+        >>> type(mresnet.layer1).__name__, len(mresnet.layer1)
+        ('MomentumNet', 2)
+    """
+    if sub_layers is not None:
+        if residual_layers not in (None, _RESNET_STAGES):
+            raise TypeError("pass residual_layers or its alias sub_layers, not both.")
+        residual_layers = sub_layers
+    if residual_layers is None:
+        raise TypeError("residual_layers is None; pass the dotted paths of the stacks to convert.")
+    paths = [residual_layers] if isinstance(residual_layers, str) else list(residual_layers)
+    if not paths:
+        raise ValueError("residual_layers is empty: there is nothing to convert.")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for path in paths:
+        stack = _resolve(model, path)
+        converted = MomentumNet(
+            list(stack),
+            gamma,
+            use_backprop=use_backprop,
+            is_residual=is_residual,
+            check_inversion=check_inversion,
+            inversion_tol=inversion_tol,
+            keep_first=1 if keep_first_layer and len(stack) > 0 else 0,
+            checkpoint_kept=checkpoint_kept,
+        )
+        converted.train(stack.training)
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, converted)
+    return model
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Sequential:
+    names = dict(model.named_modules())
+    if path not in names:
+        near = difflib.get_close_matches(path, [n for n in names if n], n=5, cutoff=0.5)
+        hint = f" Nearby names: {', '.join(near)}." if near else ""
+        top = ", ".join(n for n, _ in model.named_children())
+        raise InertiaError(
+            f"{type(model).__name__} has no submodule {path!r}.{hint} Its top-level children are: "
+            f"{top}."
+        )
+    stack = names[path]
+    if isinstance(stack, MomentumNet):
+        raise InertiaError(f"{path!r} is already a MomentumNet; convert each stack once.")
+    if isinstance(stack, nn.ModuleList):
+        raise InertiaError(
+            f"{path!r} is an nn.ModuleList, whose parent runs the blocks in its own loop; "
+            "converting such stacks (transformer encoders and decoders) is not supported yet. "
+            "Convert an nn.Sequential stack that its parent calls as one module."
+        )
+    if not isinstance(stack, nn.Sequential):
+        raise InertiaError(
+            f"{path!r} is a {type(stack).__name__}, not a stack of blocks: give the path of an "
+            "nn.Sequential of blocks (for a torchvision ResNet, 'layer1' to 'layer4')."
+        )
+    return stack
