@@ -147,10 +147,3 @@ def test_path_that_is_not_a_stack() -> None:
         transform_to_momentumnet(small_resnet(), ["fc"])
     with pytest.raises(InertiaError, match="already a MomentumNet"):
         transform_to_momentumnet(transform_to_momentumnet(small_resnet()), ["layer1"])
-
-
-def test_module_list_stacks_are_refused_clearly() -> None:
-    layer = nn.TransformerEncoderLayer(16, 2, batch_first=True)
-    encoder = nn.TransformerEncoder(layer, num_layers=2)
-    with pytest.raises(InertiaError, match=r"nn.ModuleList.*not supported yet"):
-        transform_to_momentumnet(encoder, ["layers"])

@@ -4,7 +4,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 """
 
 from ._errors import InertiaError, InversionError, InversionWarning
-from .nn import MomentumNet, from_momentumnet_state_dict
+from .nn import MomentumLayerList, MomentumNet, from_momentumnet_state_dict
 from .transform import transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
@@ -13,6 +13,7 @@ __all__ = [
     "InertiaError",
     "InversionError",
     "InversionWarning",
+    "MomentumLayerList",
     "MomentumNet",
     "__version__",
     "from_momentumnet_state_dict",

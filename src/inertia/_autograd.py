@@ -327,6 +327,11 @@ def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
     return g if total is None else total + g
 
 
+def _is_cache(value: Any) -> bool:
+    """Duck-typed key/value cache (HuggingFace's Cache classes)."""
+    return hasattr(value, "update") and hasattr(value, "get_seq_length")
+
+
 def _unique_trainable(
     modules: Sequence[nn.Module | None],
 ) -> tuple[list[Tensor], list[tuple[int, ...]]]:
@@ -362,6 +367,15 @@ def momentum_forward(
     if not (memory_free and differentiable and spec.blocks):
         state, _, _ = run_forward(spec, x, args, kwargs)
         return spec.arith.position(state), spec.arith.velocity(state)
+    named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
+    for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
+        if _is_cache(value):
+            raise InertiaError(
+                f"{name} is a {type(value).__name__}, a key/value cache that each "
+                "block updates; the memory-free backward runs every block again and would update "
+                "it twice. Pass use_cache=False when training memory-free (generation under "
+                "torch.no_grad() or in eval mode with no_grad works, as it runs no backward)."
+            )
     cfg = _Config(
         spec=spec,
         treespec=treespec,

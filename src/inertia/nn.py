@@ -9,6 +9,7 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from ._arith import FloatArithmetic
@@ -16,7 +17,7 @@ from ._autograd import StackSpec, inverse, momentum_forward
 from ._errors import InertiaError
 from ._replay import frozen_running_stats
 
-__all__ = ["MomentumNet", "from_momentumnet_state_dict"]
+__all__ = ["MomentumLayerList", "MomentumNet", "from_momentumnet_state_dict"]
 
 _CHECK_INVERSION = ("warn", "raise", None)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -167,7 +168,7 @@ class MomentumNet(nn.Module):
     @property
     def functions(self) -> list[nn.Module]:
         """The blocks, in order (``momentumnet`` compatibility)."""
-        return list(self)
+        return self._blocks()
 
     @property
     def init_function(self) -> nn.Module | None:
@@ -177,8 +178,8 @@ class MomentumNet(nn.Module):
     def __len__(self) -> int:
         return self._depth
 
-    def __iter__(self) -> Iterator[nn.Module]:
-        return (self._block(i) for i in range(self._depth))
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._blocks())
 
     @overload
     def __getitem__(self, idx: int) -> nn.Module: ...
@@ -191,10 +192,12 @@ class MomentumNet(nn.Module):
             start, stop, step = idx.indices(self._depth)
             if step != 1:
                 raise IndexError("MomentumNet slices must be contiguous (step 1).")
+            if (start, stop) == (0, self._depth):
+                return self  # parents that slice all their layers keep this module and its hooks
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # gamma = 1 was warned about already
-                return MomentumNet(
-                    list(self)[idx],
+                return type(self)(
+                    self._blocks()[idx],
                     self._gamma,
                     init_speed=self.init_speed and start == 0,
                     init_function=self.init_function if start == 0 else None,
@@ -214,9 +217,12 @@ class MomentumNet(nn.Module):
     def _block(self, i: int) -> nn.Module:
         return self._modules[str(i)]  # type: ignore[return-value]
 
+    def _blocks(self) -> list[nn.Module]:
+        return [self._block(i) for i in range(self._depth)]
+
     def _spec(self) -> StackSpec:
         return StackSpec(
-            blocks=tuple(self)[self.keep_first :],
+            blocks=tuple(self._blocks()[self.keep_first :]),
             init_function=self.init_function if self.init_speed else None,
             arith=FloatArithmetic(self._gamma),
             is_residual=self.is_residual,
@@ -289,6 +295,70 @@ class MomentumNet(nn.Module):
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
             + (f", keep_first={self.keep_first}" if self.keep_first else "")
         )
+
+
+class MomentumLayerList(MomentumNet):
+    """A `MomentumNet` for a parent module that runs its layers in its own loop.
+
+    Transformer encoders and decoders (``nn.TransformerEncoder``, HuggingFace's ``BertEncoder``,
+    ``GPT2Model``, ``LlamaModel``) keep their layers in an ``nn.ModuleList`` and call them one by
+    one: ``for layer in self.layers: x = layer(x, mask=...)``. Iterating this stack yields one
+    entry per block, so ``len``, indexing (which returns the blocks) and the parent's loop keep
+    working: the first entry runs the whole momentum stack with the arguments the parent passes,
+    and the others return its output unchanged, after checking that the parent passes them that
+    output and the same arguments (otherwise the conversion would be silently wrong, and they
+    raise). `transform_to_momentumnet` uses it for ``nn.ModuleList`` stacks.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        run = _StackRun(self)
+        return iter([_StackEntry(run, i) for i in range(len(self))])
+
+
+class _StackRun:
+    """One pass of a parent's loop over a `MomentumLayerList`."""
+
+    def __init__(self, stack: MomentumLayerList) -> None:
+        self.stack = stack
+        self.output: Any = None
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+
+
+class _StackEntry:
+    """What the parent's loop calls for block ``index``; other attributes are the block's."""
+
+    def __init__(self, run: _StackRun, index: int) -> None:
+        self._run, self._index = run, index
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run.stack[self._index], name)
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        run = self._run
+        if self._index == 0:
+            run.output = run.stack(x, *args, **kwargs)
+            run.args, run.kwargs = args, kwargs
+            return run.output
+        if x is not run.output or not _same_arguments((args, kwargs), (run.args, run.kwargs)):
+            raise InertiaError(
+                f"the parent of this converted stack passes layer {self._index} another input or "
+                "other arguments than layer 0, so it does more than chain its layers; "
+                "inertia cannot convert such a loop. Convert a stack whose parent only calls "
+                "x = layer(x, *same_arguments) for each layer."
+            )
+        return x
+
+
+def _same_arguments(a: Any, b: Any) -> bool:
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    return all(
+        u is w if isinstance(u, Tensor) or isinstance(w, Tensor) else u is w or u == w
+        for u, w in zip(leaves_a, leaves_b, strict=True)
+    )
 
 
 class _OnceStateful:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ._errors import InertiaError
-from .nn import MomentumNet
+from .nn import MomentumLayerList, MomentumNet
 
 __all__ = ["transform_to_momentumnet"]
 
@@ -32,11 +32,14 @@ def transform_to_momentumnet(
 ) -> nn.Module:
     """Return ``model`` with each stack of blocks at ``residual_layers`` made a `MomentumNet`.
 
-    The positional order and defaults are those of ``momentumnet`` 0.10. Each stack (an
-    ``nn.Sequential`` that the parent calls as a module, like a torchvision ResNet's ``layer1``)
-    is replaced by a `MomentumNet` holding the same block objects under the same names, so the
-    model's ``state_dict`` keeps its keys and their order and the parameter count is unchanged:
-    weights load in both directions with ``strict=True``, before or after conversion.
+    The positional order and defaults are those of ``momentumnet`` 0.10. Each stack is replaced by
+    a `MomentumNet` holding the same block objects under the same names, so the model's
+    ``state_dict`` keeps its keys and their order and the parameter count is unchanged: weights
+    load in both directions with ``strict=True``, before or after conversion. An
+    ``nn.Sequential`` (a torchvision ResNet's ``layer1``, a timm ViT's ``blocks``) becomes a
+    `MomentumNet`; an ``nn.ModuleList`` that the parent loops over (``nn.TransformerEncoder``'s
+    ``layers``, HuggingFace's ``encoder.layer``, ``transformer.h``, ``model.layers``) becomes a
+    `MomentumLayerList`, which keeps the parent's loop, its masks and keyword arguments working.
 
     Args:
         model: The model to convert.
@@ -79,7 +82,9 @@ def transform_to_momentumnet(
         model = copy.deepcopy(model)
     for path in paths:
         stack = _resolve(model, path)
-        converted = MomentumNet(
+        # A ModuleList has no forward: its parent loops over it, and needs MomentumLayerList.
+        cls = MomentumLayerList if isinstance(stack, nn.ModuleList) else MomentumNet
+        converted = cls(
             list(stack),
             gamma,
             use_backprop=use_backprop,
@@ -91,11 +96,16 @@ def transform_to_momentumnet(
         )
         converted.train(stack.training)
         parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, converted)
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, converted)
+        if isinstance(parent, nn.TransformerEncoder):
+            # Its nested-tensor fast path (eval mode with a padding mask) hands the layers nested
+            # tensors, which have no fixed shape to keep; the padded path computes the same.
+            parent.use_nested_tensor = False
     return model
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Sequential:
+def _resolve(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
     names = dict(model.named_modules())
     if path not in names:
         near = difflib.get_close_matches(path, [n for n in names if n], n=5, cutoff=0.5)
@@ -108,15 +118,10 @@ def _resolve(model: nn.Module, path: str) -> nn.Sequential:
     stack = names[path]
     if isinstance(stack, MomentumNet):
         raise InertiaError(f"{path!r} is already a MomentumNet; convert each stack once.")
-    if isinstance(stack, nn.ModuleList):
-        raise InertiaError(
-            f"{path!r} is an nn.ModuleList, whose parent runs the blocks in its own loop; "
-            "converting such stacks (transformer encoders and decoders) is not supported yet. "
-            "Convert an nn.Sequential stack that its parent calls as one module."
-        )
-    if not isinstance(stack, nn.Sequential):
+    if not isinstance(stack, (nn.Sequential, nn.ModuleList)):
         raise InertiaError(
             f"{path!r} is a {type(stack).__name__}, not a stack of blocks: give the path of an "
-            "nn.Sequential of blocks (for a torchvision ResNet, 'layer1' to 'layer4')."
+            "nn.Sequential or nn.ModuleList of blocks (for a torchvision ResNet, 'layer1' to "
+            "'layer4'; for nn.TransformerEncoder, 'layers')."
         )
     return stack
