@@ -210,3 +210,47 @@ def test_cache_objects_are_refused_in_memory_free_training() -> None:
         net(torch.randn(2, 4), cache=Cache())
     with torch.no_grad():
         net(torch.randn(2, 4), cache=Cache())  # generation: no backward, no recomputation
+
+
+class TupleLayer(nn.Module):
+    """Like HuggingFace layers before transformers 5: returns (hidden, attention weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return h + torch.tanh(self.lin(h)) * mask, mask.sum()
+
+
+class TupleEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(TupleLayer() for _ in range(3))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        for layer in self.layer:
+            h = layer(h, mask)[0]
+        return h
+
+
+@pytest.mark.parametrize("use_backprop", [True, False])
+def test_layers_returning_tuples(use_backprop: bool) -> None:
+    model = TupleEncoder().double()
+    converted = transform_to_momentumnet(
+        model, "layer", keep_first_layer=False, use_backprop=use_backprop
+    )
+    backprop = transform_to_momentumnet(model, "layer", keep_first_layer=False, use_backprop=True)
+    h = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    mask = torch.ones(2, 1, dtype=F64)
+    out = converted(h, mask)
+    assert out.shape == (2, 4)  # not the first row of the batch: the stack returned (x_N,)
+    expected = h
+    v = torch.zeros_like(h)
+    for layer in model.layer:
+        v = 0.9 * v + (1 - 0.9) * (layer(expected, mask)[0] - expected)
+        expected = expected + v
+    assert relative_error(out, expected) <= TOLERANCES[F64]
+    assert_gradients_match(backprop, converted, h, mask)
+    with pytest.raises(InertiaError, match=r"block 0 \(TupleLayer\) returned tuple"):
+        MomentumNet(list(model.layer), 0.9)(h, mask)  # a plain MomentumNet stays strict

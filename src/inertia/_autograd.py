@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,17 @@ class StackSpec:
     check_inversion: str | None = "warn"
     inversion_tol: float | None = None
     first_index: int = 0  # index of blocks[0] among the module's children, for messages
+    # Accept blocks that return a tuple whose first element is the new x (HuggingFace layers
+    # before transformers 5); `seen["tuple"]` then records that they did.
+    unpack_tuples: bool = False
+    seen: dict[str, bool] = field(default_factory=dict, compare=False)
+
+    def unpack(self, out: Any) -> Any:
+        is_tuple = isinstance(out, (tuple, list)) and bool(out) and isinstance(out[0], Tensor)
+        if self.unpack_tuples and is_tuple:
+            self.seen["tuple"] = True
+            return out[0]
+        return out
 
     def describe(self, index: int) -> str:
         if index == _INIT:
@@ -73,6 +84,7 @@ def call_block(
             "x unchanged. Use out-of-place operations in the block (for example "
             "nn.ReLU(inplace=False), or `y = x + h` instead of `x += h`)."
         )
+    out = spec.unpack(out)
     if not isinstance(out, Tensor):
         raise InertiaError(
             f"{spec.describe(index)} returned {type(out).__name__}; a momentum block must "

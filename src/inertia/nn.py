@@ -220,6 +220,8 @@ class MomentumNet(nn.Module):
     def _blocks(self) -> list[nn.Module]:
         return [self._block(i) for i in range(self._depth)]
 
+    _unpack_tuples = False  # see MomentumLayerList
+
     def _spec(self) -> StackSpec:
         return StackSpec(
             blocks=tuple(self._blocks()[self.keep_first :]),
@@ -229,15 +231,19 @@ class MomentumNet(nn.Module):
             check_inversion=self.check_inversion,
             inversion_tol=self.inversion_tol,
             first_index=self.keep_first,
+            unpack_tuples=self._unpack_tuples,
         )
 
-    def _run_kept(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    def _run_kept(
+        self, spec: StackSpec, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         for i in range(self.keep_first):
             block = self._block(i)
             if self.checkpoint_kept and torch.is_grad_enabled():
                 x = checkpoint(_OnceStateful(block), x, *args, use_reentrant=False, **kwargs)
             else:
                 x = block(x, *args, **kwargs)
+            x = spec.unpack(x)
             if not isinstance(x, Tensor):
                 raise InertiaError(
                     f"block {i} ({type(block).__name__}) returned {type(x).__name__}; blocks must "
@@ -260,12 +266,17 @@ class MomentumNet(nn.Module):
         Returns:
             ``x_N`` of shape ``(*)``, or ``(x_N, v_N)`` with ``return_velocity=True``.
         """
-        _check_input(x)
-        x = self._run_kept(x, args, kwargs)
-        x_n, v_n = momentum_forward(
-            self._spec(), x, args, kwargs, memory_free=not self._use_backprop
-        )
+        x_n, v_n, _ = self._forward(x, args, kwargs)
         return (x_n, v_n) if return_velocity else x_n
+
+    def _forward(
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, StackSpec]:
+        _check_input(x)
+        spec = self._spec()
+        x = self._run_kept(spec, x, args, kwargs)
+        x_n, v_n = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
+        return x_n, v_n, spec
 
     def inverse(self, x: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)``, without autograd.
@@ -308,7 +319,20 @@ class MomentumLayerList(MomentumNet):
     and the others return its output unchanged, after checking that the parent passes them that
     output and the same arguments (otherwise the conversion would be silently wrong, and they
     raise). `transform_to_momentumnet` uses it for ``nn.ModuleList`` stacks.
+
+    Blocks may return a tuple whose first element is the new hidden state (HuggingFace layers
+    before transformers 5 do); the stack then returns ``(x_N,)``, and the other elements
+    (attention weights, per-layer caches) are not available.
     """
+
+    _unpack_tuples = True
+
+    def forward(self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any) -> Any:
+        """As `MomentumNet.forward`; a 1-tuple ``(x_N,)`` when the blocks return tuples."""
+        x_n, v_n, spec = self._forward(x, args, kwargs)
+        if return_velocity:
+            return x_n, v_n
+        return (x_n,) if spec.seen.get("tuple") else x_n
 
     def __iter__(self) -> Iterator[Any]:
         run = _StackRun(self)
@@ -340,14 +364,15 @@ class _StackEntry:
             run.output = run.stack(x, *args, **kwargs)
             run.args, run.kwargs = args, kwargs
             return run.output
-        if x is not run.output or not _same_arguments((args, kwargs), (run.args, run.kwargs)):
+        hidden = run.output[0] if isinstance(run.output, tuple) else run.output
+        if x is not hidden or not _same_arguments((args, kwargs), (run.args, run.kwargs)):
             raise InertiaError(
                 f"the parent of this converted stack passes layer {self._index} another input or "
                 "other arguments than layer 0, so it does more than chain its layers; "
                 "inertia cannot convert such a loop. Convert a stack whose parent only calls "
                 "x = layer(x, *same_arguments) for each layer."
             )
-        return x
+        return run.output
 
 
 def _same_arguments(a: Any, b: Any) -> bool:
