@@ -5,7 +5,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 
 from ._errors import InertiaError, InversionError, InversionWarning
 from .nn import MomentumLayerList, MomentumNet, from_momentumnet_state_dict
-from .transform import transform_to_momentumnet
+from .transform import find_residual_stacks, transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "MomentumLayerList",
     "MomentumNet",
     "__version__",
+    "find_residual_stacks",
     "from_momentumnet_state_dict",
     "transform_to_momentumnet",
 ]

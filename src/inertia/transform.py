@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
+from ._discover import find_residual_stacks
 from ._errors import InertiaError
 from .nn import MomentumLayerList, MomentumNet
 
-__all__ = ["transform_to_momentumnet"]
+__all__ = ["find_residual_stacks", "transform_to_momentumnet"]
+
+_log = logging.getLogger("inertia")
 
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -25,6 +30,7 @@ def transform_to_momentumnet(
     is_residual: bool = False,
     *,
     inplace: bool = False,
+    example_inputs: Any = None,
     sub_layers: Sequence[str] | str | None = None,
     checkpoint_kept: bool = False,
     check_inversion: str | None = "warn",
@@ -44,7 +50,8 @@ def transform_to_momentumnet(
     Args:
         model: The model to convert.
         residual_layers: Dotted paths of the stacks (``"layer1"``, ``"encoder.blocks"``). A single
-            string is one path.
+            string is one path. ``"auto"``: the stacks that `find_residual_stacks` finds by running
+            the model on ``example_inputs``; they are logged (logger ``"inertia"``, level INFO).
         keep_first_layer: Run each stack's first block as an ordinary layer; it may change the
             shape (stride, channels), as the first block of a ResNet stage does.
         gamma: The momentum, as in `MomentumNet`.
@@ -54,6 +61,8 @@ def transform_to_momentumnet(
             momentum update uses ``f(x) = g(x) - x``. With ``gamma=0`` the converted model then
             computes exactly what the original computed.
         inplace: Convert ``model`` itself instead of a deep copy (no second copy of the weights).
+        example_inputs: For ``residual_layers="auto"``: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments for one forward pass.
         sub_layers: ``momentumnet``'s name for ``residual_layers``.
         checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), so that they stop
             dominating memory in the memory-free mode.
@@ -75,6 +84,20 @@ def transform_to_momentumnet(
         residual_layers = sub_layers
     if residual_layers is None:
         raise TypeError("residual_layers is None; pass the dotted paths of the stacks to convert.")
+    if residual_layers == "auto":
+        if example_inputs is None:
+            raise TypeError(
+                "residual_layers='auto' runs the model once to find its stacks: pass "
+                "example_inputs (a tensor, a tuple of arguments or a dict of keyword arguments)."
+            )
+        residual_layers = find_residual_stacks(model, example_inputs, keep_first_layer)
+        if not residual_layers:
+            raise InertiaError(
+                f"found no stack of same-shape blocks in {type(model).__name__} (an nn.Sequential "
+                "or nn.ModuleList of at least two blocks, each applied to the previous one's "
+                "output); pass residual_layers explicitly."
+            )
+        _log.info("transform_to_momentumnet: converting %s", ", ".join(residual_layers))
     paths = [residual_layers] if isinstance(residual_layers, str) else list(residual_layers)
     if not paths:
         raise ValueError("residual_layers is empty: there is nothing to convert.")
