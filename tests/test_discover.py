@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
-from test_transform_hf import FAMILIES, example
 from torch import nn
 from torchvision import models as tvm
 
 from inertia import InertiaError, MomentumNet, find_residual_stacks, transform_to_momentumnet
+from test_transform_hf import FAMILIES, example
 
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
