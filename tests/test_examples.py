@@ -33,7 +33,7 @@ def test_demo_runs_and_saves_memory() -> None:
 def test_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     script = load(ROOT / "benchmarks" / "memory_vs_depth.py")
     script.main(["--quick", "--out", str(tmp_path)])
-    assert (tmp_path / "memory_vs_depth_quick.csv").read_text().startswith("variant,depth")
+    assert (tmp_path / "memory_vs_depth_quick.csv").read_text().startswith("variant,case,depth")
     assert "| depth | plain | checkpoint |" in capsys.readouterr().out
 
 
@@ -43,3 +43,17 @@ def test_bench_memory_ordering() -> None:
     peak = {r.variant: r.peak_saved_bytes for r in rows}
     assert peak["momentum_free"] < peak["checkpoint"] < peak["plain"]
     assert peak["momentum_backprop"] >= peak["plain"]
+
+
+def test_models_benchmark_script(tmp_path: Path) -> None:
+    script = load(ROOT / "benchmarks" / "models.py")
+    script.main(["--quick", "--out", str(tmp_path)])
+    rows = (tmp_path / "models_quick.csv").read_text().splitlines()
+    assert rows[0].startswith("variant,case,depth")
+    cases = {row.split(",")[1] for row in rows[1:]}
+    assert cases == {"resnet18", "transformer2"}
+    peaks = {(row.split(",")[0], row.split(",")[1]): int(row.split(",")[4]) for row in rows[1:]}
+    # Checkpointing and the memory-free stack both keep less than the original model.
+    for case in cases:
+        assert peaks["momentum_free", case] < peaks["plain", case]
+        assert peaks["checkpoint", case] < peaks["plain", case]

@@ -255,3 +255,20 @@ def test_is_loop_of_blocks_copy() -> None:
     assert isinstance(loop, LoopNet)
     assert free[0].net[0].weight is not loop._modules["0"].net[0].weight  # type: ignore[union-attr]
     assert torch.equal(free[0].net[0].weight, loop._modules["0"].net[0].weight)  # type: ignore[union-attr]
+
+
+def test_drift_is_reported_on_large_tensors() -> None:
+    """Past 65,536 elements the sketch uses a strided subsample: it still sees the drift."""
+    net = MomentumNet([MLP(256, 64) for _ in range(24)], 0.5, check_inversion="raise")
+    backprop, free, _ = twins(net)
+    free.check_inversion = "raise"
+    x = torch.randn(512, 256, requires_grad=True)  # 131,072 elements
+    free.check_inversion = None
+    assert max(gradient_errors(backprop, free, x).values()) > 1e-3  # the drift is real
+    free.check_inversion = "raise"
+    with pytest.raises(InversionError):
+        free(x).sum().backward()
+    # And where the inversion is accurate, the subsampled check stays quiet.
+    fine = MomentumNet([MLP(256, 64) for _ in range(4)], 0.9, use_backprop=False)
+    fine.check_inversion = "raise"
+    fine(x).sum().backward()

@@ -4,6 +4,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 """
 
 from ._errors import InertiaError, InversionError, InversionWarning
+from .models import create_model, list_models, register_model
 from .nn import MomentumLayerList, MomentumNet, from_momentumnet_state_dict
 from .transform import find_residual_stacks, transform_to_momentumnet
 
@@ -16,7 +17,10 @@ __all__ = [
     "MomentumLayerList",
     "MomentumNet",
     "__version__",
+    "create_model",
     "find_residual_stacks",
     "from_momentumnet_state_dict",
+    "list_models",
+    "register_model",
     "transform_to_momentumnet",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 __all__ = ["Arithmetic", "FloatArithmetic", "State"]
@@ -78,4 +79,8 @@ class FloatArithmetic:
 
     def unstep_velocity(self, state: State, f: Tensor) -> State:
         x, v = state
-        return (x, (v - (1 - self.gamma) * f) / self.gamma)
+        # (v - (1 - gamma) * f) / gamma, rounded as the forward rounded (1 - gamma) * f: in f's
+        # dtype, which autocast may make lower than v's. One allocation when the dtypes agree.
+        t = f * (1 - self.gamma)
+        t = torch.sub(v, t, out=t) if t.dtype == v.dtype else v - t
+        return (x, t.div_(self.gamma))

@@ -18,13 +18,16 @@ affects every variant alike; ratios are against ``plain`` at the same depth.
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +36,16 @@ from torch.utils.checkpoint import checkpoint
 from .nn import MomentumNet
 from .testing import SavedTensorMeter
 
-__all__ = ["BenchConfig", "BenchRow", "run", "write_csv", "write_markdown"]
+__all__ = [
+    "BenchConfig",
+    "BenchRow",
+    "ModelBenchConfig",
+    "measure",
+    "run",
+    "run_models",
+    "write_csv",
+    "write_markdown",
+]
 
 VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free")
 
@@ -59,14 +71,15 @@ class BenchRow:
     """One variant at one depth."""
 
     variant: str
-    depth: int
+    case: str  # "mlp" for the depth sweep, else the model's name
+    depth: int  # residual blocks in the network
     saved_bytes: int  # held for backward after the forward
     peak_saved_bytes: int  # most held at once over forward and backward
     step_ms: float  # median training step; nan when not timed
     step_ms_min: float
     step_ms_max: float
-    time_ratio: float = field(default=float("nan"))  # step_ms / plain's step_ms at this depth
-    memory_ratio: float = field(default=float("nan"))  # peak / plain's peak at this depth
+    time_ratio: float = field(default=float("nan"))  # step_ms / plain's, same case and depth
+    memory_ratio: float = field(default=float("nan"))  # peak / plain's, same case and depth
 
 
 class _Residual(nn.Module):
@@ -103,11 +116,6 @@ def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def _step(model: nn.Module, x: Tensor) -> None:
-    model.zero_grad(set_to_none=True)
-    model(x).square().mean().backward()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,40 +131,61 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
         torch.manual_seed(config.seed)
         blocks = [b.to(device) for b in _blocks(config, depth)]
         x = torch.randn(config.batch, config.width, device=device, requires_grad=True)
-        memory = {}
-        for variant in config.variants:
-            model = _model(variant, blocks, config.gamma, for_memory=True)
-            with SavedTensorMeter(ignore=model.parameters()) as meter:
-                out = model(x)
-                after_forward = meter.current
-                out.square().mean().backward()
-            memory[variant] = (after_forward, meter.peak)
-        models = {v: _model(v, blocks, config.gamma, for_memory=False) for v in config.variants}
-        times: dict[str, list[float]] = {v: [] for v in config.variants}
-        if config.time_steps:
-            for r in range(config.repeats + 1):  # the first round warms up
-                for variant, model in models.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    _step(model, x)
-                    _sync(device)
-                    if r:
-                        times[variant].append(1e3 * (time.perf_counter() - start))
-        for variant in config.variants:
-            t = times[variant] or [float("nan")]
-            rows.append(
-                BenchRow(variant, depth, *memory[variant], statistics.median(t), min(t), max(t))
-            )
+        builders = {v: functools.partial(_model, v, blocks, config.gamma) for v in config.variants}
+        results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
+        rows += [BenchRow(v, "mlp", depth, *results[v]) for v in config.variants]
         if progress is not None:
             progress(f"depth {depth}: done")
     return _with_ratios(rows)
 
 
+def measure(
+    builders: Mapping[str, Callable[[bool], nn.Module]],
+    inputs: tuple[Any, ...],
+    repeats: int,
+    device: torch.device,
+) -> dict[str, tuple[int, int, float, float, float]]:
+    """Bytes saved for backward and step times of each variant (``builders[v](for_memory)``).
+
+    Returns, per variant: bytes held after the forward, peak bytes, and the median, min and max
+    step time in ms over ``repeats`` interleaved steps (nan when ``repeats`` is 0).
+    """
+    memory = {}
+    for variant, build in builders.items():
+        model = build(True)
+        with SavedTensorMeter(ignore=model.parameters()) as meter:
+            loss = _loss(model(*inputs))
+            after_forward = meter.current
+            loss.backward()  # type: ignore[no-untyped-call]
+        memory[variant] = (after_forward, meter.peak)
+    models = {v: build(False) for v, build in builders.items()}
+    times: dict[str, list[float]] = {v: [] for v in builders}
+    for r in range(repeats + 1 if repeats else 0):  # the first round warms up
+        for variant, model in models.items():
+            model.zero_grad(set_to_none=True)
+            _sync(device)
+            start = time.perf_counter()
+            _loss(model(*inputs)).backward()  # type: ignore[no-untyped-call]
+            _sync(device)
+            if r:
+                times[variant].append(1e3 * (time.perf_counter() - start))
+    results: dict[str, tuple[int, int, float, float, float]] = {}
+    for variant in builders:
+        t = times[variant] or [float("nan")]
+        results[variant] = (*memory[variant], statistics.median(t), min(t), max(t))
+    return results
+
+
+def _loss(out: Any) -> Tensor:
+    out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
+    return out.float().square().mean()  # type: ignore[no-any-return]
+
+
 def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
-    plain = {r.depth: r for r in rows if r.variant == "plain"}
+    plain = {(r.case, r.depth): r for r in rows if r.variant == "plain"}
     out = []
     for r in rows:
-        base = plain.get(r.depth)
+        base = plain.get((r.case, r.depth))
         if base is None:
             out.append(r)
             continue
@@ -182,25 +211,27 @@ def write_csv(rows: Iterable[BenchRow], path: Path) -> None:
             writer.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in asdict(r).values()])
 
 
-def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, config: BenchConfig) -> None:
-    """A table per quantity (variants as columns, depths as rows), with the command that made it."""
+def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, description: str) -> None:
+    """A table per quantity (variants as columns, depths or models as rows), with the command."""
     variants = list(dict.fromkeys(r.variant for r in rows))
-    depths = list(dict.fromkeys(r.depth for r in rows))
-    cell = {(r.variant, r.depth): r for r in rows}
+    cases = list(dict.fromkeys((r.case, r.depth) for r in rows))
+    sweep = all(case == "mlp" for case, _ in cases)
+    cell = {(r.variant, r.case, r.depth): r for r in rows}
 
     def table(title: str, fmt: Callable[[BenchRow], str]) -> list[str]:
-        lines = [f"### {title}", "", "| depth | " + " | ".join(variants) + " |"]
+        head = "depth" if sweep else "model (blocks)"
+        lines = [f"### {title}", "", f"| {head} | " + " | ".join(variants) + " |"]
         lines.append("|---" * (len(variants) + 1) + "|")
-        for d in depths:
-            lines.append(f"| {d} | " + " | ".join(fmt(cell[v, d]) for v in variants) + " |")
+        for case, depth in cases:
+            label = str(depth) if sweep else f"{case} ({depth})"
+            cells = [fmt(cell[v, case, depth]) for v in variants if (v, case, depth) in cell]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return [*lines, ""]
 
     lines = [
         f"Produced by `{command}` ({environment()}).",
         "",
-        f"Blocks Linear({config.width})-GELU-Linear({config.width}), batch {config.batch}, "
-        f"gamma {config.gamma}; time: median of {config.repeats} interleaved steps "
-        "[min-max], ratio to plain in parentheses.",
+        description,
         "",
         *table(
             "Peak bytes saved for backward (MiB), ratio to plain",
@@ -214,3 +245,119 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, config: B
         ),
     ]
     path.write_text("\n".join(lines))
+
+
+def describe(config: BenchConfig) -> str:
+    """The depth sweep's configuration, in one sentence for the results table."""
+    return (
+        f"Blocks Linear({config.width})-GELU-Linear({config.width}), batch {config.batch}, "
+        f"gamma {config.gamma}; time: median of {config.repeats} interleaved steps "
+        "[min-max], ratio to plain in parentheses."
+    )
+
+
+@dataclass(frozen=True)
+class ModelBenchConfig:
+    """Converted real models against the original and against checkpointing every block."""
+
+    models: tuple[str, ...] = ("resnet50", "resnet101", "transformer12")
+    image_size: int = 64
+    image_batch: int = 16
+    seq_len: int = 128
+    seq_batch: int = 8
+    gamma: float = 0.9
+    repeats: int = 5
+    threads: int | None = 2
+    seed: int = 0
+
+
+class _Checkpointed(nn.Module):
+    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured)."""
+
+    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # parents inspect their layers (nn.TransformerEncoder's fast path)
+            return getattr(self._modules["block"], name)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(
+            functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
+        )
+
+
+def _checkpoint_blocks(model: nn.Module, paths: Sequence[str], reentrant: bool) -> nn.Module:
+    model = copy.deepcopy(model)
+    for path in paths:
+        stack = _stack(model, path)
+        for i, block in enumerate(list(stack)):
+            stack[i] = _Checkpointed(block, reentrant)
+    return model
+
+
+def _stack(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
+    stack = model.get_submodule(path)
+    assert isinstance(stack, (nn.Sequential, nn.ModuleList))
+    return stack
+
+
+def _builders(
+    model: nn.Module, paths: list[str], keep_first: bool, gamma: float
+) -> dict[str, Callable[[bool], nn.Module]]:
+    from .transform import transform_to_momentumnet
+
+    def momentum(checkpoint_kept: bool, for_memory: bool) -> nn.Module:
+        return transform_to_momentumnet(
+            model, paths, keep_first_layer=keep_first, gamma=gamma, checkpoint_kept=checkpoint_kept
+        )
+
+    builders: dict[str, Callable[[bool], nn.Module]] = {
+        "plain": lambda for_memory: model,
+        "checkpoint": functools.partial(_checkpoint_blocks, model, paths),
+        "momentum_free": functools.partial(momentum, False),
+    }
+    if keep_first:
+        builders["momentum_free_ckpt_first"] = functools.partial(momentum, True)
+    return builders
+
+
+def _real_model(name: str, config: ModelBenchConfig) -> tuple[nn.Module, tuple[Tensor], list[str]]:
+    """(model in train mode, inputs, stack paths) for a benchmark model."""
+    if name.startswith("resnet"):
+        from torchvision import models as tvm
+
+        model: nn.Module = getattr(tvm, name)(num_classes=10)
+        x = torch.randn(
+            config.image_batch, 3, config.image_size, config.image_size
+        ).requires_grad_()
+        return model.train(), (x,), ["layer1", "layer2", "layer3", "layer4"]
+    if name.startswith("transformer"):
+        layers = int(name.removeprefix("transformer"))
+        layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+        model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        x = torch.randn(config.seq_batch, config.seq_len, 256, requires_grad=True)
+        return model.train(), (x,), ["layers"]
+    raise ValueError(f"unknown benchmark model {name!r}: resnet<N> or transformer<layers>")
+
+
+def run_models(
+    config: ModelBenchConfig, progress: Callable[[str], None] | None = None
+) -> list[BenchRow]:
+    """Original, checkpointing every block, and memory-free momentum, for each model."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    rows: list[BenchRow] = []
+    for name in config.models:
+        torch.manual_seed(config.seed)
+        model, inputs, paths = _real_model(name, config)
+        builders = _builders(model, paths, name.startswith("resnet"), config.gamma)
+        results = measure(builders, inputs, config.repeats, torch.device("cpu"))
+        depth = sum(len(_stack(model, p)) for p in paths)
+        rows += [BenchRow(v, name, depth, *results[v]) for v in builders]
+        if progress is not None:
+            progress(f"{name}: done")
+    return _with_ratios(rows)
