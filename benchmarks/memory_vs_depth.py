@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from inertia.bench import BenchConfig, run, write_csv, write_markdown
+from inertia.bench import BenchConfig, describe, run, write_csv, write_markdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = "memory_vs_depth_quick" if args.quick else "memory_vs_depth"
     write_csv(rows, args.out / f"{stem}.csv")
     command = "python benchmarks/memory_vs_depth.py" + (" --quick" if args.quick else "")
-    write_markdown(rows, args.out / f"{stem}.md", command, config)
+    write_markdown(rows, args.out / f"{stem}.md", command, describe(config))
     print((args.out / f"{stem}.md").read_text())
 
 
