@@ -4,8 +4,9 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 """
 
 from ._errors import InertiaError, InversionError, InversionWarning
+from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
-from .nn import MomentumLayerList, MomentumNet, from_momentumnet_state_dict
+from .nn import MomentumNet, from_momentumnet_state_dict
 from .transform import find_residual_stacks, transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"

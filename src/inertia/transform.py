@@ -12,7 +12,8 @@ from torch import nn
 
 from ._discover import find_residual_stacks
 from ._errors import InertiaError
-from .nn import MomentumLayerList, MomentumNet
+from ._layerlist import MomentumLayerList
+from .nn import MomentumNet
 
 __all__ = ["find_residual_stacks", "transform_to_momentumnet"]
 
