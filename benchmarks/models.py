@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {config.seq_batch}, sequence {config.seq_len}, dropout 0.1), gamma "
         f"{config.gamma}; checkpoint: every block of the converted stacks; momentum_free: "
         "transform_to_momentumnet (ResNets keep the first block of each stage, "
-        "momentum_free_ckpt_first checkpoints it); time: median of "
+        "momentum_free_ckpt_stem_first checkpoints it and the stem); time: median of "
         f"{config.repeats} interleaved steps [min-max]."
     )
     write_markdown(rows, args.out / f"{stem}.md", command, description)

@@ -169,3 +169,21 @@ def test_list_models_pattern() -> None:
     assert list_models("*cifar") == sorted(CIFAR)
     assert len(list_models()) == 10
     assert list_models("no_such_*") == []
+
+
+def test_init_speed_and_checkpointed_stem() -> None:
+    backprop = create_model("momentum_resnet18_cifar", init_speed=True, use_backprop=True)
+    backprop = backprop.double()
+    free = copy.deepcopy(backprop)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        net = free.get_submodule(stage)
+        assert net.init_speed
+        assert net.init_function is not None
+        net.use_backprop = False
+    assert "layer1.init.conv1.weight" in free.state_dict()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    errors = assert_gradients_match(backprop, free, x, steps=2)
+    assert "grad.layer3.init.bn2.weight" in errors
+    stem = create_model("momentum_resnet18", checkpoint_stem=True)
+    assert type(stem).__name__ == "CheckpointedStemResNet"
+    stem(torch.randn(4, 3, 64, 64)).sum().backward()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -147,3 +149,33 @@ def test_path_that_is_not_a_stack() -> None:
         transform_to_momentumnet(small_resnet(), ["fc"])
     with pytest.raises(InertiaError, match="already a MomentumNet"):
         transform_to_momentumnet(transform_to_momentumnet(small_resnet()), ["layer1"])
+
+
+def test_checkpointed_stem_keeps_gradients_and_saves_memory() -> None:
+    from inertia.models.resnet import CheckpointedStemResNet
+    from inertia.testing import SavedTensorMeter
+
+    model = small_resnet().double().train()
+    plain = transform_to_momentumnet(model, checkpoint_kept=True)
+    stem = transform_to_momentumnet(model, checkpoint_kept=True, checkpoint_stem=True)
+    assert type(stem) is CheckpointedStemResNet
+    assert list(stem.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    errors = assert_gradients_match(plain, stem, x, steps=2)
+    assert errors["buffer.bn1.num_batches_tracked"] == 0.0  # updated once per step
+    peaks = []
+    for m in (plain, stem):
+        with SavedTensorMeter(ignore=m.parameters()) as meter:
+            m(x).sum().backward()
+        peaks.append(meter.peak)
+    assert peaks[1] < 0.8 * peaks[0]
+    buf = io.BytesIO()
+    torch.save(stem, buf)  # a module-level class: the converted model pickles
+    buf.seek(0)
+    assert type(torch.load(buf, weights_only=False)) is CheckpointedStemResNet
+
+
+def test_checkpoint_stem_needs_a_torchvision_resnet() -> None:
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, batch_first=True), 2)
+    with pytest.raises(InertiaError, match="checkpoint_stem supports torchvision's ResNet"):
+        transform_to_momentumnet(encoder, "layers", checkpoint_stem=True)

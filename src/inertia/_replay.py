@@ -10,14 +10,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["AutocastState", "RngTracker", "frozen_running_stats"]
+__all__ = ["AutocastState", "RngTracker", "StatsOnce", "frozen_running_stats"]
 
 
 class RngTracker:
@@ -103,3 +104,19 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
                 b.copy_(s)
+
+
+class StatsOnce:
+    """``fn`` for ``torch.utils.checkpoint``: from its second call on (the recomputation), the
+    running statistics of the norm layers in ``module`` are kept as they were, so that one
+    training step updates them once."""
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
+        self.fn, self.module, self.calls = fn, module, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self.fn(*args, **kwargs)
+        with frozen_running_stats(self.module):
+            return self.fn(*args, **kwargs)

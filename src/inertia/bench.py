@@ -310,9 +310,14 @@ def _builders(
 ) -> dict[str, Callable[[bool], nn.Module]]:
     from .transform import transform_to_momentumnet
 
-    def momentum(checkpoint_kept: bool, for_memory: bool) -> nn.Module:
+    def momentum(checkpointed: bool, for_memory: bool) -> nn.Module:
         return transform_to_momentumnet(
-            model, paths, keep_first_layer=keep_first, gamma=gamma, checkpoint_kept=checkpoint_kept
+            model,
+            paths,
+            keep_first_layer=keep_first,
+            gamma=gamma,
+            checkpoint_kept=checkpointed,
+            checkpoint_stem=checkpointed,
         )
 
     builders: dict[str, Callable[[bool], nn.Module]] = {
@@ -321,7 +326,7 @@ def _builders(
         "momentum_free": functools.partial(momentum, False),
     }
     if keep_first:
-        builders["momentum_free_ckpt_first"] = functools.partial(momentum, True)
+        builders["momentum_free_ckpt_stem_first"] = functools.partial(momentum, True)
     return builders
 
 

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ._arith import FloatArithmetic
 from ._autograd import StackSpec, inverse, momentum_forward
 from ._errors import InertiaError
-from ._replay import frozen_running_stats
+from ._replay import StatsOnce
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
 
@@ -239,7 +239,7 @@ class MomentumNet(nn.Module):
         for i in range(self.keep_first):
             block = self._block(i)
             if self.checkpoint_kept and torch.is_grad_enabled():
-                x = checkpoint(_OnceStateful(block), x, *args, use_reentrant=False, **kwargs)
+                x = checkpoint(StatsOnce(block, block), x, *args, use_reentrant=False, **kwargs)
             else:
                 x = block(x, *args, **kwargs)
             x = spec.unpack(x)
@@ -305,21 +305,6 @@ class MomentumNet(nn.Module):
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
             + (f", keep_first={self.keep_first}" if self.keep_first else "")
         )
-
-
-class _OnceStateful:
-    """Calls ``module``; from the second call on (checkpoint's recomputation), keeps its norm
-    layers' running statistics as they were, so that one training step updates them once."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.calls = module, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        if self.calls == 1:
-            return self.module(*args, **kwargs)
-        with frozen_running_stats(self.module):
-            return self.module(*args, **kwargs)
 
 
 def _validate_gamma(gamma: Any, use_backprop: bool) -> float:

@@ -34,6 +34,7 @@ def transform_to_momentumnet(
     example_inputs: Any = None,
     sub_layers: Sequence[str] | str | None = None,
     checkpoint_kept: bool = False,
+    checkpoint_stem: bool = False,
     check_inversion: str | None = "warn",
     inversion_tol: float | None = None,
 ) -> nn.Module:
@@ -67,6 +68,8 @@ def transform_to_momentumnet(
         sub_layers: ``momentumnet``'s name for ``residual_layers``.
         checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), so that they stop
             dominating memory in the memory-free mode.
+        checkpoint_stem: For a torchvision ResNet, also checkpoint the stem (``conv1`` to
+            ``maxpool``), whose activations are the largest.
         check_inversion: As in `MomentumNet`.
         inversion_tol: As in `MomentumNet`.
 
@@ -126,6 +129,10 @@ def transform_to_momentumnet(
             # Its nested-tensor fast path (eval mode with a padding mask) hands the layers nested
             # tensors, which have no fixed shape to keep; the padded path computes the same.
             parent.use_nested_tensor = False
+    if checkpoint_stem:
+        from .models.resnet import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
+
+        checkpoint_resnet_stem(model)
     return model
 
 

@@ -18,6 +18,12 @@ Args:
     gamma: The momentum, as in `MomentumNet` (the paper uses 0.9).
     use_backprop: False: the memory-free backward. True: ordinary autograd.
     checkpoint_kept: Checkpoint each stage's first block (see `MomentumNet`).
+    checkpoint_stem: Run the stem (``conv1``, ``bn1``, ``relu``, ``maxpool``) under
+        ``torch.utils.checkpoint``, so that its large activations are not stored (default False).
+    init_speed: Start each stage's velocity at ``v_0 = init(x)``, where ``init`` is a freshly
+        initialised block of the stage's kind (child ``layerN.init``: it adds parameters and
+        ``state_dict`` keys, so torchvision's weights then load with ``strict=False``). Default
+        False: ``v_0 = 0``.
     **kwargs: Passed to torchvision's constructor (``zero_init_residual``, ``width_per_group``,
         ``groups``, ``norm_layer``...). Not ``weights``: load torchvision's weights afterwards with
         ``model.load_state_dict(weights.get_state_dict(), strict=True)`` (ImageNet stem).
@@ -25,17 +31,25 @@ Args:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet as tv
 
+from .._errors import InertiaError
+from .._replay import StatsOnce
+from ..nn import MomentumNet
 from ..transform import transform_to_momentumnet
 from ._registry import register_model
 
 __all__ = [
+    "CheckpointedStemResNet",
     "MomentumBasicBlock",
     "MomentumBottleneck",
+    "checkpoint_stem",
     "momentum_resnet18",
     "momentum_resnet18_cifar",
     "momentum_resnet34",
@@ -96,6 +110,8 @@ def _build(
             "weights is not supported (inertia never downloads); build the model, then load "
             "torchvision's weights with model.load_state_dict(state_dict, strict=True)."
         )
+    checkpoint_stem = bool(kwargs.pop("checkpoint_stem", False))
+    init_speed = bool(kwargs.pop("init_speed", False))
     model: nn.Module = getattr(tv, arch)(num_classes=num_classes, **kwargs)
     if cifar:
         conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -104,7 +120,7 @@ def _build(
     for stage in _STAGES:
         for block in list(model.get_submodule(stage).children())[1:]:
             block.__class__ = _MOMENTUM_BLOCKS[type(block)]  # same submodules, residual forward
-    return transform_to_momentumnet(
+    transform_to_momentumnet(
         model,
         gamma=gamma,
         use_backprop=use_backprop,
@@ -112,7 +128,49 @@ def _build(
         keep_first_layer=True,
         inplace=True,
         checkpoint_kept=checkpoint_kept,
+        checkpoint_stem=checkpoint_stem,
     )
+    if init_speed:
+        for stage in _STAGES:
+            net = model.get_submodule(stage)
+            assert isinstance(net, MomentumNet)
+            init = copy.deepcopy(net[1])
+            for m in init.modules():
+                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                    m.reset_parameters()  # a fresh block, not a copy of the first one's weights
+            net.add_module("init", init)
+            net.init_speed = True
+    return model
+
+
+class CheckpointedStemResNet(tv.ResNet):  # type: ignore[misc]
+    """torchvision's ``ResNet`` whose stem runs under ``torch.utils.checkpoint`` when autograd
+    records: it stores only the image, and recomputes ``maxpool(relu(bn1(conv1(x))))`` in
+    backward (with ``bn1``'s running statistics updated once). Same submodules and keys."""
+
+    def _stem(self, x: Tensor) -> Tensor:
+        out: Tensor = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return out
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            x = checkpoint(StatsOnce(self._stem, self.bn1), x, use_reentrant=False)
+        else:
+            x = self._stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        out: Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        return out
+
+
+def checkpoint_stem(model: nn.Module) -> None:
+    """Make a torchvision ``ResNet`` checkpoint its stem (see `CheckpointedStemResNet`)."""
+    if type(model) not in (tv.ResNet, CheckpointedStemResNet):
+        raise InertiaError(
+            f"checkpoint_stem supports torchvision's ResNet (and wide ResNets, ResNeXts), not "
+            f"{type(model).__name__}; checkpoint another model's stem in its own forward with "
+            "torch.utils.checkpoint."
+        )
+    model.__class__ = CheckpointedStemResNet
 
 
 # One builder per registered name, as in timm; the arguments are documented above.
