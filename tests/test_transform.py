@@ -178,4 +178,5 @@ def test_checkpointed_stem_keeps_gradients_and_saves_memory() -> None:
 def test_checkpoint_stem_needs_a_torchvision_resnet() -> None:
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, batch_first=True), 2)
     with pytest.raises(InertiaError, match="checkpoint_stem supports torchvision's ResNet"):
-        transform_to_momentumnet(encoder, "layers", checkpoint_stem=True)
+        transform_to_momentumnet(encoder, "layers", checkpoint_stem=True, inplace=True)
+    assert type(encoder.layers) is nn.ModuleList  # nothing was converted

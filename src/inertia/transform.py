@@ -107,6 +107,10 @@ def transform_to_momentumnet(
         raise ValueError("residual_layers is empty: there is nothing to convert.")
     if not inplace:
         model = copy.deepcopy(model)
+    if checkpoint_stem:  # first: it checks the model's type before anything is changed
+        from .models.resnet import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
+
+        checkpoint_resnet_stem(model)
     for path in paths:
         stack = _resolve(model, path)
         # A ModuleList has no forward: its parent loops over it, and needs MomentumLayerList.
@@ -129,10 +133,6 @@ def transform_to_momentumnet(
             # Its nested-tensor fast path (eval mode with a padding mask) hands the layers nested
             # tensors, which have no fixed shape to keep; the padded path computes the same.
             parent.use_nested_tensor = False
-    if checkpoint_stem:
-        from .models.resnet import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
-
-        checkpoint_resnet_stem(model)
     return model
 
 
