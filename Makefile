@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# Trains the default momentum ResNet memory-free on the embedded digits, benchmarks memory and
+# time against depth, and plots both.
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) -m inertia train --epochs 5 --checkpoint-kept --checkpoint-stem --out runs/demo
+	$(PY) -m inertia bench --quick --out runs/bench
+	$(PY) -m inertia plot runs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

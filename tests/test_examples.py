@@ -25,7 +25,7 @@ def load(path: Path) -> ModuleType:
 
 
 def test_demo_runs_and_saves_memory() -> None:
-    demo = load(ROOT / "examples" / "demo.py")
+    demo = load(ROOT / "examples" / "nested_rings.py")
     result = demo.main(["--depth", "16", "--steps", "3", "--batch", "32"])
     assert result["backprop_bytes"] > 5 * result["free_bytes"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import importlib.util
 import platform
 import statistics
 import time
@@ -48,6 +49,13 @@ __all__ = [
 ]
 
 VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free")
+#: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
+PAPER = "momentumnet_0.10"
+
+
+def default_variants() -> tuple[str, ...]:
+    """`VARIANTS`, and the paper's package (`PAPER`) when it is importable."""
+    return VARIANTS + ((PAPER,) if importlib.util.find_spec("momentumnet") else ())
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,8 @@ class BenchConfig:
     gamma: float = 0.9
     repeats: int = 7
     threads: int | None = 2
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = field(default_factory=default_variants)
+    batches: tuple[int, ...] = ()  # a sweep over batch sizes too; empty: ``batch`` only
     device: str = "cpu"
     seed: int = 0
     time_steps: bool = True
@@ -113,7 +122,12 @@ def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
         return MomentumNet(blocks, gamma, use_backprop=False)
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if variant == PAPER:
+        import momentumnet
+
+        net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
+        return net
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join((*VARIANTS, PAPER))}")
 
 
 def _sync(device: torch.device) -> None:
@@ -127,15 +141,20 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     rows: list[BenchRow] = []
-    for depth in config.depths:
-        torch.manual_seed(config.seed)
-        blocks = [b.to(device) for b in _blocks(config, depth)]
-        x = torch.randn(config.batch, config.width, device=device, requires_grad=True)
-        builders = {v: functools.partial(_model, v, blocks, config.gamma) for v in config.variants}
-        results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
-        rows += [BenchRow(v, "mlp", depth, *results[v]) for v in config.variants]
-        if progress is not None:
-            progress(f"depth {depth}: done")
+    batches = config.batches or (config.batch,)
+    for batch in batches:
+        case = "mlp" if len(batches) == 1 else f"mlp batch {batch}"
+        for depth in config.depths:
+            torch.manual_seed(config.seed)
+            blocks = [b.to(device) for b in _blocks(config, depth)]
+            x = torch.randn(batch, config.width, device=device, requires_grad=True)
+            builders = {
+                v: functools.partial(_model, v, blocks, config.gamma) for v in config.variants
+            }
+            results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
+            rows += [BenchRow(v, case, depth, *results[v]) for v in config.variants]
+            if progress is not None:
+                progress(f"{case}, depth {depth}: done")
     return _with_ratios(rows)
 
 
@@ -215,7 +234,8 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
     """A table per quantity (variants as columns, depths or models as rows), with the command."""
     variants = list(dict.fromkeys(r.variant for r in rows))
     cases = list(dict.fromkeys((r.case, r.depth) for r in rows))
-    sweep = all(case == "mlp" for case, _ in cases)
+    sweep = all(case.startswith("mlp") for case, _ in cases)
+    several = len({case for case, _ in cases}) > 1
     cell = {(r.variant, r.case, r.depth): r for r in rows}
 
     def table(title: str, fmt: Callable[[BenchRow], str]) -> list[str]:
@@ -223,7 +243,7 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
         lines = [f"### {title}", "", f"| {head} | " + " | ".join(variants) + " |"]
         lines.append("|---" * (len(variants) + 1) + "|")
         for case, depth in cases:
-            label = str(depth) if sweep else f"{case} ({depth})"
+            label = f"{case} ({depth})" if not sweep or several else str(depth)
             cells = [fmt(cell[v, case, depth]) for v in variants if (v, case, depth) in cell]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return [*lines, ""]

@@ -1,6 +1,6 @@
 """Train a deep momentum network memory-free on nested rings, and show the memory it saves.
 
-    python examples/demo.py [--depth 32] [--steps 300]
+    python examples/nested_rings.py [--depth 32] [--steps 300]
 
 Prints held-out accuracy and the bytes autograd saved for backward, memory-free against the same
 model trained with ordinary backpropagation.

@@ -1,0 +1,156 @@
+"""The ``inertia`` command: ``train``, ``bench`` and ``plot``, thin layers over library functions.
+
+Each command parses its flags into a config dataclass, calls one function, prints one summary line
+and writes machine-readable results to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from ._errors import InertiaError
+
+__all__ = ["main"]
+
+
+def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .training import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a registered model (memory-free by default)")
+    p.add_argument("--model", default=d.model, help="a registered model (see --list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the registered models")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="digits (embedded), synthetic, fashion-mnist, cifar10, cifar100 or "
+                   "imagefolder")  # fmt: skip
+    p.add_argument("--data-dir", default=None, help="folder of a dataset in torchvision's format")
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--memory-free", dest="memory_free", action="store_true", default=True,
+                      help="memory-free backward (default)")  # fmt: skip
+    mode.add_argument("--backprop", dest="memory_free", action="store_false",
+                      help="ordinary backpropagation")  # fmt: skip
+    p.add_argument("--checkpoint-kept", action="store_true",
+                   help="checkpoint the first block of each ResNet stage")  # fmt: skip
+    p.add_argument("--checkpoint-stem", action="store_true", help="checkpoint the ResNet stem")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype")
+    p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda:0...")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="folder for metrics, config and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .models import list_models
+    from .training import TrainConfig, fit
+
+    if args.list_models:
+        print("\n".join(list_models()))
+        return 0
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    result = fit(config)
+    acc = f"held-out accuracy {result.test_accuracy:.1%}" if result.metrics else "no epoch done"
+    if result.peak_cuda_bytes is not None:
+        memory = f"peak CUDA memory {result.peak_cuda_bytes / 2**20:,.0f} MiB"
+    else:
+        free, plain = result.saved_bytes["memory-free"], result.saved_bytes["backprop"]
+        memory = (
+            f"bytes saved for backward: memory-free {free:,} vs backprop {plain:,} "
+            f"({plain / free:.1f}x less)"
+        )
+    state = "interrupted, checkpoint kept; continue with --resume" if result.interrupted else "done"
+    print(
+        f"inertia train: {config.model} on {config.dataset}, {len(result.metrics)}/"
+        f"{config.epochs} epochs, {acc} | {memory} | {state} | {result.out}"
+    )
+    return 130 if result.interrupted else 0
+
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="memory and time against depth, side by side")
+    p.add_argument("--quick", action="store_true", help="small sizes: about a minute on a CPU")
+    p.add_argument("--depths", type=int, nargs="+", default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes to sweep")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, describe, run, write_csv, write_markdown
+    from .plots import plot_bench
+
+    config = BenchConfig(device=args.device)
+    if args.quick:
+        config = BenchConfig(depths=(4, 16, 64), width=64, batch=64, repeats=3, device=args.device)
+    if args.depths:
+        config = dataclasses.replace(config, depths=tuple(args.depths))
+    if args.batches:
+        config = dataclasses.replace(config, batches=tuple(args.batches))
+    rows = run(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "bench.csv")
+    command = "inertia bench" + (" --quick" if args.quick else "")
+    write_markdown(rows, out / "bench.md", command, describe(config))
+    plots = _try_plots(lambda: plot_bench(out / "bench.csv"))
+    deepest = max(config.depths)
+    cell = {r.variant: r for r in rows if r.depth == deepest}  # the last batch size
+    free, plain = cell["momentum_free"], cell["plain"]
+    print(
+        f"inertia bench: depth {deepest}, memory-free {free.peak_saved_bytes / 2**20:.2f} MiB "
+        f"vs plain {plain.peak_saved_bytes / 2**20:.2f} MiB, {free.time_ratio:.2f}x plain's "
+        f"step | {out / 'bench.md'}{plots}"
+    )
+    return 0
+
+
+def _try_plots(make: Callable[[], list[Path]]) -> str:
+    """Plots when matplotlib is installed (the ``plot`` extra); a note otherwise."""
+    try:
+        paths = make()
+    except InertiaError as err:
+        return f" | no plots: {err}"
+    return " | plots: " + ", ".join(str(p) for p in paths if str(p).endswith(".png"))
+
+
+def _plot_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("plot", help="plot a training run folder or a bench CSV")
+    p.add_argument("path", help="a folder written by 'inertia train', or a CSV by 'inertia bench'")
+    p.add_argument("--out", default=None, help="folder for the figures (default: beside the data)")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_bench, plot_training
+
+    path = Path(args.path)
+    paths = plot_bench(path, args.out) if path.suffix == ".csv" else plot_training(path, args.out)
+    print("inertia plot: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``inertia`` and ``python -m inertia``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="inertia", description="Momentum residual networks: train, benchmark, plot."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _bench_parser(sub)
+    _plot_parser(sub)
+    args = parser.parse_args(argv)
+    command = {"train": _train, "bench": _bench, "plot": _plot}[args.command]
+    try:
+        return command(args)
+    except InertiaError as err:
+        print(f"inertia {args.command}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,294 @@
+"""`fit(config)`: train a registered model on a dataset, with checkpoints, resume and metrics.
+
+The loop is deterministic for a seed: each epoch's data order comes from a generator seeded by
+``(seed, epoch)``, and the checkpoint written after each epoch holds the model, the optimizer, the
+generator states and the metrics so far. Resuming from it continues exactly where an uninterrupted
+run would be. Ctrl-C (SIGINT) stops at the next step and keeps the last complete epoch's checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ._errors import InertiaError
+from .data import load_dataset
+from .models import create_model
+from .nn import MomentumNet
+from .testing import SavedTensorMeter
+
+__all__ = ["TrainConfig", "TrainResult", "fit"]
+
+METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds",
+           "samples_per_second")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of `fit` (and of ``inertia train``, one flag each)."""
+
+    model: str = "momentum_resnet18_cifar"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    gamma: float = 0.9
+    memory_free: bool = True
+    checkpoint_kept: bool = False  # checkpoint the first block of each ResNet stage
+    checkpoint_stem: bool = False  # checkpoint the ResNet stem
+    amp: str | None = None  # "bf16" or "fp16"
+    device: str = "auto"  # "auto": cuda when available
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What `fit` returns: the per-epoch metrics, and the memory comparison of the same run."""
+
+    metrics: list[dict[str, float]]
+    test_accuracy: float
+    saved_bytes: dict[str, int] = field(default_factory=dict)  # CPU: per mode, one batch
+    peak_cuda_bytes: int | None = None
+    interrupted: bool = False
+    out: Path = Path()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, channels: int, num_classes: int) -> nn.Module:
+    """The registered model, with its first convolution taking ``channels`` inputs."""
+    options = {"checkpoint_kept": True} if config.checkpoint_kept else {}
+    if config.checkpoint_stem:
+        options["checkpoint_stem"] = True
+    model = create_model(
+        config.model, num_classes=num_classes, gamma=config.gamma,
+        use_backprop=not config.memory_free, **options,
+    )  # fmt: skip
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d) and conv1.in_channels != channels:
+        # Same layer, another number of input channels (1 for the digits); the keys stay the same.
+        model.conv1 = nn.Conv2d(
+            channels, conv1.out_channels, conv1.kernel_size, conv1.stride,  # type: ignore[arg-type]
+            conv1.padding, bias=conv1.bias is not None,  # type: ignore[arg-type]
+        )  # fmt: skip
+    return model
+
+
+def _set_memory_free(model: nn.Module, memory_free: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, MomentumNet):
+            m.use_backprop = not memory_free
+
+
+@contextmanager
+def _sigint_flag() -> Iterator[dict[str, bool]]:
+    """Turns SIGINT into a flag that the loop checks after each step."""
+    flag = {"stop": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    if config.amp is None:
+        return nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if config.amp not in dtypes:
+        raise ValueError(f"amp={config.amp!r}; use 'bf16', 'fp16' or None.")
+    return torch.autocast(device.type, dtype=dtypes[config.amp])
+
+
+def _evaluate(
+    model: nn.Module, loader: DataLoader[Any], device: torch.device, config: TrainConfig
+) -> tuple[float, float]:
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with _autocast(config, device):
+                logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    return loss_sum / total, correct / total
+
+
+def _saved_bytes(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig) -> dict[str, int]:
+    """Peak bytes saved for backward on one batch, memory-free and with backprop (same model)."""
+    out = {}
+    for memory_free in (True, False):
+        _set_memory_free(model, memory_free)
+        with SavedTensorMeter(ignore=model.parameters()) as meter:
+            with _autocast(config, x.device):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()  # type: ignore[no-untyped-call]
+        model.zero_grad(set_to_none=True)
+        out["memory-free" if memory_free else "backprop"] = meter.peak
+    _set_memory_free(model, config.memory_free)
+    return out
+
+
+def fit(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``; write metrics and checkpoints to ``out``.
+
+    Files in ``config.out``: ``config.json``, ``metrics.csv`` and ``metrics.json`` (one row per
+    epoch), ``checkpoint.pt`` (after each epoch, written atomically).
+
+    Raises:
+        InertiaError: The loss became NaN or infinite (the last good checkpoint is kept), or
+            ``resume`` was asked without a checkpoint.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(config.device)
+    torch.manual_seed(config.seed)
+    split = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    model = build_model(config, split.channels, split.num_classes).to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    metrics: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = out / "checkpoint.pt"
+    if config.resume:
+        if not ckpt_path.exists():
+            raise InertiaError(f"--resume: no checkpoint at {ckpt_path}; run without --resume.")
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        metrics, start_epoch = state["metrics"], state["epoch"] + 1
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    test_loader = DataLoader(split.test, batch_size=256)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    interrupted = False
+    with _sigint_flag() as flag:
+        for epoch in range(start_epoch, config.epochs):
+            order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True,
+                                generator=order, drop_last=True)  # fmt: skip
+            model.train()
+            t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+            for step, (x, y) in enumerate(loader):
+                x, y = x.to(device), y.to(device)
+                with _autocast(config, device):
+                    logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise InertiaError(
+                        f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                        f"stopped. The last good checkpoint is kept in {ckpt_path} (epoch "
+                        f"{epoch}). Lower --lr, or try --backprop or a larger --gamma if the "
+                        "memory-free run warned about inversion drift."
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.step(opt)
+                scaler.update()
+                seen += len(y)
+                loss_sum += value * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                if config.progress:
+                    _progress(epoch, config.epochs, step + 1, len(loader), loss_sum / seen,
+                              correct / seen, seen / (time.perf_counter() - t0))  # fmt: skip
+                if flag["stop"]:
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+            sched.step()
+            seconds = time.perf_counter() - t0
+            test_loss, test_acc = _evaluate(model, test_loader, device, config)
+            metrics.append({
+                "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                "test_loss": test_loss, "test_accuracy": test_acc, "seconds": seconds,
+                "samples_per_second": seen / seconds,
+            })  # fmt: skip
+            if config.progress:
+                print(f" | held-out {test_acc:.1%}", file=sys.stderr, flush=True)
+            _write_metrics(out, metrics)
+            _save_atomic({
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(), "epoch": epoch, "metrics": metrics,
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "config": asdict(config),
+            }, ckpt_path)  # fmt: skip
+    x, y = next(iter(DataLoader(split.train, batch_size=config.batch_size)))
+    result = TrainResult(
+        metrics=metrics,
+        test_accuracy=metrics[-1]["test_accuracy"] if metrics else float("nan"),
+        interrupted=interrupted,
+        out=out,
+    )
+    if device.type == "cuda":
+        result.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        result.saved_bytes = _saved_bytes(model.train(), x.to(device), y.to(device), config)
+    return result
+
+
+def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, acc: float,
+              rate: float) -> None:  # fmt: skip
+    done = 24 * step // steps
+    bar = "#" * done + "." * (24 - done)
+    print(f"\repoch {epoch + 1}/{epochs} [{bar}] loss {loss:.3f} acc {acc:.1%} "
+          f"{rate:.0f} samples/s", end="", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _write_metrics(out: Path, metrics: list[dict[str, float]]) -> None:
+    with (out / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

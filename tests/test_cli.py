@@ -1,0 +1,161 @@
+"""The inertia command: train (resume after SIGINT, NaN stop, data errors), bench, plot."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from inertia import InertiaError, register_model
+from inertia.cli import main
+from inertia.models import _registry
+from inertia.training import TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["train", "--dataset", "synthetic", "--model", "momentum_resnet18_cifar", "--seed", "3"]
+
+
+def run(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "inertia", *args], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+    )  # fmt: skip
+
+
+def test_train_writes_metrics_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    status = main([*TRAIN, "--epochs", "2", "--batch-size", "32", "--out", str(out)])
+    assert status == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("inertia train: momentum_resnet18_cifar on synthetic, 2/2 epochs")
+    assert "bytes saved for backward: memory-free" in summary
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["test_accuracy"]) > 0.5  # 4 classes: well above chance
+    assert (out / "config.json").exists()
+    assert (out / "checkpoint.pt").exists()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "learning_curves.png").exists() or list(out.glob("*.png"))
+
+
+def test_sigint_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """Ctrl-C in epoch 2 keeps epoch 1's checkpoint; --resume then ends exactly where an
+    uninterrupted run ends: same weights, buffers and optimizer state, bit for bit."""
+    args = [*TRAIN, "--epochs", "3", "--batch-size", "8", "--no-progress"]
+    full = run([*args, "--out", str(tmp_path / "full")])
+    part_dir = tmp_path / "part"
+    part = run([*args, "--out", str(part_dir)])
+    metrics = part_dir / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and (part_dir / "checkpoint.pt").exists()):
+        assert part.poll() is None, part.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    epoch_seconds = float(next(csv.DictReader(metrics.read_text().splitlines()))["seconds"])
+    time.sleep(0.4 * epoch_seconds)  # into epoch 2
+    part.send_signal(signal.SIGINT)
+    out, err = part.communicate(timeout=120)
+    assert part.returncode == 130, err
+    assert "interrupted, checkpoint kept" in out
+    state = torch.load(part_dir / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 0  # the last complete epoch: 1
+    resumed = run([*args, "--out", str(part_dir), "--resume"])
+    for proc in (resumed, full):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(part_dir / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for i, buf in a["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    for ma, mb in zip(a["metrics"], b["metrics"], strict=True):
+        assert ma["train_loss"] == mb["train_loss"]
+        assert ma["test_accuracy"] == mb["test_accuracy"]
+
+
+def nan_after_one_epoch_test_model(*, num_classes: int, **_: Any) -> nn.Module:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, num_classes)
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1 if self.training else 0
+            out = self.fc(x.flatten(1))
+            return out * float("nan") if self.calls > 12 else out
+
+    return Net()
+
+
+@pytest.fixture
+def nan_model() -> Iterator[None]:
+    """Registered for one test only: other tests iterate over the registry."""
+    register_model(nan_after_one_epoch_test_model)
+    yield
+    del _registry._MODELS["nan_after_one_epoch_test_model"]
+
+
+@pytest.mark.usefixtures("nan_model")
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = TrainConfig(
+        model="nan_after_one_epoch_test_model", dataset="synthetic", epochs=3, batch_size=32,
+        out=str(tmp_path), progress=False,
+    )  # fmt: skip
+    with pytest.raises(InertiaError, match=r"loss became nan at epoch 2.*last good checkpoint"):
+        fit(config)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 0
+
+
+def test_missing_data_dir_names_the_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
+                   str(tmp_path / "run")])  # fmt: skip
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "inertia train: error:" in err
+    assert "cifar-10-batches-py" in err
+
+
+def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*TRAIN, "--resume", "--out", str(tmp_path)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--quick", "--depths", "4", "16", "--batches", "8", "32"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("inertia bench: depth 16, memory-free")
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    assert {r["case"] for r in rows} == {"mlp batch 8", "mlp batch 32"}
+    variants = {r["variant"] for r in rows}
+    assert {"plain", "checkpoint", "momentum_backprop", "momentum_free"} <= variants
+    assert ("momentumnet_0.10" in variants) == bool(importlib.util.find_spec("momentumnet"))
+    assert "| mlp batch 32 (16) |" in (tmp_path / "bench.md").read_text()
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["bench_batch32.png", "bench_batch8.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in tmp_path.glob("*.png"))
+    assert main(["plot", str(tmp_path / "bench.csv"), "--out", str(tmp_path / "again")]) == 0
+
+
+def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--list-models"]) == 0
+    assert "momentum_resnet18_cifar" in capsys.readouterr().out.split()
