@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -352,6 +353,23 @@ def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
     return g if total is None else total + g
 
 
+def _check_not_sharded_inside(spec: StackSpec) -> None:
+    """FSDP2 (``fully_shard``) on a block, or inside one, cannot work memory-free: the block's
+    unsharded parameters exist only while it runs, so the gradients that the Function returns
+    could not reach them, and FSDP would reduce nothing. Sharding the whole model (or the
+    MomentumNet itself) works: its parameters are unsharded for the whole forward and backward."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no block is sharded if it was never imported
+    if fsdp is None:
+        return
+    for index, block in enumerate(spec.blocks):
+        if any(isinstance(m, fsdp.FSDPModule) for m in block.modules()):
+            raise InertiaError(
+                f"{spec.describe(index)} is sharded with fully_shard (FSDP2), which a memory-free "
+                "MomentumNet cannot differentiate. Apply fully_shard to the MomentumNet or to the "
+                "whole model instead of to its blocks, or use use_backprop=True."
+            )
+
+
 def _is_cache(value: Any) -> bool:
     """Duck-typed key/value cache (HuggingFace's Cache classes)."""
     return hasattr(value, "update") and hasattr(value, "get_seq_length")
@@ -392,6 +410,7 @@ def momentum_forward(
     if not (memory_free and differentiable and spec.blocks):
         state, _, _ = run_forward(spec, x, args, kwargs)
         return spec.arith.position(state), spec.arith.velocity(state)
+    _check_not_sharded_inside(spec)
     named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
     for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
         if _is_cache(value):
