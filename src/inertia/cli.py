@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     result = fit(config)
+    if not result.is_main:
+        return 130 if result.interrupted else 0  # rank 0 reports for the whole torchrun job
     acc = f"held-out accuracy {result.test_accuracy:.1%}" if result.metrics else "no epoch done"
     if result.peak_cuda_bytes is not None:
         memory = f"peak CUDA memory {result.peak_cuda_bytes / 2**20:,.0f} MiB"

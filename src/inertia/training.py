@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._errors import InertiaError
 from .data import load_dataset
@@ -71,12 +71,61 @@ class TrainResult:
     peak_cuda_bytes: int | None = None
     interrupted: bool = False
     out: Path = Path()
+    is_main: bool = True  # False on the other ranks of a torchrun job (they print nothing)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # no index given: this process's GPU in a torchrun job
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+@dataclass
+class _Ranks:
+    """This process's place in a ``torchrun`` job (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    started: bool = False  # whether fit created the process group (and so destroys it)
+
+    @classmethod
+    def from_environment(cls, device_name: str) -> _Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        started = not dist.is_initialized()
+        if started:
+            cuda = device_name.startswith("cuda") or (
+                device_name == "auto" and torch.cuda.is_available()
+            )
+            dist.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(dist.get_rank(), dist.get_world_size(), local, started)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Sums over the ranks (the values themselves in a single process)."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def build_model(config: TrainConfig, channels: int, num_classes: int) -> nn.Module:
@@ -180,9 +229,22 @@ def fit(config: TrainConfig) -> TrainResult:
         InertiaError: The loss became NaN or infinite (the last good checkpoint is kept), or
             ``resume`` was asked without a checkpoint.
     """
+    ranks = _Ranks.from_environment(config.device)
+    try:
+        return _fit(config, ranks)
+    finally:
+        ranks.close()
+
+
+def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(config.device)
+    device = _device(config.device, ranks.local_rank)
+    if config.batch_size % ranks.world:
+        raise InertiaError(
+            f"--batch-size {config.batch_size} is the global batch: it must be divisible by the "
+            f"{ranks.world} processes of this torchrun job."
+        )
     torch.manual_seed(config.seed)
     split = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
     model = build_model(config, split.channels, split.num_classes).to(device)
@@ -206,22 +268,26 @@ def fit(config: TrainConfig) -> TrainResult:
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         metrics, start_epoch = state["metrics"], state["epoch"] + 1
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if ranks.is_main:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    train_model: nn.Module = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)
     test_loader = DataLoader(split.test, batch_size=256)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     interrupted = False
     with _sigint_flag() as flag:
         for epoch in range(start_epoch, config.epochs):
-            order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True,
-                                generator=order, drop_last=True)  # fmt: skip
+            loader = _train_loader(split.train, config, ranks, epoch)
             model.train()
             t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
             for step, (x, y) in enumerate(loader):
                 x, y = x.to(device), y.to(device)
                 with _autocast(config, device):
-                    logits = model(x)
+                    logits = train_model(x)
                 loss = nn.functional.cross_entropy(logits.float(), y)
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -238,7 +304,7 @@ def fit(config: TrainConfig) -> TrainResult:
                 seen += len(y)
                 loss_sum += value * len(y)
                 correct += int((logits.argmax(1) == y).sum())
-                if config.progress:
+                if config.progress and ranks.is_main:
                     _progress(epoch, config.epochs, step + 1, len(loader), loss_sum / seen,
                               correct / seen, seen / (time.perf_counter() - t0))  # fmt: skip
                 if flag["stop"]:
@@ -248,12 +314,16 @@ def fit(config: TrainConfig) -> TrainResult:
                 break
             sched.step()
             seconds = time.perf_counter() - t0
+            total, right, loss_total = ranks.sum(seen, correct, loss_sum)  # over the ranks
             test_loss, test_acc = _evaluate(model, test_loader, device, config)
             metrics.append({
-                "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                "test_loss": test_loss, "test_accuracy": test_acc, "seconds": seconds,
-                "samples_per_second": seen / seconds,
+                "epoch": epoch + 1, "train_loss": loss_total / total,
+                "train_accuracy": right / total, "test_loss": test_loss,
+                "test_accuracy": test_acc, "seconds": seconds,
+                "samples_per_second": total / seconds,
             })  # fmt: skip
+            if not ranks.is_main:
+                continue  # rank 0 writes the metrics and the checkpoint
             if config.progress:
                 print(f" | held-out {test_acc:.1%}", file=sys.stderr, flush=True)
             _write_metrics(out, metrics)
@@ -270,12 +340,29 @@ def fit(config: TrainConfig) -> TrainResult:
         test_accuracy=metrics[-1]["test_accuracy"] if metrics else float("nan"),
         interrupted=interrupted,
         out=out,
+        is_main=ranks.is_main,
     )
     if device.type == "cuda":
         result.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
     else:
         result.saved_bytes = _saved_bytes(model.train(), x.to(device), y.to(device), config)
     return result
+
+
+def _train_loader(
+    data: Dataset[Any], config: TrainConfig, ranks: _Ranks, epoch: int
+) -> DataLoader[Any]:
+    """Epoch ``epoch``'s batches: a fixed order for the seed; in a torchrun job, this rank's share
+    of the global batch ``config.batch_size``."""
+    batch = config.batch_size // ranks.world
+    if ranks.world == 1:
+        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        return DataLoader(data, batch_size=batch, shuffle=True, generator=order, drop_last=True)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        data, ranks.world, ranks.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
 
 
 def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, acc: float,
