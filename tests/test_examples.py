@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -57,3 +58,15 @@ def test_models_benchmark_script(tmp_path: Path) -> None:
     for case in cases:
         assert peaks["momentum_free", case] < peaks["plain", case]
         assert peaks["checkpoint", case] < peaks["plain", case]
+
+
+def test_gpu_script_runs_small_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu.py, prepared for a GPU run, at tiny sizes here so that it cannot rot."""
+    script = load(ROOT / "benchmarks" / "gpu.py")
+    script.main(["--small", "--device", "cpu", "--steps", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "gpu_small.md").read_text()
+    assert "| resnet101 | fp32 |" in table
+    assert "| transformer4 | bf16 |" in table
+    raw = json.loads((tmp_path / "gpu_small.json").read_text())
+    assert {r["workload"] for r in raw["results"]} == {"resnet101", "transformer4"}
+    assert all(r["momentum_free"]["step_ms"] > 0 for r in raw["results"])
