@@ -16,7 +16,6 @@ table naming the card) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -29,26 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from inertia import InversionWarning, transform_to_momentumnet
-
-
-class Checkpointed(nn.Module):
-    """A block under non-reentrant checkpoint (attribute reads go to the block)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(self.block, x, *args, use_reentrant=False, **kwargs)
+from inertia.bench import checkpoint_every_block
 
 
 def workloads(
@@ -71,15 +53,6 @@ def workloads(
         f"transformer{layers}": (transformer, lambda: torch.randn(tbatch, seq, d),
                                  ["layers"], False),
     }  # fmt: skip
-
-
-def with_checkpoints(model: nn.Module, paths: list[str]) -> nn.Module:
-    model = copy.deepcopy(model)
-    for path in paths:
-        stack = model.get_submodule(path)
-        for i, block in enumerate(list(stack)):
-            stack[i] = Checkpointed(block)  # type: ignore[index]
-    return model
 
 
 def step(model: nn.Module, x: Tensor, amp: bool) -> None:
@@ -154,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         models = {
             "plain": plain,
-            "checkpoint": with_checkpoints(plain, paths),
+            "checkpoint": checkpoint_every_block(plain, paths),
             "momentum_free": free,
         }
         for amp in (False, True):

@@ -41,6 +41,7 @@ __all__ = [
     "BenchConfig",
     "BenchRow",
     "ModelBenchConfig",
+    "checkpoint_every_block",
     "measure",
     "run",
     "run_models",
@@ -310,7 +311,11 @@ class _Checkpointed(nn.Module):
         )
 
 
-def _checkpoint_blocks(model: nn.Module, paths: Sequence[str], reentrant: bool) -> nn.Module:
+def checkpoint_every_block(
+    model: nn.Module, paths: Sequence[str], reentrant: bool = False
+) -> nn.Module:
+    """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
+    baseline that the memory-free stacks are compared with."""
     model = copy.deepcopy(model)
     for path in paths:
         stack = _stack(model, path)
@@ -342,7 +347,7 @@ def _builders(
 
     builders: dict[str, Callable[[bool], nn.Module]] = {
         "plain": lambda for_memory: model,
-        "checkpoint": functools.partial(_checkpoint_blocks, model, paths),
+        "checkpoint": functools.partial(checkpoint_every_block, model, paths),
         "momentum_free": functools.partial(momentum, False),
     }
     if keep_first:
