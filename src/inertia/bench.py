@@ -93,19 +93,15 @@ class BenchRow:
 
 
 class _Residual(nn.Module):
-    def __init__(self, blocks: Sequence[nn.Module], use_checkpoint: bool, reentrant: bool) -> None:
+    """The plain residual stack ``x = x + f(x)``."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
-        self.use_checkpoint, self.reentrant = use_checkpoint, reentrant
 
     def forward(self, x: Tensor) -> Tensor:
         for f in self.blocks:
-            if self.use_checkpoint:
-                out = checkpoint(f, x, use_reentrant=self.reentrant)
-                assert isinstance(out, Tensor)
-                x = x + out
-            else:
-                x = x + f(x)
+            x = x + f(x)
         return x
 
 
@@ -116,9 +112,9 @@ def _blocks(config: BenchConfig, depth: int) -> list[nn.Module]:
 
 def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool) -> nn.Module:
     if variant == "plain":
-        return _Residual(blocks, use_checkpoint=False, reentrant=False)
+        return _Residual(blocks)
     if variant == "checkpoint":
-        return _Residual(blocks, use_checkpoint=True, reentrant=for_memory)
+        return checkpoint_every_block(_Residual(blocks), ["blocks"], reentrant=for_memory)
     if variant == "momentum_backprop":
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
