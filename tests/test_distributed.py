@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun(script: str, verdict: str) -> str:
     """Run ``script`` on 2 ranks; its last line starts with ``verdict`` once it has compared.
 
-    A job that died before reaching its verdict (the process group failed to form, which happened
-    once in many runs here) is run once more; a verdict is never retried.
+    A job that died before reaching its verdict is run once more; a verdict is never retried.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [
