@@ -59,7 +59,7 @@ def test_drift_is_reported(dtype: torch.dtype, gamma: float, depth: int) -> None
     with pytest.warns(UserWarning, match=r"differs from the forward's by about"):
         free(x).sum().backward()
     free.check_inversion = "raise"
-    with pytest.raises(InversionError, match=r"gamma=.*depth=.*Use a larger gamma"):
+    with pytest.raises(InversionError, match=r"gamma=.*depth=.*Use exact=True, a larger gamma"):
         free(x).sum().backward()
 
 

@@ -4,6 +4,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 """
 
 from ._errors import InertiaError, InversionError, InversionWarning
+from ._exact import ExactState
 from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
 from .nn import MomentumNet, from_momentumnet_state_dict
@@ -12,6 +13,7 @@ from .transform import find_residual_stacks, transform_to_momentumnet
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ExactState",
     "InertiaError",
     "InversionError",
     "InversionWarning",

@@ -7,23 +7,35 @@ same methods. A state is a tuple of tensors: it is what the Function saves for b
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Arithmetic", "FloatArithmetic", "State"]
+from ._errors import InversionError, InversionWarning
+
+__all__ = ["Arithmetic", "Check", "FloatArithmetic", "State", "default_inversion_tol"]
 
 State = tuple[Tensor, ...]
 
 
 class Arithmetic(Protocol):
-    """What the memory-free Function needs of a representation of ``(x, v)``."""
+    """What the memory-free Function needs of a representation of ``(x, v)``.
+
+    ``n`` is the index of the block among the stack's blocks.
+    """
 
     gamma: float
 
-    def encode(self, x: Tensor, v: Tensor) -> State:
-        """Represent the initial position and velocity."""
+    def on_grid(self, x: Tensor) -> Tensor:
+        """``x`` as the blocks (and the init function) see it."""
+        ...
+
+    def encode(self, x: Tensor, v: Tensor | None) -> State:
+        """Represent the initial position and velocity (None: zero)."""
         ...
 
     def position(self, state: State) -> Tensor:
@@ -34,32 +46,56 @@ class Arithmetic(Protocol):
         """The velocity ``v`` as a floating-point tensor."""
         ...
 
-    def step(self, state: State, f: Tensor) -> State:
+    def step(self, state: State, f: Tensor, n: int) -> State:
         """``v <- gamma v + (1 - gamma) f``, then ``x <- x + v``."""
+        ...
+
+    def check_range(self) -> None:
+        """Raise if the steps since `encode` left the representable range."""
         ...
 
     def unstep_position(self, state: State) -> State:
         """Undo ``x <- x + v``: from ``(x_{n+1}, v_{n+1})`` to ``(x_n, v_{n+1})``."""
         ...
 
-    def unstep_velocity(self, state: State, f: Tensor) -> State:
+    def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
         """Undo the velocity update, given ``f = f_n(x_n)``: from ``v_{n+1}`` to ``v_n``."""
         ...
+
+    def fingerprint(self, state: State) -> Tensor:
+        """A few numbers that summarize ``(x, v)``, compared after the backward's inverse."""
+        ...
+
+    def verify(self, start: Tensor, state: State, check: Check) -> None:
+        """Compare the forward's `fingerprint` with the rebuilt state's; warn or raise."""
+        ...
+
+
+@dataclass(frozen=True)
+class Check:
+    """The inversion check's settings, and what messages say about the stack."""
+
+    mode: str  # "warn" or "raise"
+    tol: float | None
+    depth: int
 
 
 class FloatArithmetic:
     """The momentum update in the tensor's own floating-point dtype.
 
     The inverse divides by ``gamma`` at every layer, so rounding error in the reconstruction grows
-    like ``eps * gamma ** -depth``; the Function's ``check_inversion`` sketch detects when it
-    matters.
+    like ``eps * gamma ** -depth``; `verify` compares random-projection sketches to detect when
+    it matters.
     """
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
 
-    def encode(self, x: Tensor, v: Tensor) -> State:
-        return (x, v)
+    def on_grid(self, x: Tensor) -> Tensor:
+        return x
+
+    def encode(self, x: Tensor, v: Tensor | None) -> State:
+        return (x, torch.zeros_like(x) if v is None else v)
 
     def position(self, state: State) -> Tensor:
         return state[0]
@@ -67,20 +103,80 @@ class FloatArithmetic:
     def velocity(self, state: State) -> Tensor:
         return state[1]
 
-    def step(self, state: State, f: Tensor) -> State:
+    def step(self, state: State, f: Tensor, n: int) -> State:
         x, v = state
         # Written exactly as the plain loop of `MomentumNet` so both modes round identically.
         v = self.gamma * v + (1 - self.gamma) * f
         return (x + v, v)
 
+    def check_range(self) -> None:
+        pass  # floats overflow to inf, which the drift check and the loss show
+
     def unstep_position(self, state: State) -> State:
         x, v = state
         return (x - v, v)
 
-    def unstep_velocity(self, state: State, f: Tensor) -> State:
+    def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
         x, v = state
         # (v - (1 - gamma) * f) / gamma, rounded as the forward rounded (1 - gamma) * f: in f's
         # dtype, which autocast may make lower than v's. One allocation when the dtypes agree.
         t = f * (1 - self.gamma)
         t = torch.sub(v, t, out=t) if t.dtype == v.dtype else v - t
         return (x, t.div_(self.gamma))
+
+    def fingerprint(self, state: State) -> Tensor:
+        return _sketch(*state)
+
+    def verify(self, start: Tensor, state: State, check: Check) -> None:
+        x = state[0]
+        backward = _sketch(*state)
+        diff = (backward[1:] - start[1:]).pow(2).sum() / _SKETCH_SIZE
+        drift = float((diff / start[0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
+        tol = check.tol if check.tol is not None else default_inversion_tol(x.dtype)
+        if drift <= tol:  # False for NaN, so NaN is reported as drift
+            return
+        gamma, depth = self.gamma, check.depth
+        log_growth = math.log2(torch.finfo(x.dtype).eps) - depth * math.log2(gamma or 2**-1e4)
+        growth = 2**log_growth if log_growth < 1000 else math.inf
+        message = (
+            f"memory-free backward: the reconstructed input of this MomentumNet differs from the "
+            f"forward's by about {drift:.1e} (relative), above inversion_tol={tol:.1e}, so its "
+            f"gradients are off by a similar amount. Float rounding grows like eps * gamma**-depth "
+            f"= {growth:.1e} here (gamma={gamma}, depth={depth}, {x.dtype}). Use exact=True, a "
+            "larger gamma, shorter stacks, float64, or use_backprop=True."
+        )
+        if check.mode == "raise":
+            raise InversionError(message)
+        warnings.warn(message, InversionWarning, stacklevel=2)
+
+
+_SKETCH_SIZE = 4  # random projections per tensor in the inversion check
+_SKETCH_SEED = 0x1A2B3C4D
+_SKETCH_SAMPLE = 1 << 16  # elements of x and v sketched: an evenly strided subsample
+
+
+def _sketch(x: Tensor, v: Tensor) -> Tensor:
+    """Random projections of ``x`` and ``v`` (same directions every call) and ``|x|^2 + |v|^2``.
+
+    Large tensors are sketched on an evenly strided subsample of ``_SKETCH_SAMPLE`` elements, the
+    same in forward and backward: float drift is amplified through every block, so it spreads over
+    all elements, and the subsample measures it at a fixed cost (a full-size random projection of a
+    ResNet stage's activations cost a quarter of a CPU training step).
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    stride = max(1, x.numel() // _SKETCH_SAMPLE)
+    xf = x.detach().reshape(-1)[::stride].to(dtype)
+    vf = v.detach().reshape(-1)[::stride].to(dtype)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(_SKETCH_SEED)
+    with torch.autocast(x.device.type, enabled=False):  # full precision, whatever the caller's
+        out = [xf.dot(xf) + vf.dot(vf)]
+        for _ in range(_SKETCH_SIZE):
+            g = torch.randn(xf.numel(), generator=gen, device=x.device, dtype=dtype)
+            out += [xf.dot(g), vf.dot(g)]
+    return torch.stack(out).double()
+
+
+def default_inversion_tol(dtype: torch.dtype) -> float:
+    """``sqrt(eps)`` of the dtype: half its digits (float32: 3.5e-4, float64: 1.5e-8)."""
+    return math.sqrt(torch.finfo(dtype).eps)

@@ -1,13 +1,15 @@
 """The momentum loop, its inverse, and the memory-free autograd Function.
 
 What the memory-free Function keeps for backward (``ctx.save_for_backward``, so saved-tensor hooks
-see all of it): the final state ``(x_N, v_N)``, the tensor extra arguments, the generator state
-before each block that drew random numbers, and a sketch of ``(x_0, v_0)`` (nine numbers). The
-stack's input is not saved. Memory for backward is therefore constant in depth (plus one generator
-state per random block). Backward walks the blocks in reverse; for block ``n`` it inverts ``x_n =
-x_{n+1} - v_{n+1}``, evaluates ``f_n(x_n)`` once with autograd recording, and uses that one
-evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma) f_n(x_n)) / gamma`` and for the vector-
-Jacobian product. Peak memory in backward is one block's activations.
+see all of it): the final state (``(x_N, v_N)`` in float mode; in exact mode also their fixed-point
+integers and the buffer of bits lost to the multiplications by gamma, see `_exact`), the tensor
+extra arguments, the generator state before each block that drew random numbers, and a fingerprint
+of ``(x_0, v_0)`` (a few numbers). The stack's input is not saved. Memory for backward is therefore
+constant in depth (plus one generator state per random block, and in exact mode
+``log2(1 / gamma)`` bits per element per block). Backward walks the blocks in reverse; for block
+``n`` it inverts ``x_n = x_{n+1} - v_{n+1}``, evaluates ``f_n(x_n)`` once with autograd
+recording, and uses that one evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma) f_n(x_n)) /
+gamma`` and for the vector-Jacobian product. Peak memory in backward is one block's activations.
 
 Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
@@ -19,9 +21,7 @@ Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ._arith import Arithmetic, State
-from ._errors import InertiaError, InversionError, InversionWarning
+from ._arith import Arithmetic, Check, State
+from ._errors import InertiaError
 from ._replay import AutocastState, RngTracker, frozen_running_stats, same_state
 
 __all__ = ["StackSpec", "inverse", "momentum_forward"]
 
 _INIT = -1  # call index of the init function, so blocks keep their own indices
-_SKETCH_SIZE = 4  # random projections per tensor in the inversion check
-_SKETCH_SEED = 0x1A2B3C4D
-_SKETCH_SAMPLE = 1 << 16  # elements of x and v sketched: an evenly strided subsample
 _TENSOR = object()  # placeholder for a tensor among the extra arguments' pytree leaves
 
 
@@ -129,74 +126,25 @@ def run_forward(
             current = after
         return out
 
-    v = call(_INIT, x) if spec.init_function is not None else torch.zeros_like(x)
-    start = _sketch(x, v) if sketch else None
-    state = spec.arith.encode(x, v)
+    arith = spec.arith
+    v = call(_INIT, arith.on_grid(x)) if spec.init_function is not None else None
+    state = arith.encode(x, v)
+    start = arith.fingerprint(state) if sketch else None
     for n in range(len(spec.blocks)):
-        state = spec.arith.step(state, call(n, spec.arith.position(state)))
+        state = arith.step(state, call(n, arith.position(state)), n)
+    arith.check_range()
     return state, replay, start
 
 
-def inverse(
-    spec: StackSpec, x: Tensor, v: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
-) -> tuple[Tensor, Tensor]:
-    """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)`` without autograd."""
+def inverse(spec: StackSpec, state: State, args: Sequence[Any], kwargs: dict[str, Any]) -> State:
+    """Reconstruct the state of ``(x_0, v_0)`` from that of ``(x_N, v_N)`` without autograd."""
     arith = spec.arith
     with torch.no_grad():
-        state = arith.encode(x, v)
         for n in reversed(range(len(spec.blocks))):
             state = arith.unstep_position(state)
             f = call_block(spec, n, arith.position(state), args, kwargs)
-            state = arith.unstep_velocity(state, f)
-        return arith.position(state), arith.velocity(state)
-
-
-def _sketch(x: Tensor, v: Tensor) -> Tensor:
-    """Random projections of ``x`` and ``v`` (same directions every call) and ``|x|^2 + |v|^2``.
-
-    Large tensors are sketched on an evenly strided subsample of ``_SKETCH_SAMPLE`` elements, the
-    same in forward and backward: float drift is amplified through every block, so it spreads over
-    all elements, and the subsample measures it at a fixed cost (a full-size random projection of a
-    ResNet stage's activations cost a quarter of a CPU training step).
-    """
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    stride = max(1, x.numel() // _SKETCH_SAMPLE)
-    xf = x.detach().reshape(-1)[::stride].to(dtype)
-    vf = v.detach().reshape(-1)[::stride].to(dtype)
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(_SKETCH_SEED)
-    with torch.autocast(x.device.type, enabled=False):  # full precision, whatever the caller's
-        out = [xf.dot(xf) + vf.dot(vf)]
-        for _ in range(_SKETCH_SIZE):
-            g = torch.randn(xf.numel(), generator=gen, device=x.device, dtype=dtype)
-            out += [xf.dot(g), vf.dot(g)]
-    return torch.stack(out).double()
-
-
-def default_inversion_tol(dtype: torch.dtype) -> float:
-    """``sqrt(eps)`` of the dtype: half its digits (float32: 3.5e-4, float64: 1.5e-8)."""
-    return math.sqrt(torch.finfo(dtype).eps)
-
-
-def _check_drift(spec: StackSpec, forward: Tensor, backward: Tensor, dtype: torch.dtype) -> None:
-    """Compare the sketches of the forward's and the reconstructed ``(x_0, v_0)``."""
-    diff = (backward[1:] - forward[1:]).pow(2).sum() / _SKETCH_SIZE
-    drift = float((diff / forward[0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
-    tol = spec.inversion_tol if spec.inversion_tol is not None else default_inversion_tol(dtype)
-    if drift <= tol:  # False for NaN, so NaN is reported as drift
-        return
-    gamma, depth = spec.arith.gamma, len(spec.blocks)
-    growth = torch.finfo(dtype).eps * gamma**-depth if gamma > 0 else math.inf
-    message = (
-        f"memory-free backward: the reconstructed input of this MomentumNet differs from the "
-        f"forward's by about {drift:.1e} (relative), above inversion_tol={tol:.1e}, so its "
-        f"gradients are off by a similar amount. Float rounding grows like eps * gamma**-depth "
-        f"= {growth:.1e} here (gamma={gamma}, depth={depth}, {dtype}). Use a larger gamma, "
-        "shorter stacks, float64, or use_backprop=True."
-    )
-    if spec.check_inversion == "raise":
-        raise InversionError(message)
-    warnings.warn(message, InversionWarning, stacklevel=2)
+            state = arith.unstep_velocity(state, f, n)
+        return state
 
 
 @dataclass(frozen=True)
@@ -219,7 +167,7 @@ class _Config:
 
 class _MomentumFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, cfg: _Config, x: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, cfg: _Config, x: Tensor, *tensors: Tensor) -> State:
         arg_tensors = tensors[: cfg.n_tensors]
         args, kwargs = cfg.unflatten(arg_tensors)
         rng = RngTracker(x.device)
@@ -235,10 +183,13 @@ class _MomentumFunction(torch.autograd.Function):
             *state, *arg_tensors, *rng_tensors, *([sketch] if sketch is not None else [])
         )
         ctx.set_materialize_grads(False)
-        return cfg.spec.arith.position(state), cfg.spec.arith.velocity(state)
+        ctx.mark_non_differentiable(*(t for t in state if not t.is_floating_point()))
+        return tuple(state)
 
     @staticmethod
-    def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
+    def backward(
+        ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None, *int_grads: Any
+    ) -> tuple[Any, ...]:
         if torch.is_grad_enabled():
             raise InertiaError(
                 "double backward (create_graph=True) is not supported by the memory-free "
@@ -260,7 +211,6 @@ class _MomentumFunction(torch.autograd.Function):
         args, kwargs = cfg.unflatten(arg_in)
         grads = _Gradients(cfg, ctx, arg_in, n_params=len(needs) - 2 - cfg.n_tensors)
 
-        dtype = arith.position(state).dtype
         gx = grad_x if grad_x is not None else torch.zeros_like(arith.position(state))
         gv = grad_v if grad_v is not None else torch.zeros_like(arith.velocity(state))
         # The incoming gradients belong to autograd; once replaced, ours are updated in place (the
@@ -271,7 +221,7 @@ class _MomentumFunction(torch.autograd.Function):
                 state = arith.unstep_position(state)
                 a = gv.add_(gx) if owned else gx + gv
                 f, dx = grads.recompute(n, arith.position(state), args, kwargs, a, replay)
-                state = arith.unstep_velocity(state, f)
+                state = arith.unstep_velocity(state, f, n)
                 gv = a.mul_(arith.gamma)
                 if dx is not None:
                     gx = gx.add_(dx) if owned else gx + dx
@@ -281,8 +231,9 @@ class _MomentumFunction(torch.autograd.Function):
                 if dx is not None:
                     gx = gx + dx
         if sketch:
-            x0, v0 = arith.position(state), arith.velocity(state)
-            _check_drift(spec, sketch[0], _sketch(x0, v0), dtype)
+            assert spec.check_inversion is not None
+            check = Check(spec.check_inversion, spec.inversion_tol, len(spec.blocks))
+            arith.verify(sketch[0], state, check)
         return (None, gx if needs[1] else None, *grads.args, *grads.params)
 
 
@@ -399,7 +350,7 @@ def momentum_forward(
     kwargs: dict[str, Any],
     *,
     memory_free: bool,
-) -> tuple[Tensor, Tensor]:
+) -> State:
     """Run the stack: memory-free when asked and when autograd has something to differentiate."""
     params, positions = _unique_trainable((spec.init_function, *spec.blocks))
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -409,7 +360,7 @@ def momentum_forward(
     )
     if not (memory_free and differentiable and spec.blocks):
         state, _, _ = run_forward(spec, x, args, kwargs)
-        return spec.arith.position(state), spec.arith.velocity(state)
+        return state
     _check_not_sharded_inside(spec)
     named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
     for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
@@ -427,5 +378,4 @@ def momentum_forward(
         n_tensors=len(arg_tensors),
         call_params=tuple(positions),
     )
-    x_n, v_n = _MomentumFunction.apply(cfg, x, *arg_tensors, *params)
-    return x_n, v_n
+    return tuple(_MomentumFunction.apply(cfg, x, *arg_tensors, *params))

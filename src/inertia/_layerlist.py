@@ -35,9 +35,10 @@ class MomentumLayerList(MomentumNet):
 
     def forward(self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any) -> Any:
         """As `MomentumNet.forward`; a 1-tuple ``(x_N,)`` when the blocks return tuples."""
-        x_n, v_n, spec = self._forward(x, args, kwargs)
+        state, spec = self._run(x, args, kwargs)
+        x_n = spec.arith.position(state)
         if return_velocity:
-            return x_n, v_n
+            return x_n, spec.arith.velocity(state)
         return (x_n,) if spec.seen.get("tuple") else x_n
 
     def __iter__(self) -> Iterator[Any]:

@@ -5,7 +5,8 @@ Variants, all on the same blocks and inputs:
 - ``plain``: ``x = x + f(x)`` with ordinary autograd;
 - ``checkpoint``: the same with ``torch.utils.checkpoint`` around every block;
 - ``momentum_backprop``: `MomentumNet` with ``use_backprop=True``;
-- ``momentum_free``: `MomentumNet` with ``use_backprop=False`` (memory-free backward).
+- ``momentum_free``: `MomentumNet` with ``use_backprop=False`` (memory-free backward);
+- ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse).
 
 Memory is counted as bytes saved for backward (`inertia.testing.SavedTensorMeter`, parameters
 excluded), after the forward and at the peak over forward and backward: exact and repeatable on any
@@ -49,7 +50,7 @@ __all__ = [
     "write_markdown",
 ]
 
-VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free")
+VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
 PAPER = "momentumnet_0.10"
 
@@ -119,6 +120,8 @@ def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
         return MomentumNet(blocks, gamma, use_backprop=False)
+    if variant == "momentum_exact":
+        return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
     if variant == PAPER:
         import momentumnet
 

@@ -11,9 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._arith import FloatArithmetic
+from ._arith import Arithmetic, FloatArithmetic, State
 from ._autograd import StackSpec, inverse, momentum_forward
 from ._errors import InertiaError
+from ._exact import ExactArithmetic, ExactState, rational_gamma
+from ._kernels import to_float
 from ._replay import StatsOnce
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
@@ -61,6 +63,18 @@ class MomentumNet(nn.Module):
             They keep their activations for backward unless ``checkpoint_kept``.
         checkpoint_kept: Run the ``keep_first`` blocks under ``torch.utils.checkpoint`` while
             training, so that they store only their input.
+        exact: Hold ``x`` and ``v`` in fixed point (int64, step ``2**-fraction_bits``) with a
+            buffer for the bits that multiplying by gamma destroys, so that the memory-free
+            backward rebuilds every activation bit for bit, at any depth and gamma (float
+            reconstruction drifts like ``eps * gamma**-depth``). Blocks see the float value of the
+            fixed-point ``x``; rounding passes gradients straight through, so
+            ``use_backprop=True`` with ``exact=True`` is the memory-free mode's twin. The buffer
+            costs about ``log2(1 / gamma)`` bits per element per block. gamma must be within 1e-12
+            of a fraction with denominator at most ``2**24`` (any gamma with six decimals is).
+        fraction_bits: Exact mode's grid step is ``2**-fraction_bits``; activations must stay below
+            ``2**(61 - fraction_bits)`` in magnitude, or the forward raises. None: 40 for float64
+            inputs (values below 2**21 = 2.1e6), 32 for the others (below 2**29 = 5.4e8), a grid
+            finer than the dtype's precision at magnitude 1 (float32: 512 times).
 
     Example:
         >>> import torch
@@ -87,6 +101,8 @@ class MomentumNet(nn.Module):
         inversion_tol: float | None = None,
         keep_first: int = 0,
         checkpoint_kept: bool = False,
+        exact: bool = False,
+        fraction_bits: int | None = None,
     ) -> None:
         super().__init__()
         blocks = list(functions)
@@ -120,7 +136,20 @@ class MomentumNet(nn.Module):
         self.is_residual = is_residual
         self.check_inversion = check_inversion
         self.inversion_tol = inversion_tol
-        self._gamma = _validate_gamma(gamma, use_backprop)
+        if fraction_bits is not None and (
+            isinstance(fraction_bits, bool) or not isinstance(fraction_bits, int)
+        ):
+            raise TypeError(
+                f"fraction_bits must be an int or None; got {type(fraction_bits).__name__}."
+            )
+        if fraction_bits is not None and not 1 <= fraction_bits <= 60:
+            raise ValueError(
+                f"fraction_bits={fraction_bits}; use 1 to 60 (the grid step is 2**-fraction_bits "
+                "and values must stay below 2**(61 - fraction_bits))."
+            )
+        self.fraction_bits = fraction_bits
+        self._exact = bool(exact)
+        self._gamma = _validate_gamma(gamma, use_backprop, self._exact)
         self._use_backprop = bool(use_backprop)
 
     @property
@@ -130,7 +159,7 @@ class MomentumNet(nn.Module):
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        self._gamma = _validate_gamma(value, self._use_backprop)
+        self._gamma = _validate_gamma(value, self._use_backprop, self._exact)
 
     @property
     def use_backprop(self) -> bool:
@@ -139,8 +168,18 @@ class MomentumNet(nn.Module):
 
     @use_backprop.setter
     def use_backprop(self, value: bool) -> None:
-        _validate_gamma(self._gamma, value)
+        _validate_gamma(self._gamma, value, self._exact)
         self._use_backprop = bool(value)
+
+    @property
+    def exact(self) -> bool:
+        """True for fixed-point arithmetic with a bit-exact inverse; may be switched at any time."""
+        return self._exact
+
+    @exact.setter
+    def exact(self, value: bool) -> None:
+        _validate_gamma(self._gamma, self._use_backprop, bool(value))
+        self._exact = bool(value)
 
     @property
     def check_inversion(self) -> str | None:
@@ -206,6 +245,8 @@ class MomentumNet(nn.Module):
                     inversion_tol=self.inversion_tol,
                     keep_first=max(0, min(stop, self.keep_first) - start),
                     checkpoint_kept=self.checkpoint_kept,
+                    exact=self._exact,
+                    fraction_bits=self.fraction_bits,
                 )
         if not -self._depth <= idx < self._depth:
             raise IndexError(
@@ -221,11 +262,22 @@ class MomentumNet(nn.Module):
 
     _unpack_tuples = False  # see MomentumLayerList
 
-    def _spec(self) -> StackSpec:
+    def _fraction_bits(self, dtype: torch.dtype) -> int:
+        if self.fraction_bits is not None:
+            return self.fraction_bits
+        return 40 if dtype == torch.float64 else 32
+
+    def _spec(self, dtype: torch.dtype) -> StackSpec:
+        blocks = tuple(self._blocks()[self.keep_first :])
+        arith: Arithmetic = (
+            ExactArithmetic(self._gamma, self._fraction_bits(dtype), len(blocks))
+            if self._exact
+            else FloatArithmetic(self._gamma)
+        )
         return StackSpec(
-            blocks=tuple(self._blocks()[self.keep_first :]),
+            blocks=blocks,
             init_function=self.init_function if self.init_speed else None,
-            arith=FloatArithmetic(self._gamma),
+            arith=arith,
             is_residual=self.is_residual,
             check_inversion=self.check_inversion,
             inversion_tol=self.inversion_tol,
@@ -251,8 +303,13 @@ class MomentumNet(nn.Module):
         return x
 
     def forward(
-        self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        self,
+        x: Tensor,
+        *args: Any,
+        return_velocity: bool = False,
+        return_state: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Run the stack.
 
         Args:
@@ -260,30 +317,49 @@ class MomentumNet(nn.Module):
             *args: Passed to every block after ``x``. Tensors among them get gradients (summed
                 over blocks), in both modes.
             return_velocity: Also return the final velocity ``v_N``.
+            return_state: Exact mode only: return the `ExactState` (fixed-point ``x_N``, ``v_N``
+                and buffer; its ``position`` is the usual output), which `inverse` takes.
             **kwargs: Passed to every block.
 
         Returns:
-            ``x_N`` of shape ``(*)``, or ``(x_N, v_N)`` with ``return_velocity=True``.
+            ``x_N`` of shape ``(*)``, ``(x_N, v_N)`` with ``return_velocity=True``, or an
+            `ExactState` with ``return_state=True``.
         """
-        x_n, v_n, _ = self._forward(x, args, kwargs)
-        return (x_n, v_n) if return_velocity else x_n
+        if return_state and not self._exact:
+            raise ValueError("return_state=True needs exact=True; use return_velocity=True.")
+        state, spec = self._run(x, args, kwargs)
+        arith = spec.arith
+        if return_state:
+            return self._exact_state(state)
+        x_n = arith.position(state)
+        return (x_n, arith.velocity(state)) if return_velocity else x_n
 
-    def _forward(
+    def _run(
         self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Tensor, Tensor, StackSpec]:
+    ) -> tuple[State, StackSpec]:
         _check_input(x)
-        spec = self._spec()
+        spec = self._spec(x.dtype)
         x = self._run_kept(spec, x, args, kwargs)
-        x_n, v_n = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
-        return x_n, v_n, spec
+        state = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
+        return state, spec
 
-    def inverse(self, x: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def _exact_state(self, state: State) -> ExactState:
+        xf, vf, xi, vi, buffer, *words = state
+        ratio = rational_gamma(self._gamma)
+        bits = self._fraction_bits(xf.dtype)
+        return ExactState(xf, vf, xi, vi, buffer, tuple(words), ratio, bits)
+
+    def inverse(self, x: Tensor | ExactState, *args: Any, **kwargs: Any) -> Any:
         """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)``, without autograd.
 
-        With ``keep_first``, ``x_0`` is the input of the momentum stack (the output of the kept
-        blocks), which are not inverted. Exact up to float rounding, which grows like
-        ``eps * gamma**-depth``; blocks must be deterministic (eval mode for dropout) and stateless
-        for the inverse to match the forward.
+        Float mode: ``inverse(x_N, v_N, *args, **kwargs)`` returns ``(x_0, v_0)``, exact up to
+        float rounding, which grows like ``eps * gamma**-depth``. Exact mode:
+        ``inverse(state, *args, **kwargs)`` takes the `ExactState` from
+        ``forward(x, return_state=True)`` and returns the `ExactState` of the stack's input, bit
+        for bit as the forward saw it (its buffer empty again). With ``keep_first``, ``x_0`` is the
+        input of the momentum stack (the output of the kept blocks), which are not inverted. Blocks
+        must be deterministic (eval mode for dropout) and stateless for the inverse to match the
+        forward.
 
         Example:
             >>> net = MomentumNet([nn.Linear(3, 3) for _ in range(4)], gamma=0.9).eval()
@@ -291,23 +367,64 @@ class MomentumNet(nn.Module):
             >>> x0, v0 = net.inverse(*net(x, return_velocity=True))
             >>> torch.allclose(x0, x, atol=1e-5)
             True
+            >>> net.exact = True
+            >>> start = net.inverse(net(x, return_state=True))
+            >>> bool((start.position - x).abs().max() <= 2**-33), start.words  # half a grid step
+            (True, ())
         """
+        if self._gamma == 0:
+            raise ValueError("gamma = 0 is not invertible (the inverse divides by gamma).")
+        if isinstance(x, ExactState):
+            spec = self._spec(x.position.dtype)
+            return self._exact_state(inverse(spec, self._state_of(x, spec), args, kwargs))
+        if self._exact:
+            raise TypeError(
+                "an exact MomentumNet inverts the ExactState from forward(x, return_state=True); "
+                f"got {type(x).__name__}."
+            )
+        if not args:
+            raise TypeError("inverse(x_N, v_N, *args, **kwargs) needs the velocity v_N.")
+        v, *rest = args
         _check_input(x)
         if x.shape != v.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but v has {tuple(v.shape)}.")
-        if self._gamma == 0:
-            raise ValueError("gamma = 0 is not invertible (the inverse divides by gamma).")
-        return inverse(self._spec(), x, v, args, kwargs)
+        spec = self._spec(x.dtype)
+        state = inverse(spec, (x, v), rest, kwargs)
+        return spec.arith.position(state), spec.arith.velocity(state)
+
+    def _state_of(self, state: ExactState, spec: StackSpec) -> State:
+        """The arithmetic's tuple for ``state``, after checking that it belongs to this stack."""
+        arith = spec.arith
+        if not isinstance(arith, ExactArithmetic):
+            raise TypeError("an ExactState comes from an exact MomentumNet; set exact=True.")
+        if (state.gamma, state.fraction_bits) != (arith.ratio, arith.fraction_bits):
+            raise ValueError(
+                f"the state was made with gamma={state.gamma} and fraction_bits="
+                f"{state.fraction_bits}, but this MomentumNet has gamma={arith.ratio} and "
+                f"fraction_bits={arith.fraction_bits}."
+            )
+        if len(state.words) != len(arith.pushes):
+            raise ValueError(
+                f"the state's buffer has {len(state.words)} word planes, but a forward through "
+                f"these {len(spec.blocks)} blocks leaves {len(arith.pushes)}; it comes from a "
+                "stack of another depth."
+            )
+        dtype = state.position.dtype
+        inv = torch.tensor(2.0**-state.fraction_bits, dtype=torch.float64, device=state.x.device)
+        xf, vf = (to_float(t, inv, dtype) for t in (state.x, state.v))
+        return (xf, vf, state.x, state.v, state.buffer, *state.words)
 
     def extra_repr(self) -> str:
         return (
             f"gamma={self._gamma}, use_backprop={self._use_backprop}, "
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
             + (f", keep_first={self.keep_first}" if self.keep_first else "")
+            + (", exact=True" if self._exact else "")
+            + (f", fraction_bits={self.fraction_bits}" if self.fraction_bits is not None else "")
         )
 
 
-def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
+def _validate_gamma(gamma: Any, use_backprop: bool, exact: bool) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a real number in [0, 1]; got {type(gamma).__name__}.")
     value = float(gamma)
@@ -321,6 +438,8 @@ def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
             "by dividing by gamma. Use gamma > 0 (the paper uses 0.9), or use_backprop=True "
             "(gamma=0 is the plain ResNet)."
         )
+    if exact:
+        rational_gamma(value)
     if value == 1.0:
         warnings.warn(
             "gamma=1 makes every block inert (v_n = v_0 for all n, so the blocks never affect "

@@ -37,6 +37,8 @@ def transform_to_momentumnet(
     checkpoint_stem: bool = False,
     check_inversion: str | None = "warn",
     inversion_tol: float | None = None,
+    exact: bool = False,
+    fraction_bits: int | None = None,
 ) -> nn.Module:
     """Return ``model`` with each stack of blocks at ``residual_layers`` made a `MomentumNet`.
 
@@ -72,6 +74,8 @@ def transform_to_momentumnet(
             ``maxpool``), whose activations are the largest.
         check_inversion: As in `MomentumNet`.
         inversion_tol: As in `MomentumNet`.
+        exact: Fixed-point arithmetic with a bit-exact inverse, as in `MomentumNet`.
+        fraction_bits: As in `MomentumNet`.
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
@@ -122,6 +126,8 @@ def transform_to_momentumnet(
             is_residual=is_residual,
             check_inversion=check_inversion,
             inversion_tol=inversion_tol,
+            exact=exact,
+            fraction_bits=fraction_bits,
             keep_first=1 if keep_first_layer and len(stack) > 0 else 0,
             checkpoint_kept=checkpoint_kept,
         )

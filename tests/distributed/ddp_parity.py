@@ -1,8 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: DDP of a memory-free MomentumNet, 2 ranks.
 
 Each rank trains on its half of the batch; the gradients must equal one process's on the whole
-batch (float64, no BatchNorm or dropout), with find_unused_parameters off and on, over several
-steps, and with no_sync gradient accumulation.
+batch (float64, no BatchNorm or dropout), with find_unused_parameters off and on, in float and in
+exact mode, over several steps, and with no_sync gradient accumulation.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(6)]
-    free = MomentumNet(blocks, 0.9, use_backprop=False).double()
     batches = [torch.randn(4 * world, 8, dtype=torch.float64) for _ in range(3)]
     worst = 0.0
-    for find_unused in (False, True):
+    for exact, find_unused in ((False, False), (False, True), (True, False)):
+        free = MomentumNet(blocks, 0.9, use_backprop=False, exact=exact).double()
         ddp = DDP(copy.deepcopy(free), find_unused_parameters=find_unused)
         reference = copy.deepcopy(free)
         reference.use_backprop = True

@@ -1,0 +1,307 @@
+"""Fixed-point momentum arithmetic whose inverse is bit-exact at any depth and gamma.
+
+``x`` and ``v`` are integers on a grid of step ``2**-fraction_bits`` (int64 on the tensor's
+device). Each block sees the float value of the fixed-point ``x``; its contribution
+``(1 - gamma) f`` is rounded onto the grid before it enters the update, so the forward and the
+inverse add and subtract identical integers.
+
+Multiplying by ``gamma = p / q`` (a rational within 1e-12 of the float gamma, usually equal to it:
+0.9 is 9/10) destroys information, about ``log2(q / p)`` bits per element. Following Maclaurin,
+Duvenaud and Adams (2015), the lost bits go to a per-element integer ``buffer`` and the product
+takes its low digits from it, so ``v <- gamma v`` becomes a bijection of ``(v, buffer)``::
+
+    s = buffer mod p,  buffer <- buffer // p          (p new low digits for v)
+    v = a q + c  (0 <= c < q);  t = c p + s           (t < p q: no int64 overflow)
+    v <- a p + t // q,  r = t mod q                   (|v - gamma v_old| < 1 + gamma grid steps)
+    buffer <- buffer q + r                            (keep what the division dropped)
+
+Division is floor division throughout, so negative values round-trip. The buffer grows by
+``log2(q / p)`` bits per layer; before ``buffer * q`` could pass ``2**51`` (below which float64
+holds it exactly, which the kernels of `_kernels` use to divide fast), its low 32 bits move to a
+new word plane (one int32 per element). The layers at which planes are pushed depend only on
+``p``, ``q`` and the layer index (the bound of every element's buffer is the same), so the inverse
+knows when to pop them without storing anything, and no element needs its own stack pointer.
+After ``depth`` layers the buffer takes ``64 + 32 * planes`` bits per element: the 64 bits of the
+int64 buffer, and planes that hold at most ``depth * log2(1 / gamma)`` bits, the information lost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ._arith import Check, State
+from ._errors import InertiaError, InversionError
+from ._kernels import (
+    WORD,
+    step,
+    step_push,
+    to_float,
+    unstep_position,
+    unstep_velocity,
+    unstep_velocity_pop,
+)
+
+__all__ = ["ExactArithmetic", "ExactState", "rational_gamma"]
+
+_MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
+_GAMMA_TOL = 1e-12
+_BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
+_LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
+
+
+def rational_gamma(gamma: float) -> Fraction:
+    """The rational ``p / q`` (``q <= 2**24``) that exact mode uses for ``gamma``.
+
+    It is the closest such fraction, and it must lie within 1e-12 of ``gamma``; every gamma with
+    at most six decimals qualifies (0.9 is 9/10, 0.99 is 99/100).
+    """
+    exact = Fraction(gamma)
+    ratio = exact.limit_denominator(_MAX_DENOMINATOR)
+    if abs(ratio - exact) > _GAMMA_TOL:
+        raise InertiaError(
+            f"gamma={gamma!r} has no fraction p/q with q <= 2**24 within {_GAMMA_TOL} of it, which "
+            f"exact mode needs (the closest is {ratio}, off by {float(abs(ratio - exact)):.1e}). "
+            f"Use a gamma with at most six decimals, for example gamma={round(gamma, 6)}."
+        )
+    return ratio
+
+
+@lru_cache(maxsize=64)
+def _push_layers(p: int, q: int, depth: int) -> frozenset[int]:
+    """The layers at which the forward moves the buffer's low 32 bits to a new word plane."""
+    bound, pushes = 0, set()  # bound: the largest value any element's buffer can hold
+    for n in range(depth):
+        bound //= p
+        if bound * q + q - 1 >= _BUFFER_CAP:
+            pushes.add(n)
+            bound >>= WORD
+        bound = bound * q + q - 1
+    return frozenset(pushes)
+
+
+@dataclass(frozen=True)
+class ExactState:
+    """The fixed-point state of an exact `MomentumNet`, from ``forward(x, return_state=True)``.
+
+    Attributes:
+        position: ``x`` as a float tensor of the input's shape and dtype (with autograd history
+            when the forward recorded one).
+        velocity: ``v``, likewise.
+        x: ``x`` in fixed point: int64, the value times ``2**fraction_bits``.
+        v: ``v`` in fixed point.
+        buffer: int64, the information that the multiplications by gamma dropped.
+        words: int32 planes of older buffer bits, oldest first.
+        gamma: The rational gamma of the update.
+        fraction_bits: The grid step is ``2**-fraction_bits``.
+    """
+
+    position: Tensor
+    velocity: Tensor
+    x: Tensor
+    v: Tensor
+    buffer: Tensor
+    words: tuple[Tensor, ...]
+    gamma: Fraction
+    fraction_bits: int
+
+    @property
+    def buffer_bits_per_element(self) -> int:
+        """Bits of the buffer and its word planes per element."""
+        return 64 + WORD * len(self.words)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffer and its word planes."""
+        return self.buffer.nbytes + sum(w.nbytes for w in self.words)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``value`` (the rounded result) with the gradient of ``ghost`` (the float one)."""
+
+    @staticmethod
+    def forward(ctx: object, ghost: Tensor, value: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class ExactArithmetic:
+    """The momentum update in fixed point, with a bit-exact inverse (see the module docstring).
+
+    A state is ``(x_float, v_float, x, v, buffer, *word_planes)``. ``step`` is exact in the
+    integers; where autograd records, the float tensors carry the gradient of the float update
+    (rounding passes gradients straight through), so ``use_backprop=True`` is the memory-free
+    mode's twin.
+    """
+
+    def __init__(self, gamma: float, fraction_bits: int, depth: int) -> None:
+        self.ratio = rational_gamma(gamma)
+        self.p, self.q = self.ratio.numerator, self.ratio.denominator
+        self.gamma = float(self.ratio)
+        self.fraction_bits = fraction_bits
+        self.scale = float(2**fraction_bits)
+        self.pushes = _push_layers(self.p, self.q, depth) if self.p else frozenset()
+        self._constants: dict[torch.device, tuple[Tensor, ...]] = {}
+        self._largest: list[Tensor] = []
+
+    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
+        """``p``, ``q``, ``(1 - gamma) * 2**bits`` and ``2**-bits`` as 0-d tensors (kernel
+        arguments, so that one compiled kernel serves every gamma)."""
+        if device not in self._constants:
+            ints = (torch.tensor(c, device=device) for c in (self.p, self.q))
+            floats = ((self.q - self.p) / self.q * self.scale, 1 / self.scale)
+            doubles = (torch.tensor(c, dtype=torch.float64, device=device) for c in floats)
+            self._constants[device] = (*ints, *doubles)
+        return self._constants[device]
+
+    # -- conversions ------------------------------------------------------------------------------
+    def _to_grid(self, t: Tensor, what: str) -> Tensor:
+        """Round ``t`` onto the grid, raising now if it does not fit."""
+        scaled = t.detach().double() * self.scale
+        if not bool(scaled.abs().amax() < _LIMIT):  # also catches NaN and inf
+            raise self._range_error(what, t)
+        return scaled.round_().long()
+
+    def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        return to_float(t, self._on(t.device)[3], dtype)
+
+    def _range_error(self, what: str, t: Tensor | None = None) -> InertiaError:
+        largest = "" if t is None else f" (largest magnitude {float(t.detach().abs().amax()):.3g})"
+        return InertiaError(
+            f"exact mode: {what} does not fit the fixed-point range: magnitudes must be finite and "
+            f"below 2**{61 - self.fraction_bits} with fraction_bits={self.fraction_bits}{largest}. "
+            "Lower fraction_bits, or normalize the activations."
+        )
+
+    def on_grid(self, x: Tensor) -> Tensor:
+        """``x`` as the blocks see it: the float value of its fixed-point rounding."""
+        value = self._to_float(self._to_grid(x, "the input"), x.dtype)
+        return _StraightThrough.apply(x, value) if _recording(x) else value
+
+    def encode(self, x: Tensor, v: Tensor | None) -> State:
+        xi = self._to_grid(x, "the input")
+        vi = torch.zeros_like(xi) if v is None else self._to_grid(v, "v_0 = init_function(x_0)")
+        xf = self._to_float(xi, x.dtype)
+        vf = self._to_float(vi, x.dtype)
+        if _recording(x):
+            xf = _StraightThrough.apply(x, xf)
+        if v is not None and _recording(v):
+            vf = _StraightThrough.apply(v, vf)
+        self._largest = []
+        return (xf, vf, xi, vi, torch.zeros_like(xi))
+
+    def position(self, state: State) -> Tensor:
+        return state[0]
+
+    def velocity(self, state: State) -> Tensor:
+        return state[1]
+
+    # -- the update and its inverse -------------------------------------------------------------
+    # The kernels work on flat tensors, so that one compiled kernel serves every shape.
+    def step(self, state: State, f: Tensor, n: int) -> State:
+        xf, vf, xi, vi, buffer, *words = state
+        p, q, c, inv = self._on(xi.device)
+        shape, dtype = xi.shape, xf.dtype
+        if self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
+            scaled = f.detach().double() * c
+            vi = scaled.round().long()
+            xi = xi + vi
+            largest = torch.stack([t.abs().amax().double() for t in (scaled, vi, xi)]).amax()
+            new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
+        else:
+            kernel = step_push if n in self.pushes else step
+            flat = [t.reshape(-1) for t in (xi, vi, buffer, f.detach())]
+            xi, vi, buffer, word, largest, new_xf, new_vf = kernel(*flat, p, q, c, inv, dtype)
+            xi, vi, buffer, new_xf, new_vf = (
+                t.view(shape) for t in (xi, vi, buffer, new_xf, new_vf)
+            )
+            if word is not None:
+                words.append(word.view(shape))
+        # |(1 - gamma) f|, |v| and |x| below 2**61 at every layer keep every sum below 2**63 (by
+        # induction). Checked once per forward by `check_range`, not with a device sync per layer;
+        # the backward recomputes the same values, which the detector verifies.
+        self._largest.append(largest)
+        if _recording(vf, f, xf):
+            ghost_v = self.gamma * vf + (1 - self.gamma) * f
+            new_vf = _StraightThrough.apply(ghost_v, new_vf)
+            new_xf = _StraightThrough.apply(xf + new_vf, new_xf)
+        return (new_xf, new_vf, xi, vi, buffer, *words)
+
+    def check_range(self) -> None:
+        """Raise if a layer since `encode` left the range (one device sync per forward)."""
+        largest, self._largest = self._largest, []
+        if not largest:
+            return
+        fits = torch.stack(largest) < _LIMIT  # False for NaN too
+        if not bool(fits.all()):
+            n = int((~fits).nonzero()[0, 0])
+            raise self._range_error(f"the output of block {n} (or the state x or v after it)")
+
+    def unstep_position(self, state: State) -> State:
+        _, vf, xi, vi, *rest = state
+        x, xf = unstep_position(xi.reshape(-1), vi.reshape(-1), self._on(xi.device)[3], vf.dtype)
+        return (xf.view(xi.shape), vf, x.view(xi.shape), vi, *rest)
+
+    def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
+        xf, _, xi, vi, buffer, *words = state
+        if self.p == 0:
+            raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
+        flat = [t.reshape(-1) for t in (vi, buffer, f.detach())]
+        args = (*flat, *self._on(xi.device), xf.dtype)
+        if n in self.pushes:
+            v, buffer, vf = unstep_velocity_pop(*args, words.pop().reshape(-1))
+        else:
+            v, buffer, vf = unstep_velocity(*args)
+        return (xf, vf.view(xi.shape), xi, v.view(xi.shape), buffer.view(xi.shape), *words)
+
+    # -- the detector ----------------------------------------------------------------------------
+    def fingerprint(self, state: State) -> Tensor:
+        """A checksum of the fixed-point ``(x, v)``: sums of their 30-bit limbs."""
+        sums = []
+        for t in (state[2], state[3]):
+            flat = t.reshape(-1)
+            weights = torch.arange(flat.numel(), device=t.device).remainder_(65521).add_(1)
+            for shift in (0, 30, 60):
+                limb = flat.bitwise_right_shift(shift).bitwise_and_((1 << 30) - 1)
+                sums += [limb.sum(), (limb.bitwise_and_((1 << 16) - 1) * weights).sum()]
+        return torch.stack(sums)
+
+    def verify(self, start: Tensor, state: State, check: Check) -> None:
+        """Raise unless the backward rebuilt the forward's ``(x_0, v_0)`` and emptied the buffer."""
+        buffer, words = state[4], state[5:]
+        same = bool((self.fingerprint(state) == start).all()) and not bool(buffer.any())
+        if same and not words:
+            return
+        raise InversionError(
+            "exact mode: the memory-free backward did not rebuild the forward's input bit for bit "
+            f"({check.depth} blocks, gamma={self.ratio}), so the gradients it computed are not "
+            "those of the forward. A block computed something different when run again: make it "
+            "deterministic (torch.use_deterministic_algorithms(True); on CUDA, "
+            "torch.backends.cudnn.benchmark = False), keep it free of side effects (no counters "
+            "or caches that change between calls), or use use_backprop=True."
+        )
+
+
+def _recording(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def bits_per_element(gamma: float, depth: int) -> int:
+    """Bits per element that the buffer takes after ``depth`` layers (64 plus its word planes)."""
+    ratio = rational_gamma(gamma)
+    if ratio.numerator == 0:
+        return 0
+    return 64 + WORD * len(_push_layers(ratio.numerator, ratio.denominator, depth))
+
+
+def information_floor(gamma: float) -> float:
+    """``log2(1 / gamma)``: the bits per element per layer that multiplying by gamma destroys."""
+    return math.inf if gamma == 0 else -math.log2(gamma)

@@ -1,0 +1,313 @@
+"""Exact mode: fixed-point momentum whose inverse rebuilds every activation bit for bit.
+
+Round trips are checked on the integers (``==``, never a tolerance). Gradients use
+`inertia.testing.TOLERANCES` against the ``use_backprop=True, exact=True`` twin, and 1e-6 against
+plain float64 autograd, at depth 1000 where the float memory-free mode is hopeless.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from conftest import MLP
+from inertia import InertiaError, InversionError, MomentumNet, transform_to_momentumnet
+from inertia._exact import ExactArithmetic, bits_per_element, rational_gamma
+from inertia._kernels import (
+    _Compiled,
+    _step,
+    _step_push,
+    _unstep_position,
+    step,
+    step_push,
+    unstep_velocity,
+    unstep_velocity_pop,
+)
+from inertia.testing import TOLERANCES, SavedTensorMeter, assert_gradients_match, gradient_errors
+
+GAMMAS = [0.01, 0.1, 1 / 3, 0.5, 0.9, 0.99, 0.999, 0.123456, 1.0]
+
+
+class Wave(nn.Module):
+    """A cheap elementwise block, ``tanh(a x + b)``, for very deep stacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(()))
+        self.b = nn.Parameter(torch.randn(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.a * x + self.b)
+
+
+def roundtrip(arith: ExactArithmetic, x: Tensor, fs: list[Tensor]) -> None:
+    """Run the update over the given block outputs and back; assert every integer came back."""
+    start = arith.encode(x, None)
+    state = start
+    for n, f in enumerate(fs):
+        state = arith.step(state, f, n)
+    arith.check_range()
+    assert len(state) - 5 == len(arith.pushes)  # one word plane per scheduled push
+    for n in reversed(range(len(fs))):
+        state = arith.unstep_position(state)
+        state = arith.unstep_velocity(state, fs[n], n)
+    assert len(state) == 5  # every plane popped
+    assert torch.equal(state[2], start[2])
+    assert torch.equal(state[3], start[3])
+    assert not state[4].any()  # the buffer is empty again
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    depth=st.integers(1, 400),
+    gamma=st.sampled_from(GAMMAS),
+    shape=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+    magnitude=st.sampled_from([0.0, 1e-9, 1e-3, 1.0, 100.0, 3e4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_roundtrip_is_bit_exact(
+    depth: int, gamma: float, shape: list[int], dtype: torch.dtype, magnitude: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * magnitude).clamp(-6e4, 6e4).to(dtype)
+    # Block outputs of both signs, zeros included, that do not depend on x: the arithmetic must
+    # invert whatever it is given.
+    fs = [
+        (torch.randn(shape, generator=gen) * magnitude).clamp(-1e4, 1e4).to(dtype)
+        * (torch.rand(shape, generator=gen) > 0.1)
+        for _ in range(depth)
+    ]
+    roundtrip(ExactArithmetic(gamma, 32 if dtype != torch.float64 else 40, depth), x, fs)
+
+
+def test_depth_10000_roundtrip_through_the_module() -> None:
+    depth = 10_000
+    net = MomentumNet([Wave() for _ in range(depth)], gamma=0.5, exact=True).eval()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        state = net(x, return_state=True)
+        fresh = MomentumNet([Wave() for _ in range(depth)], gamma=0.5, exact=True)
+        fresh.load_state_dict(net.state_dict())  # nothing is cached on the module
+        start = fresh.inverse(state)
+    assert len(state.words) == len(ExactArithmetic(0.5, 32, depth).pushes) > 300
+    assert torch.equal(start.x, torch.round(x * 2.0**32).long())
+    assert torch.equal(start.v, torch.zeros_like(start.v))
+    assert not start.buffer.any()
+    assert start.words == ()
+    assert (start.position - x).abs().max() <= 2.0**-33  # half a grid step
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_at_depth_1000(gamma: float, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    depth = 1000
+    blocks = [MLP(d=4, h=8) for _ in range(depth)]
+    free = MomentumNet(blocks, gamma, use_backprop=False, exact=True, check_inversion="raise")
+    free = free.to(dtype)
+    twin = copy.deepcopy(free)
+    twin.use_backprop = True
+    x = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    assert_gradients_match(twin, free, x)  # TOLERANCES[dtype]
+    if dtype == torch.float64:
+        # The grid is fine: plain float64 autograd (no rounding at all) agrees to 1e-6.
+        plain = copy.deepcopy(twin)
+        plain.exact = False
+        assert max(gradient_errors(plain, free, x).values()) < 1e-6
+        # ...where the float memory-free mode is hopeless (gamma**-1000 >= 1e301).
+        floating = copy.deepcopy(plain)
+        floating.use_backprop, floating.check_inversion = False, None
+        errors = gradient_errors(plain, floating, x).values()
+        assert not all(e < 1e-2 for e in errors)
+        floating.check_inversion = "raise"
+        with pytest.raises(InversionError, match="Use exact=True"):
+            floating(x).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropout_and_batchnorm_match_the_twin(dtype: torch.dtype) -> None:
+    blocks = [MLP(dropout=0.2, bn=True) for _ in range(12)]
+    net = MomentumNet(blocks, 0.9, use_backprop=False, exact=True).to(dtype)
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    x = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+    errors = assert_gradients_match(twin, net, x, seed=3, steps=2)
+    assert any(k.startswith("buffer.") for k in errors)
+
+
+def test_buffer_growth_follows_log2_one_over_gamma() -> None:
+    for gamma in (0.01, 0.1, 0.5, 0.9, 0.99):
+        lost = math.log2(1 / gamma)
+        for depth in (1000, 10_000):
+            bits = bits_per_element(gamma, depth)
+            # 64 bits of int64 buffer plus planes that hold at most the bits destroyed.
+            assert bits <= depth * lost + 64 + 1e-6
+            assert bits >= depth * lost + 64 - 51 - 32  # and no word plane wasted
+    # The module's state has exactly the predicted planes.
+    net = MomentumNet([Wave() for _ in range(700)], gamma=0.9, exact=True)
+    state = net(torch.randn(4, 5), return_state=True)
+    assert state.buffer_bits_per_element == bits_per_element(0.9, 700)
+    assert state.nbytes == 4 * 5 * state.buffer_bits_per_element // 8
+
+
+def test_overflow_raises_before_any_result() -> None:
+    net = MomentumNet([nn.Linear(3, 3) for _ in range(3)], gamma=0.9, exact=True)
+    with pytest.raises(InertiaError, match="the input does not fit the fixed-point range"):
+        net(torch.full((2, 3), 2.0**30))
+    with pytest.raises(InertiaError, match="the input does not fit"):
+        net(torch.tensor([[float("nan"), 0.0, 0.0]]))
+
+    class Blow(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x * 1e9
+
+    deep = MomentumNet([nn.Identity(), Blow(), nn.Identity()], gamma=0.5, exact=True)
+    with pytest.raises(InertiaError, match=r"output of block 1 .*2\*\*29"):
+        deep(torch.ones(2, 3, requires_grad=True))
+
+
+class Counter(nn.Module):
+    """Not deterministic: its output changes with every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.lin(x) + 1e-7 * self.calls
+
+
+def test_detector_fires_on_a_nondeterministic_block() -> None:
+    net = MomentumNet([MLP(d=4), Counter(), MLP(d=4)], 0.9, use_backprop=False, exact=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(InversionError, match="not rebuild the forward's input bit for bit"):
+        net(x).sum().backward()
+    # The same stack of deterministic blocks passes.
+    net = MomentumNet([MLP(d=4) for _ in range(3)], 0.9, use_backprop=False, exact=True)
+    net(x).sum().backward()
+
+
+def test_gamma_must_have_a_small_rational() -> None:
+    assert rational_gamma(0.9) == rational_gamma(0.9000000000000001) == Fraction(9, 10)
+    assert rational_gamma(0.123456).denominator == 15625
+    with pytest.raises(InertiaError, match="at most six decimals"):
+        MomentumNet([nn.Linear(2, 2)], gamma=0.5 + 1e-9, exact=True)
+    net = MomentumNet([nn.Linear(2, 2)], gamma=0.5 + 1e-9)
+    with pytest.raises(InertiaError, match="at most six decimals"):
+        net.exact = True
+
+
+def test_state_and_inverse_api() -> None:
+    net = MomentumNet([MLP(d=4) for _ in range(5)], gamma=0.9, exact=True)
+    x = torch.randn(3, 4)
+    state = net(x, return_state=True)
+    assert state.x.dtype == torch.int64
+    assert state.position.dtype == torch.float32
+    assert torch.equal(state.position, net(x))
+    with pytest.raises(ValueError, match="other depth"):
+        net[:3].inverse(
+            MomentumNet([Wave() for _ in range(400)], 0.9, exact=True)(x, return_state=True)
+        )
+    with pytest.raises(ValueError, match="gamma=99/100"):
+        MomentumNet([MLP(d=4) for _ in range(5)], 0.99, exact=True).inverse(state)
+    with pytest.raises(TypeError, match="ExactState"):
+        net.inverse(state.position, state.velocity)
+    with pytest.raises(ValueError, match="needs exact=True"):
+        MomentumNet([MLP(d=4)], 0.9)(x, return_state=True)
+
+
+def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
+    x = torch.randn(16, 8, requires_grad=True)
+    held = {}
+    for depth in (4, 64):
+        for backprop in (False, True):
+            net = MomentumNet([MLP() for _ in range(depth)], 0.9, exact=True)
+            net.use_backprop = backprop
+            with SavedTensorMeter(ignore=net.parameters()) as meter:
+                out = net(x)
+            held[depth, backprop] = meter.current
+            out.sum().backward()
+    assert held[64, False] == held[4, False]  # no word plane below about 300 blocks at 0.9
+    assert held[64, True] > 10 * held[4, False]
+
+
+def test_autocast_bf16_stays_bit_exact() -> None:
+    net = MomentumNet([MLP() for _ in range(24)], 0.9, False, exact=True, check_inversion="raise")
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    x = torch.randn(8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = gradient_errors(twin, net, x)
+    assert max(errors.values()) <= TOLERANCES[torch.float32]
+
+
+def test_transform_passes_exact() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=3)
+    converted = transform_to_momentumnet(model, gamma=0.9, exact=True)
+    assert all(converted.get_submodule(f"layer{i}").exact for i in range(1, 5))
+    x = torch.randn(2, 3, 32, 32)
+    twin = copy.deepcopy(converted)
+    for i in range(1, 5):
+        twin.get_submodule(f"layer{i}").use_backprop = True
+    converted.eval(), twin.eval()
+    assert_gradients_match(twin, converted, x)
+
+
+def test_compiled_and_eager_kernels_agree() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 10_000  # compiled kernels serve tensors of 4096 elements and more
+    x = torch.randint(-(2**60), 2**60, (n,), generator=gen)
+    v = torch.randint(-(2**60), 2**60, (n,), generator=gen)
+    buffer = torch.randint(0, 2**40, (n,), generator=gen)
+    f = torch.randn(n, generator=gen) * 1e3
+    for p, q in [(9, 10), (1, 3), (99, 100), (16777215, 16777216), (5, 16777213)]:
+        floats = ((q - p) / q * 2.0**32, 2.0**-32)
+        consts = (torch.tensor(p), torch.tensor(q), *torch.tensor(floats, dtype=torch.float64))
+        for push, eager_fn, compiled_fn in [(False, _step, step), (True, _step_push, step_push)]:
+            eager = eager_fn(x, v, buffer, f, *consts, torch.float32)
+            compiled = compiled_fn(x, v, buffer, f, *consts, torch.float32)
+            for a, b in zip(eager, compiled, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+            # Against Python's integers, on a few elements.
+            c = float(consts[2])
+            for i in range(0, n, 997):
+                s, k = int(buffer[i]) % p, int(buffer[i]) // p
+                if push:
+                    k >>= 32
+                t = (int(v[i]) % q) * p + s
+                expected = (int(v[i]) // q) * p + t // q + round(float(f[i].double() * c))
+                assert int(eager[1][i]) == expected
+                assert int(eager[2][i]) == k * q + t % q
+                assert float(eager[5][i]) == float(torch.tensor(int(eager[0][i]) * 2.0**-32))
+            back = (unstep_velocity_pop if push else unstep_velocity)(
+                eager[1], eager[2], f, *consts, torch.float32, *([eager[3]] if push else [])
+            )
+            assert torch.equal(back[0], v)
+            assert torch.equal(back[1], buffer)
+
+
+def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(_Compiled, "failed", False)
+    kernel = _Compiled(_unstep_position)
+    n = 5000  # compiled kernels serve tensors of 4096 elements and more
+    inv = torch.tensor(2.0**-32, dtype=torch.float64)
+    args = (torch.arange(-n, n), torch.arange(2 * n), inv, torch.float32)
+    with pytest.warns(RuntimeWarning, match="runs eagerly, with identical results"):
+        out = kernel(*args)
+    expected = _unstep_position(*args)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
