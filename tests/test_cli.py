@@ -164,7 +164,8 @@ def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
 def test_experiment_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["experiment", "--list"]) == 0
     listed = capsys.readouterr().out.split()
-    assert "crossing" in listed and "ode-limit" in listed
+    assert "crossing" in listed
+    assert "ode-limit" in listed
     out = tmp_path / "exp"
     status = main(["experiment", "linear-maps", "--quick", "--out", str(out)])
     summary = capsys.readouterr().out.strip().splitlines()[-1]

@@ -14,11 +14,14 @@ from inertia.experiments import (
     EXPERIMENTS,
     ExperimentConfig,
     ExperimentResult,
+    linear_maps,
     list_experiments,
+    memory,
+    ode_limit,
+    optimize,
     run_experiment,
     write_results,
 )
-from inertia.experiments import linear_maps, memory, ode_limit, optimize
 from inertia.experiments._core import states, tied_net
 
 QUICK = ExperimentConfig(quick=True, seeds=(0, 1, 2))
@@ -27,7 +30,8 @@ QUICK = ExperimentConfig(quick=True, seeds=(0, 1, 2))
 def run(name: str) -> ExperimentResult:
     result = run_experiment(name, QUICK)
     assert result.holds, f"{name}: {result.summary}\n{result.rows}"
-    assert len(result.rows) >= 3 and all(len(r) == len(result.columns) for r in result.rows)
+    assert len(result.rows) >= 3
+    assert all(len(r) == len(result.columns) for r in result.rows)
     return result
 
 
@@ -68,7 +72,8 @@ def test_linear_maps_closed_form_matches_an_ode_solver() -> None:
 
 def test_linear_maps_negative_ratios_for_momentum_only() -> None:
     result = run("linear-maps")
-    assert max(result.data["closed"]) < 0 and min(result.data["resnet"]) >= 0
+    assert max(result.data["closed"]) < 0
+    assert min(result.data["resnet"]) >= 0
     ratio, _ = linear_maps.most_negative_ratio(100.0)
     assert ratio == pytest.approx(-math.exp(-1 / 200), abs=0.01)  # tends to -1 as eps grows
 
@@ -121,6 +126,7 @@ def test_write_results(tmp_path: Path) -> None:
     paths = write_results(result, tmp_path, "inertia experiment ode-limit --quick")
     assert sorted(p.name for p in paths) == ["ode-limit.csv", "ode-limit.md", "ode-limit.png"]
     md = (tmp_path / "ode-limit.md").read_text()
-    assert "`inertia experiment ode-limit --quick`" in md and "![" in md
+    assert "`inertia experiment ode-limit --quick`" in md
+    assert "![" in md
     assert (tmp_path / "ode-limit.csv").read_text().splitlines()[0].startswith("seed,")
     assert set(EXPERIMENTS) == set(list_experiments())

@@ -159,6 +159,7 @@ def _experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 def _experiment(args: argparse.Namespace) -> int:
     from .bench import environment
     from .experiments import EXPERIMENTS, ExperimentConfig, run_experiment, write_results
+    from .experiments._core import threads
 
     if args.list:
         width = max(map(len, EXPERIMENTS))
@@ -178,7 +179,9 @@ def _experiment(args: argparse.Namespace) -> int:
     if config.seeds != ExperimentConfig().seeds:
         words += ["--seeds", *map(str, config.seeds)]
     command = " ".join([*words, "--out", args.out])
-    paths = write_results(result, args.out, command, environment())
+    with threads(config.threads):  # the thread count it ran with
+        env = environment()
+    paths = write_results(result, args.out, command, env)
     verdict = "claim holds" if result.holds else "claim does NOT hold"
     files = ", ".join(str(p) for p in paths if p.suffix in (".md", ".png"))
     print(f"inertia experiment {args.name}: {verdict}: {result.summary} | "

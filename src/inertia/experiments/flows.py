@@ -197,7 +197,7 @@ def _plot_rings(result: ExperimentResult, fig: Figure) -> None:
                 xs = torch.linspace(lo, hi, 2)
                 ax.plot(xs, -(a * xs + off) / c, "k--", linewidth=1, label="classifier boundary")
                 ax.set_ylim(float(pts[:, 1].min()) - 0.1, float(pts[:, 1].max()) + 0.1)
-        ax.set(title=title, aspect="equal")
+        ax.set(title=title, aspect="equal" if head is None else "auto")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, markerscale=3)
 

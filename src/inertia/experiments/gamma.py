@@ -218,10 +218,10 @@ def gamma_sweep(config: ExperimentConfig) -> ExperimentResult:
         ),
         setup=(
             f"Stem conv-BN-ReLU, {DEPTH} momentum blocks conv3x3-BN-ReLU-conv3x3-BN, global "
-            f"average pooling, linear; Adam, lr {LR} with cosine decay to 0, batch {BATCH}; {shape}. Fashion-MNIST: the "
-            "first 10,000 of a fixed shuffle of the training set, the full test set; digits: "
-            "scikit-learn's, 20% held out (stratified). Bits per element: exact mode, not built "
-            "yet."
+            f"average pooling, linear; Adam, lr {LR} with cosine decay to 0, batch {BATCH}; "
+            f"{shape}. Fashion-MNIST: the first 10,000 of a fixed shuffle of the training set, "
+            "the full test set; digits: scikit-learn's, 20% held out (stratified). Bits per "
+            "element: exact mode, not built yet."
         ),
         columns=(
             "dataset",

@@ -177,7 +177,7 @@ def linear_maps(config: ExperimentConfig) -> ExperimentResult:
         ),
         holds=all(r[-1] for r in rows),
         summary=(
-            f"closed form <= {max(closed):.3f} at every eps, network within {max(gaps):.1e} of "
+            f"closed form <= {max(closed):.2g} at every eps, network within {max(gaps):.1e} of "
             f"it, ResNet >= {min(resnet):.2g}; trained ratio {TARGET} reached within "
             f"{max(abs(float(r[1]) - TARGET) for r in rows):.1e} by momentum, ResNet >= "  # type: ignore[arg-type]
             f"{min(float(r[2]) for r in rows):.3f} ({len(rows)} seeds)"  # type: ignore[arg-type]
