@@ -96,18 +96,17 @@ def memory_against_depth(config: ExperimentConfig) -> ExperimentResult:
         holds=all(r[-1] for r in rows),
         summary=f"at depth {max(base.depths)}: {at_depth} (seed {config.seeds[0]})",
         setup=(
-            bench.describe(base)
+            f"Blocks Linear({base.width})-GELU-Linear({base.width}), batch {base.batch}, gamma "
+            f"{base.gamma}; peak bytes saved for backward (parameters excluded); time: median of "
+            f"{base.repeats} interleaved steps, as a ratio to plain."
             + f" Depths {', '.join(map(str, base.depths))}; from `inertia.bench.run`, "
             f"{config.threads or 'default'} thread(s). Variants: {', '.join(variants())}."
         ),
         columns=(
             "seed",
-            "variant",
             "depth",
-            "peak MiB",
-            "memory / plain",
-            "step ms",
-            "time / plain",
+            *(f"{v} peak MiB" for v in names),
+            *(f"{v} time / plain" for v in names),
             "holds",
         ),
         rows=rows,
