@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.inertia-installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench experiments clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/memory_vs_depth.py
+
+# The paper's experiments at CPU scale (about 7 minutes): figures and tables in docs/experiments/.
+EXPERIMENTS := crossing rings linear-maps optimize gamma memory ode-limit
+experiments: $(STAMP)
+	for name in $(EXPERIMENTS); do $(PY) -m inertia experiment $$name --out docs/experiments || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -159,3 +159,19 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--list-models"]) == 0
     assert "momentum_resnet18_cifar" in capsys.readouterr().out.split()
+
+
+def test_experiment_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "crossing" in listed
+    assert "ode-limit" in listed
+    out = tmp_path / "exp"
+    status = main(["experiment", "linear-maps", "--quick", "--out", str(out)])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert status == 0, summary
+    assert summary.startswith("inertia experiment linear-maps: claim holds: ")
+    assert {p.name for p in out.iterdir()} >= {"linear-maps.csv", "linear-maps.md"}
+    assert "`inertia experiment linear-maps --quick --out " in (out / "linear-maps.md").read_text()
+    assert main(["experiment", "nope"]) == 1
+    assert "unknown experiment 'nope'" in capsys.readouterr().err

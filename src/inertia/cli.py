@@ -1,4 +1,5 @@
-"""The ``inertia`` command: ``train``, ``bench`` and ``plot``, thin layers over library functions.
+"""The ``inertia`` command: ``train``, ``bench``, ``plot`` and ``experiment``, thin layers over
+library functions.
 
 Each command parses its flags into a config dataclass, calls one function, prints one summary line
 and writes machine-readable results to ``--out``.
@@ -140,17 +141,68 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .experiments import ExperimentConfig
+
+    d = ExperimentConfig()
+    p = sub.add_parser("experiment", help="reproduce one of the paper's experiments at small scale")
+    p.add_argument("name", nargs="?", help="the experiment (see --list)")
+    p.add_argument("--list", action="store_true", help="print the experiments and exit")
+    p.add_argument("--out", default="runs/experiments", help="folder for NAME.png, .csv and .md")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    p.add_argument("--quick", action="store_true", help="small sizes: seconds, as in the tests")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads while it runs")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST's IDX files (default: Debian's folder)")  # fmt: skip
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .bench import environment
+    from .experiments import EXPERIMENTS, ExperimentConfig, run_experiment, write_results
+    from .experiments._core import threads
+
+    if args.list:
+        width = max(map(len, EXPERIMENTS))
+        print("\n".join(f"{n:<{width}}  {e.title}" for n, e in EXPERIMENTS.items()))
+        return 0
+    if args.name is None:
+        raise InertiaError("name an experiment, or pass --list to see them")
+    if args.name not in EXPERIMENTS:
+        raise InertiaError(
+            f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}"
+        )
+    config = ExperimentConfig(
+        seeds=tuple(args.seeds), quick=args.quick, threads=args.threads, data_dir=args.data_dir
+    )
+    result = run_experiment(args.name, config)
+    words = ["inertia experiment", args.name, *(["--quick"] if args.quick else [])]
+    if config.seeds != ExperimentConfig().seeds:
+        words += ["--seeds", *map(str, config.seeds)]
+    command = " ".join([*words, "--out", args.out])
+    with threads(config.threads):  # the thread count it ran with
+        env = environment()
+    paths = write_results(result, args.out, command, env)
+    verdict = "claim holds" if result.holds else "claim does NOT hold"
+    files = ", ".join(str(p) for p in paths if p.suffix in (".md", ".png"))
+    print(f"inertia experiment {args.name}: {verdict}: {result.summary} | "
+          f"{result.seconds:.0f} s | {files}")  # fmt: skip
+    return 0 if result.holds else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``inertia`` and ``python -m inertia``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="inertia", description="Momentum residual networks: train, benchmark, plot."
+        prog="inertia",
+        description="Momentum residual networks: train, benchmark, plot, reproduce experiments.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
     _plot_parser(sub)
+    _experiment_parser(sub)
     args = parser.parse_args(argv)
-    command = {"train": _train, "bench": _bench, "plot": _plot}[args.command]
+    commands = {"train": _train, "bench": _bench, "plot": _plot, "experiment": _experiment}
+    command = commands[args.command]
     try:
         return command(args)
     except InertiaError as err:
