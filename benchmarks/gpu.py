@@ -1,12 +1,13 @@
 """GPU targets, measured on one card in one run: converted ResNet-101 and a 24-layer transformer.
 
 For each workload, in float32 and under bf16 autocast: plain, ``torch.utils.checkpoint`` on every
-block, and the memory-free momentum model (float arithmetic); step time (median of ``--steps``
-synchronized steps), peak memory above the weights (``torch.cuda.max_memory_allocated``), and the
-memory-free gradients' error against the backprop twin on the same weights and batch (global
-``||g - g_ref|| / ||g_ref||`` and the worst single tensor), with the card's default TF32 settings.
+block, and the memory-free momentum model in float and in exact (fixed-point) arithmetic; step
+time (median of ``--steps`` synchronized steps), peak memory above the weights
+(``torch.cuda.max_memory_allocated``), and each memory-free model's gradient error against its
+backprop twin on the same weights and batch (global ``||g - g_ref|| / ||g_ref||`` and the worst
+single tensor), with the card's default TF32 settings.
 
-    PYTHONPATH=src python benchmarks/gpu.py            # full sizes; about 5 minutes on an H100
+    PYTHONPATH=src python benchmarks/gpu.py            # full sizes; about 6 minutes on an H100
     PYTHONPATH=src python benchmarks/gpu.py --small    # tiny sizes, any device (the test suite)
 
 Needs torch and torchvision only (no installs), and writes ``gpu.json`` (raw) and ``gpu.md`` (a
@@ -121,14 +122,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         plain = make().to(device).train()
         x = make_x().to(device)
-        free = transform_to_momentumnet(plain, paths, keep_first_layer=keep_first, gamma=0.9)
-        twin = transform_to_momentumnet(
-            plain, paths, keep_first_layer=keep_first, gamma=0.9, use_backprop=True
-        )
+        free, twin, exact, exact_twin = (
+            transform_to_momentumnet(plain, paths, keep_first_layer=keep_first, gamma=0.9, **kw)
+            for kw in ({}, {"use_backprop": True}, {"exact": True},
+                       {"exact": True, "use_backprop": True})
+        )  # fmt: skip
         models = {
             "plain": plain,
             "checkpoint": checkpoint_every_block(plain, paths),
             "momentum_free": free,
+            "momentum_exact": exact,
         }
         for amp in (False, True):
             row: dict[str, Any] = {"workload": name, "precision": "bf16" if amp else "fp32"}
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 for variant, model in models.items():
                     row[variant] = measure(model, x, amp, steps)
                 row["momentum_free"].update(gradient_error(twin, free, x, amp))
+                row["momentum_exact"].update(gradient_error(exact_twin, exact, x, amp))
             row["momentum_free"]["drift_warned"] = any(
                 issubclass(w.category, InversionWarning) for w in caught
             )
@@ -153,15 +157,17 @@ def main(argv: list[str] | None = None) -> None:
         f"on {card} (torch {torch.__version__}, TF32 cuDNN {meta['tf32_cudnn']}).",
         "",
         "| workload | precision | plain ms / MiB | checkpoint ms / MiB | memory-free ms / MiB "
-        "| memory-free grad error (worst tensor) | drift warned |",
-        "|---|---|---|---|---|---|---|",
+        "| exact ms / MiB | memory-free grad error (worst tensor) | drift warned "
+        "| exact grad error (worst tensor) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cells = [f"{r[v]['step_ms']:.0f} / {r[v]['peak_mib']:.0f}" for v in models]
-        err = r["momentum_free"]
+        err, exact_err = r["momentum_free"], r["momentum_exact"]
         lines.append(f"| {r['workload']} | {r['precision']} | " + " | ".join(cells)
                      + f" | {err['grad_error']:.1e} ({err['worst_tensor']:.1e}) "
-                     f"| {'yes' if err['drift_warned'] else 'no'} |")  # fmt: skip
+                     f"| {'yes' if err['drift_warned'] else 'no'} | {exact_err['grad_error']:.1e}"
+                     f" ({exact_err['worst_tensor']:.1e}) |")  # fmt: skip
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

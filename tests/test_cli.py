@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,16 @@ def test_experiment_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "`inertia experiment linear-maps --quick --out " in (out / "linear-maps.md").read_text()
     assert main(["experiment", "nope"]) == 1
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_train_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from inertia import MomentumNet
+    from inertia.training import TrainConfig, build_model
+
+    model = build_model(TrainConfig(exact=True), channels=1, num_classes=4)
+    stacks = [m for m in model.modules() if isinstance(m, MomentumNet)]
+    assert len(stacks) == 4
+    assert all(m.exact for m in stacks)
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--exact", "--epochs", "1", "--batch-size", "32", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["exact"] is True

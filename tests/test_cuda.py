@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -56,3 +57,17 @@ def test_bf16_autocast() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         errors = gradient_errors(backprop, free, x, loss_fn=loss)
     assert max(errors.values()) < 1e-2
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_exact_mode_matches_its_twin_even_with_tf32(tf32: bool) -> None:
+    # TF32 is what makes float reconstruction drift on GPUs; exact mode rebuilds the forward's
+    # inputs bit for bit, so it stays at the twin's gradients. 64 x 128 elements: compiled kernels.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    blocks = [MLP(d=64, h=128, bn=True) for _ in range(32)]
+    net = MomentumNet(blocks, 0.5, use_backprop=False, exact=True, check_inversion="raise")
+    net = net.cuda()
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    x = torch.randn(128, 64, device="cuda", requires_grad=True)
+    assert_gradients_match(twin, net, x, rtol=1e-5)

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +33,12 @@ def torchrun(script: str, verdict: str) -> str:
 
 def test_ddp_matches_one_process() -> None:
     torchrun("ddp_parity.py", "worst relative gradient error")
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_sync_batchnorm_on_two_gpus_matches_one_process() -> None:
+    torchrun("syncbn_parity.py", "worst relative error")
 
 
 def test_fsdp2_whole_model_matches_and_per_block_is_refused() -> None:

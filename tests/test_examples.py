@@ -70,3 +70,6 @@ def test_gpu_script_runs_small_on_cpu(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "gpu_small.json").read_text())
     assert {r["workload"] for r in raw["results"]} == {"resnet101", "transformer4"}
     assert all(r["momentum_free"]["step_ms"] > 0 for r in raw["results"])
+    # Exact mode's gradients are those of its twin (the GPU target: 1e-5 with TF32 on).
+    fp32 = [r for r in raw["results"] if r["precision"] == "fp32"]
+    assert all(r["momentum_exact"]["grad_error"] <= 1e-5 for r in fp32)

@@ -272,3 +272,9 @@ def test_drift_is_reported_on_large_tensors() -> None:
     fine = MomentumNet([MLP(256, 64) for _ in range(4)], 0.9, use_backprop=False)
     fine.check_inversion = "raise"
     fine(x).sum().backward()
+
+
+def test_zero_input_is_not_reported_as_drift() -> None:
+    # (x_0, v_0) = 0 leaves nothing to measure drift relative to; it is then measured absolutely.
+    net = MomentumNet([MLP() for _ in range(8)], 0.9, use_backprop=False, check_inversion="raise")
+    net(torch.zeros(4, 8, requires_grad=True)).sum().backward()

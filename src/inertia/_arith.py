@@ -131,7 +131,8 @@ class FloatArithmetic:
         x = state[0]
         backward = _sketch(*state)
         diff = (backward[1:] - start[1:]).pow(2).sum() / _SKETCH_SIZE
-        drift = float((diff / start[0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
+        # Relative to the size of (x_0, v_0); absolute when both are zero (nothing to scale by).
+        drift = float((diff / start[0] if start[0] > 0 else diff).sqrt())
         tol = check.tol if check.tol is not None else default_inversion_tol(x.dtype)
         if drift <= tol:  # False for NaN, so NaN is reported as drift
             return

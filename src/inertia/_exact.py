@@ -27,7 +27,6 @@ int64 buffer, and planes that hold at most ``depth * log2(1 / gamma)`` bits, the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -47,7 +46,7 @@ from ._kernels import (
     unstep_velocity_pop,
 )
 
-__all__ = ["ExactArithmetic", "ExactState", "rational_gamma"]
+__all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"]
 
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _GAMMA_TOL = 1e-12
@@ -300,8 +299,3 @@ def bits_per_element(gamma: float, depth: int) -> int:
     if ratio.numerator == 0:
         return 0
     return 64 + WORD * len(_push_layers(ratio.numerator, ratio.denominator, depth))
-
-
-def information_floor(gamma: float) -> float:
-    """``log2(1 / gamma)``: the bits per element per layer that multiplying by gamma destroys."""
-    return math.inf if gamma == 0 else -math.log2(gamma)

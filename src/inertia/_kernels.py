@@ -181,10 +181,14 @@ class _Compiled:
         small = args[0].numel() < _MIN_COMPILED
         if small or _Compiled.failed or torch.compiler.is_compiling():
             return self.fn(*args)
+        # Plain tensors (a view would make dynamo guard on its base's shape) and no autograd
+        # state in the guards: one compiled kernel per function, dtype and device.
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         try:
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            return self.compiled(*args)
+            with torch.no_grad():
+                return self.compiled(*args)
         except Exception as error:  # a missing compiler shows as many exception types
             _Compiled.failed = True
             warnings.warn(
