@@ -290,11 +290,13 @@ def test_compiled_and_eager_kernels_agree() -> None:
                 assert int(eager[1][i]) == expected
                 assert int(eager[2][i]) == k * q + t % q
                 assert float(eager[5][i]) == float(torch.tensor(int(eager[0][i]) * 2.0**-32))
+            # The inverse, given x_n: v_n, the buffer, and one step ahead x_{n-1} = x_n - v_n.
             back = (unstep_velocity_pop if push else unstep_velocity)(
-                eager[1], eager[2], f, *consts, torch.float32, *([eager[3]] if push else [])
+                x, eager[1], eager[2], f, *consts, torch.float32, *([eager[3]] if push else [])
             )
             assert torch.equal(back[0], v)
             assert torch.equal(back[1], buffer)
+            assert torch.equal(back[2], x - v)
 
 
 def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -311,3 +313,13 @@ def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPat
         out = kernel(*args)
     expected = _unstep_position(*args)
     assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
+
+
+def test_twin_records_from_a_trainable_block_after_frozen_ones() -> None:
+    # Autograd starts recording mid-stack: the twin must still see the float velocity.
+    net = MomentumNet([MLP() for _ in range(6)], 0.9, use_backprop=False, exact=True)
+    for block in list(net)[:3]:
+        block.requires_grad_(False)
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    assert_gradients_match(twin, net, torch.randn(5, 8))

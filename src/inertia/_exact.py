@@ -138,7 +138,8 @@ class ExactArithmetic:
     A state is ``(x_float, v_float, x, v, buffer, *word_planes)``. ``step`` is exact in the
     integers; where autograd records, the float tensors carry the gradient of the float update
     (rounding passes gradients straight through), so ``use_backprop=True`` is the memory-free
-    mode's twin.
+    mode's twin. Between the first and the last block, where nothing reads it, ``v_float`` is an
+    empty placeholder (`velocity` computes it from ``v`` if asked).
     """
 
     def __init__(self, gamma: float, fraction_bits: int, depth: int) -> None:
@@ -147,9 +148,12 @@ class ExactArithmetic:
         self.gamma = float(self.ratio)
         self.fraction_bits = fraction_bits
         self.scale = float(2**fraction_bits)
+        self.depth = depth
         self.pushes = _push_layers(self.p, self.q, depth) if self.p else frozenset()
         self._constants: dict[torch.device, tuple[Tensor, ...]] = {}
         self._largest: list[Tensor] = []
+        # (v_n, x_{n-1}, its float): computed by `unstep_velocity` for the next `unstep_position`.
+        self._ahead: tuple[Tensor, Tensor, Tensor] | None = None
 
     def _on(self, device: torch.device) -> tuple[Tensor, ...]:
         """``p``, ``q``, ``(1 - gamma) * 2**bits`` and ``2**-bits`` as 0-d tensors (kernel
@@ -201,7 +205,8 @@ class ExactArithmetic:
         return state[0]
 
     def velocity(self, state: State) -> Tensor:
-        return state[1]
+        vf, vi = state[1], state[3]
+        return vf if vf.shape == vi.shape else self._to_float(vi, state[0].dtype)
 
     # -- the update and its inverse -------------------------------------------------------------
     # The kernels work on flat tensors, so that one compiled kernel serves every shape.
@@ -218,17 +223,18 @@ class ExactArithmetic:
         else:
             kernel = step_push if n in self.pushes else step
             flat = [t.reshape(-1) for t in (xi, vi, buffer, f.detach())]
-            xi, vi, buffer, word, largest, new_xf, new_vf = kernel(*flat, p, q, c, inv, dtype)
-            xi, vi, buffer, new_xf, new_vf = (
-                t.view(shape) for t in (xi, vi, buffer, new_xf, new_vf)
-            )
+            xi, vi, buffer, word, largest, new_xf = kernel(*flat, p, q, c, inv, dtype)
+            xi, vi, buffer, new_xf = (t.view(shape) for t in (xi, vi, buffer, new_xf))
             if word is not None:
                 words.append(word.view(shape))
+            last = n == self.depth - 1
+            new_vf = self._to_float(vi, dtype) if last or _recording(vf, f, xf) else _LAZY
         # |(1 - gamma) f|, |v| and |x| below 2**61 at every layer keep every sum below 2**63 (by
         # induction). Checked once per forward by `check_range`, not with a device sync per layer;
         # the backward recomputes the same values, which the detector verifies.
         self._largest.append(largest)
         if _recording(vf, f, xf):
+            vf = self.velocity(state)  # a placeholder if the stack's first blocks did not record
             ghost_v = self.gamma * vf + (1 - self.gamma) * f
             new_vf = _StraightThrough.apply(ghost_v, new_vf)
             new_xf = _StraightThrough.apply(xf + new_vf, new_xf)
@@ -245,32 +251,39 @@ class ExactArithmetic:
             raise self._range_error(f"the output of block {n} (or the state x or v after it)")
 
     def unstep_position(self, state: State) -> State:
-        _, vf, xi, vi, *rest = state
-        x, xf = unstep_position(xi.reshape(-1), vi.reshape(-1), self._on(xi.device)[3], vf.dtype)
-        return (xf.view(xi.shape), vf, x.view(xi.shape), vi, *rest)
+        xf, vf, xi, vi, *rest = state
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is vi:
+            return (ahead[2], vf, ahead[1], vi, *rest)
+        flat = (t.reshape(-1) for t in (xi, vi))
+        x, new_xf = unstep_position(*flat, self._on(xi.device)[3], xf.dtype)
+        return (new_xf.view(xi.shape), vf, x.view(xi.shape), vi, *rest)
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
         xf, _, xi, vi, buffer, *words = state
         if self.p == 0:
             raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
-        flat = [t.reshape(-1) for t in (vi, buffer, f.detach())]
+        flat = [t.reshape(-1) for t in (xi, vi, buffer, f.detach())]
         args = (*flat, *self._on(xi.device), xf.dtype)
         if n in self.pushes:
-            v, buffer, vf = unstep_velocity_pop(*args, words.pop().reshape(-1))
+            v, buffer, x_prev, xf_prev = unstep_velocity_pop(*args, words.pop().reshape(-1))
         else:
-            v, buffer, vf = unstep_velocity(*args)
-        return (xf, vf.view(xi.shape), xi, v.view(xi.shape), buffer.view(xi.shape), *words)
+            v, buffer, x_prev, xf_prev = unstep_velocity(*args)
+        v = v.view(xi.shape)
+        if n > 0:
+            self._ahead = (v, x_prev.view(xi.shape), xf_prev.view(xi.shape))
+        vf = self._to_float(v, xf.dtype) if n == 0 else _LAZY
+        return (xf, vf, xi, v, buffer.view(xi.shape), *words)
 
     # -- the detector ----------------------------------------------------------------------------
     def fingerprint(self, state: State) -> Tensor:
-        """A checksum of the fixed-point ``(x, v)``: sums of their 30-bit limbs."""
+        """A checksum of the fixed-point ``(x, v)``: the sums of their low 31 bits and of the
+        rest (neither sum can overflow below 2**32 elements). A block that computes something else
+        when run again changes the values, which moves the sums; the emptied buffer, also checked,
+        catches what they might miss."""
         sums = []
         for t in (state[2], state[3]):
-            flat = t.reshape(-1)
-            weights = torch.arange(flat.numel(), device=t.device).remainder_(65521).add_(1)
-            for shift in (0, 30, 60):
-                limb = flat.bitwise_right_shift(shift).bitwise_and_((1 << 30) - 1)
-                sums += [limb.sum(), (limb.bitwise_and_((1 << 16) - 1) * weights).sum()]
+            sums += [(t & ((1 << 31) - 1)).sum(), (t >> 31).sum()]
         return torch.stack(sums)
 
     def verify(self, start: Tensor, state: State, check: Check) -> None:
@@ -287,6 +300,9 @@ class ExactArithmetic:
             "torch.backends.cudnn.benchmark = False), keep it free of side effects (no counters "
             "or caches that change between calls), or use use_backprop=True."
         )
+
+
+_LAZY = torch.empty(0)  # the placeholder for a velocity float that nothing reads
 
 
 def _recording(*tensors: Tensor) -> bool:

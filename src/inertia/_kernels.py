@@ -97,12 +97,13 @@ def _step(
 ) -> tuple[Any, ...]:
     """One layer: ``scaled = c f`` is ``(1 - gamma) f`` in grid units. Returns ``x, v, buffer``,
     the word plane pushed (None unless ``push``), the largest of ``|x|``, ``|v|``, ``|scaled|``
-    (float64; NaN if ``f`` has a NaN), and ``x, v`` as floats of ``dtype``."""
+    (float64; NaN if ``f`` has a NaN), and ``x`` as a float of ``dtype`` (the next block's input;
+    ``v``'s float is needed only at the end)."""
     scaled = f.double() * c
     x, v, buffer, word = _mul_gamma(x, v, buffer, scaled, p, q, push)
     largest = torch.maximum(v.abs().amax(), x.abs().amax()).double()
     largest = torch.maximum(largest, scaled.abs().amax())
-    return x, v, buffer, word, largest, to_float(x, inv, dtype), to_float(v, inv, dtype)
+    return x, v, buffer, word, largest, to_float(x, inv, dtype)
 
 
 def _step_push(
@@ -128,6 +129,7 @@ def _unstep_position(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> t
 
 
 def _unstep_velocity(
+    x: Tensor,
     v: Tensor,
     buffer: Tensor,
     f: Tensor,
@@ -138,7 +140,9 @@ def _unstep_velocity(
     dtype: torch.dtype,
     word: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n``, and its float."""
+    """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n``, given ``x = x_n``;
+    returns ``v_n``, the buffer, and (one step ahead, saving a kernel) ``x_{n-1} = x_n - v_n``
+    and its float."""
     d = (f.double() * c).round().long()
     buffer, r = _divmod(buffer, q, small=True)
     if word is not None:
@@ -146,10 +150,12 @@ def _unstep_velocity(
     a, t = _divmod(v - d, p, small=False)
     high, s = _divmod(t * q + r, p, small=True)
     v = a * q + high
-    return v, buffer * p + s, to_float(v, inv, dtype)
+    x = x - v
+    return v, buffer * p + s, x, to_float(x, inv, dtype)
 
 
 def _unstep_velocity_pop(
+    x: Tensor,
     v: Tensor,
     buffer: Tensor,
     f: Tensor,
@@ -161,7 +167,7 @@ def _unstep_velocity_pop(
     word: Tensor,
 ) -> tuple[Tensor, ...]:
     """`_unstep_velocity` at a layer that pops a word plane."""
-    return _unstep_velocity(v, buffer, f, p, q, c, inv, dtype, word)
+    return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
 
 
 _MIN_COMPILED = 4096  # below this many elements, launching a kernel costs more than it saves
