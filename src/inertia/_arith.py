@@ -137,8 +137,9 @@ class FloatArithmetic:
         if drift <= tol:  # False for NaN, so NaN is reported as drift
             return
         gamma, depth = self.gamma, check.depth
-        log_growth = math.log2(torch.finfo(x.dtype).eps) - depth * math.log2(gamma or 2**-1e4)
-        growth = 2**log_growth if log_growth < 1000 else math.inf
+        eps = torch.finfo(x.dtype).eps
+        log_growth = math.log2(eps) - depth * math.log2(gamma) if gamma > 0 else math.inf
+        growth = 2**log_growth if log_growth < 1000 else math.inf  # no OverflowError
         message = (
             f"memory-free backward: the reconstructed input of this MomentumNet differs from the "
             f"forward's by about {drift:.1e} (relative), above inversion_tol={tol:.1e}, so its "
