@@ -204,6 +204,30 @@ class ExactArithmetic:
     def position(self, state: State) -> Tensor:
         return state[0]
 
+    def to_exact_state(self, state: State) -> ExactState:
+        """``state`` as the public `ExactState`."""
+        xf, _, xi, vi, buffer, *words = state
+        vf = self.velocity(state)
+        return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, self.fraction_bits)
+
+    def from_exact_state(self, state: ExactState) -> State:
+        """The tuple for ``state``, after checking that this stack's forward made it."""
+        if (state.gamma, state.fraction_bits) != (self.ratio, self.fraction_bits):
+            raise ValueError(
+                f"the state was made with gamma={state.gamma} and fraction_bits="
+                f"{state.fraction_bits}, but this MomentumNet has gamma={self.ratio} and "
+                f"fraction_bits={self.fraction_bits}."
+            )
+        if len(state.words) != len(self.pushes):
+            raise ValueError(
+                f"the state's buffer has {len(state.words)} word planes, but a forward through "
+                f"these {self.depth} blocks leaves {len(self.pushes)}; it comes from a stack of "
+                "another depth."
+            )
+        dtype = state.position.dtype
+        xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
+        return (xf, vf, state.x, state.v, state.buffer, *state.words)
+
     def velocity(self, state: State) -> Tensor:
         vf, vi = state[1], state[3]
         return vf if vf.shape == vi.shape else self._to_float(vi, state[0].dtype)
@@ -214,6 +238,7 @@ class ExactArithmetic:
         xf, vf, xi, vi, buffer, *words = state
         p, q, c, inv = self._on(xi.device)
         shape, dtype = xi.shape, xf.dtype
+        recording = _recording(vf, f, xf)
         if self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
             scaled = f.detach().double() * c
             vi = scaled.round().long()
@@ -228,12 +253,12 @@ class ExactArithmetic:
             if word is not None:
                 words.append(word.view(shape))
             last = n == self.depth - 1
-            new_vf = self._to_float(vi, dtype) if last or _recording(vf, f, xf) else _LAZY
+            new_vf = self._to_float(vi, dtype) if last or recording else _LAZY
         # |(1 - gamma) f|, |v| and |x| below 2**61 at every layer keep every sum below 2**63 (by
         # induction). Checked once per forward by `check_range`, not with a device sync per layer;
         # the backward recomputes the same values, which the detector verifies.
         self._largest.append(largest)
-        if _recording(vf, f, xf):
+        if recording:
             vf = self.velocity(state)  # a placeholder if the stack's first blocks did not record
             ghost_v = self.gamma * vf + (1 - self.gamma) * f
             new_vf = _StraightThrough.apply(ghost_v, new_vf)

@@ -15,7 +15,6 @@ from ._arith import Arithmetic, FloatArithmetic, State
 from ._autograd import StackSpec, inverse, momentum_forward
 from ._errors import InertiaError
 from ._exact import ExactArithmetic, ExactState, rational_gamma
-from ._kernels import to_float
 from ._replay import StatsOnce
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
@@ -330,7 +329,8 @@ class MomentumNet(nn.Module):
         state, spec = self._run(x, args, kwargs)
         arith = spec.arith
         if return_state:
-            return self._exact_state(state)
+            assert isinstance(arith, ExactArithmetic)
+            return arith.to_exact_state(state)
         x_n = arith.position(state)
         return (x_n, arith.velocity(state)) if return_velocity else x_n
 
@@ -342,12 +342,6 @@ class MomentumNet(nn.Module):
         x = self._run_kept(spec, x, args, kwargs)
         state = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
         return state, spec
-
-    def _exact_state(self, state: State) -> ExactState:
-        xf, vf, xi, vi, buffer, *words = state
-        ratio = rational_gamma(self._gamma)
-        bits = self._fraction_bits(xf.dtype)
-        return ExactState(xf, vf, xi, vi, buffer, tuple(words), ratio, bits)
 
     def inverse(self, x: Tensor | ExactState, *args: Any, **kwargs: Any) -> Any:
         """Reconstruct ``(x_0, v_0)`` from ``(x_N, v_N)``, without autograd.
@@ -376,7 +370,10 @@ class MomentumNet(nn.Module):
             raise ValueError("gamma = 0 is not invertible (the inverse divides by gamma).")
         if isinstance(x, ExactState):
             spec = self._spec(x.position.dtype)
-            return self._exact_state(inverse(spec, self._state_of(x, spec), args, kwargs))
+            if not isinstance(spec.arith, ExactArithmetic):
+                raise TypeError("an ExactState comes from an exact MomentumNet; set exact=True.")
+            state = inverse(spec, spec.arith.from_exact_state(x), args, kwargs)
+            return spec.arith.to_exact_state(state)
         if self._exact:
             raise TypeError(
                 "an exact MomentumNet inverts the ExactState from forward(x, return_state=True); "
@@ -391,28 +388,6 @@ class MomentumNet(nn.Module):
         spec = self._spec(x.dtype)
         state = inverse(spec, (x, v), rest, kwargs)
         return spec.arith.position(state), spec.arith.velocity(state)
-
-    def _state_of(self, state: ExactState, spec: StackSpec) -> State:
-        """The arithmetic's tuple for ``state``, after checking that it belongs to this stack."""
-        arith = spec.arith
-        if not isinstance(arith, ExactArithmetic):
-            raise TypeError("an ExactState comes from an exact MomentumNet; set exact=True.")
-        if (state.gamma, state.fraction_bits) != (arith.ratio, arith.fraction_bits):
-            raise ValueError(
-                f"the state was made with gamma={state.gamma} and fraction_bits="
-                f"{state.fraction_bits}, but this MomentumNet has gamma={arith.ratio} and "
-                f"fraction_bits={arith.fraction_bits}."
-            )
-        if len(state.words) != len(arith.pushes):
-            raise ValueError(
-                f"the state's buffer has {len(state.words)} word planes, but a forward through "
-                f"these {len(spec.blocks)} blocks leaves {len(arith.pushes)}; it comes from a "
-                "stack of another depth."
-            )
-        dtype = state.position.dtype
-        inv = torch.tensor(2.0**-state.fraction_bits, dtype=torch.float64, device=state.x.device)
-        xf, vf = (to_float(t, inv, dtype) for t in (state.x, state.v))
-        return (xf, vf, state.x, state.v, state.buffer, *state.words)
 
     def extra_repr(self) -> str:
         return (
