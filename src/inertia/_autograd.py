@@ -287,6 +287,8 @@ class _Gradients:
             inputs = ([inp] if need_x else []) + wanted + [self.arg_in[i] for i in arg_wanted]
             if not inputs or not out.requires_grad:
                 return out.detach(), None
+            if _sharded(module):
+                return out.detach(), self._backward_sharded(out, grad_out, inp, need_x, arg_wanted)
             pulled = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         dx = pulled[0] if need_x else None
         rest = pulled[1:] if need_x else pulled
@@ -296,29 +298,38 @@ class _Gradients:
             self.args[i] = _add(self.args[i], g)
         return out.detach(), dx
 
+    def _backward_sharded(
+        self, out: Tensor, grad_out: Tensor, inp: Tensor, need_x: bool, arg_wanted: list[int]
+    ) -> Tensor | None:
+        """The pullback of a block that FSDP2 shards (``fully_shard`` on it or inside it).
+
+        FSDP2 registers the unsharded parameters for the duration of the block's call only, and
+        reduce-scatters their gradients itself once autograd has accumulated them (its hooks on
+        the call's inputs and outputs). So this pullback runs ``backward`` instead of asking for
+        the parameters' gradients: FSDP reduce-scatters into the sharded ``.grad``, any parameter
+        it does not manage accumulates its ``.grad`` directly, and the Function returns None for
+        both. The inputs' gradients are read back from the detached leaves.
+        """
+        for i in arg_wanted:  # shared by every block's call: start from zero, read, clear
+            self.arg_in[i].grad = None
+        torch.autograd.backward(out, grad_out)
+        for i in arg_wanted:
+            self.args[i] = _add(self.args[i], self.arg_in[i].grad)
+            self.arg_in[i].grad = None
+        return inp.grad if need_x else None
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module`` or one of its submodules."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded if it was never imported
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
+
 
 def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
     """Out of place: a gradient returned by autograd may alias another one."""
     if g is None:
         return total
     return g if total is None else total + g
-
-
-def _check_not_sharded_inside(spec: StackSpec) -> None:
-    """FSDP2 (``fully_shard``) on a block, or inside one, cannot work memory-free: the block's
-    unsharded parameters exist only while it runs, so the gradients that the Function returns
-    could not reach them, and FSDP would reduce nothing. Sharding the whole model (or the
-    MomentumNet itself) works: its parameters are unsharded for the whole forward and backward."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # no block is sharded if it was never imported
-    if fsdp is None:
-        return
-    for index, block in enumerate(spec.blocks):
-        if any(isinstance(m, fsdp.FSDPModule) for m in block.modules()):
-            raise InertiaError(
-                f"{spec.describe(index)} is sharded with fully_shard (FSDP2), which a memory-free "
-                "MomentumNet cannot differentiate. Apply fully_shard to the MomentumNet or to the "
-                "whole model instead of to its blocks, or use use_backprop=True."
-            )
 
 
 def _is_cache(value: Any) -> bool:
@@ -361,7 +372,6 @@ def momentum_forward(
     if not (memory_free and differentiable and spec.blocks):
         state, _, _ = run_forward(spec, x, args, kwargs)
         return state
-    _check_not_sharded_inside(spec)
     named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
     for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
         if _is_cache(value):
