@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from ._arith import Arithmetic, Check, State
 from ._errors import InertiaError
+from ._kernels import eager
 from ._replay import AutocastState, RngTracker, frozen_running_stats, same_state
 
 __all__ = ["StackSpec", "inverse", "momentum_forward"]
@@ -388,4 +389,13 @@ def momentum_forward(
         n_tensors=len(arg_tensors),
         call_params=tuple(positions),
     )
-    return tuple(_MomentumFunction.apply(cfg, x, *arg_tensors, *params))
+    return _apply(cfg, x, [*arg_tensors, *params])
+
+
+# The memory-free Function keeps generator states and an inversion sketch, which dynamo cannot
+# trace: `torch.compile` on a whole model stops here, cleanly (a graph break, no warnings), and
+# compiles the layers around the stack; blocks compiled themselves (`block.compile()`) still run
+# compiled inside it.
+@eager
+def _apply(cfg: _Config, x: Tensor, tensors: list[Tensor]) -> State:
+    return tuple(_MomentumFunction.apply(cfg, x, *tensors))

@@ -38,6 +38,7 @@ from ._arith import Check, State
 from ._errors import InertiaError, InversionError
 from ._kernels import (
     WORD,
+    eager,
     step,
     step_push,
     to_float,
@@ -142,6 +143,9 @@ class ExactArithmetic:
     empty placeholder (`velocity` computes it from ``v`` if asked).
     """
 
+    # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
+    # under torch.compile it runs eagerly.
+    @eager
     def __init__(self, gamma: float, fraction_bits: int, depth: int) -> None:
         self.ratio = rational_gamma(gamma)
         self.p, self.q = self.ratio.numerator, self.ratio.denominator

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "WORD",
+    "eager",
     "step",
     "step_push",
     "to_float",
@@ -171,6 +172,15 @@ def _unstep_velocity_pop(
 
 
 _MIN_COMPILED = 4096  # below this many elements, launching a kernel costs more than it saves
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def eager(fn: _F) -> _F:
+    """``torch.compiler.disable``, typed: under ``torch.compile``, dynamo does not trace ``fn``
+    (a graph break) and runs it as Python, where what it calls may still be compiled."""
+    return cast(_F, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
 
 
 class _Compiled:

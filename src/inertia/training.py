@@ -255,7 +255,7 @@ def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    scaler = torch.amp.grad_scaler.GradScaler(device.type, enabled=config.amp == "fp16")
     metrics: list[dict[str, float]] = []
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
