@@ -393,9 +393,9 @@ def momentum_forward(
 
 
 # The memory-free Function keeps generator states and an inversion sketch, which dynamo cannot
-# trace: `torch.compile` on a whole model stops here, cleanly (a graph break, no warnings), and
-# compiles the layers around the stack; blocks compiled themselves (`block.compile()`) still run
-# compiled inside it.
+# trace, and its blocks must run alike in the forward and the recomputation: `torch.compile` on a
+# whole model stops here (one graph break) and compiles the layers around the stack; blocks
+# compiled themselves (`block.compile()`) still run compiled inside it.
 @eager
 def _apply(cfg: _Config, x: Tensor, tensors: list[Tensor]) -> State:
     return tuple(_MomentumFunction.apply(cfg, x, *tensors))
