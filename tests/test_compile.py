@@ -48,11 +48,6 @@ class Around(nn.Module):
         return self.head(self.stack(self.stem(x)).cos())  # type: ignore[no-any-return]
 
 
-# Dynamo reads .grad of the non-leaf tensors live across a graph break (here the stack's input
-# and output) as it resumes; that warning is dynamo's, for any graph break.
-@pytest.mark.filterwarnings(
-    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-)
 @pytest.mark.parametrize("exact", [False, True])
 def test_compiling_a_whole_model(exact: bool) -> None:
     """torch.compile on a model holding a memory-free stack: the same gradients as eager. The
@@ -77,9 +72,6 @@ def test_compiling_a_whole_model(exact: bool) -> None:
     assert any("cos" in op for op in ops)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
-)
 def test_compiling_a_converted_resnet() -> None:
     """A converted torchvision ResNet-18 compiled whole: its stem, the first block of each stage
     (which changes shape, so it is kept) and its head are compiled, and the memory-free stages run

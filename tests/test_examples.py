@@ -60,6 +60,15 @@ def test_models_benchmark_script(tmp_path: Path) -> None:
         assert peaks["checkpoint", case] < peaks["plain", case]
 
 
+def test_compile_benchmark_script(tmp_path: Path) -> None:
+    """benchmarks/compile.py at tiny size, with a backend that compiles quickly (aot_eager)."""
+    script = load(ROOT / "benchmarks" / "compile.py")
+    script.main(["--quick", "--backend", "aot_eager", "--out", str(tmp_path)])
+    rows = (tmp_path / "compile_quick.csv").read_text().splitlines()
+    assert rows[0].startswith("variant,description,step_ms")
+    assert [row.split(",")[0] for row in rows[1:]] == list(script.VARIANTS)
+
+
 def test_gpu_script_runs_small_on_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu.py, prepared for a GPU run, at tiny sizes here so that it cannot rot."""
     script = load(ROOT / "benchmarks" / "gpu.py")
