@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,23 +39,28 @@ def model(exact: bool, use_backprop: bool = False) -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 8), stack, nn.Linear(8, 3))
 
 
-def whole(net: nn.Sequential) -> None:
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks of every memory-free stack in ``net``."""
+    return [block for m in net.modules() if isinstance(m, MomentumNet) for block in m]
+
+
+def whole(net: nn.Module) -> None:
     fully_shard(net)
 
 
-def each_block_then_model(net: nn.Sequential) -> None:
-    for block in net[1]:
-        fully_shard(block)
-    fully_shard(net)
+def each_block(net: nn.Module, **options: Any) -> None:
+    for block in blocks(net):
+        fully_shard(block, **options)
 
 
-def each_block(net: nn.Sequential) -> None:
-    for block in net[1]:
-        fully_shard(block)
+def each_block_then_model(net: nn.Module, **options: Any) -> None:
+    """The README's recipe."""
+    each_block(net, **options)
+    fully_shard(net, **options)
 
 
-def inside_each_block(net: nn.Sequential) -> None:
-    for block in net[1]:
+def inside_each_block(net: nn.Module) -> None:
+    for block in blocks(net):
         fully_shard(block[0])  # block[2] and the LayerNorm stay plain: FSDP does not manage them
 
 
@@ -137,9 +143,7 @@ def converted_resnet(rank: int, world: int) -> tuple[float, float]:
         net = copy.deepcopy(base).double()
         for stack in [m for m in net.modules() if isinstance(m, MomentumNet)]:
             stack.use_backprop = use_backprop
-            for block in stack:
-                fully_shard(block)
-        fully_shard(net)
+        each_block_then_model(net)
         net(x).square().sum().backward()
         grads.append([full(p.grad, world) for p in net.parameters()])
         buffers.append([b.double() for b in net.buffers()])
@@ -169,9 +173,7 @@ def main() -> None:
         for name, use_backprop, mp in (("fp32", True, None), ("bf16 backprop", True, policy),
                                        ("bf16 memory-free", False, policy)):  # fmt: skip
             net = model(exact, use_backprop)
-            for block in net[1]:
-                fully_shard(block, mp_policy=mp or MixedPrecisionPolicy())
-            fully_shard(net, mp_policy=mp or MixedPrecisionPolicy())
+            each_block_then_model(net, mp_policy=mp or MixedPrecisionPolicy())
             (runs[name],) = train(net, [batches[0].float()], world, rank)
         backprop = overall(runs["bf16 backprop"], runs["fp32"])
         free = overall(runs["bf16 memory-free"], runs["fp32"])
