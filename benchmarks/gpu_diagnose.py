@@ -1,0 +1,215 @@
+"""Why the GPU targets of ``gpu.py`` are missed: two diagnostics, on the same workloads.
+
+1. **Gradient-error floor** (ResNet-101, fp32, TF32 at PyTorch's defaults): the backprop twin
+   against itself (two runs, same weights, batch and buffers) beside exact and float memory-free
+   against the twin, with cuDNN's default algorithms and then with deterministic ones. What the
+   twin shows against itself is the run-to-run noise of the GPU's kernels, a floor under any
+   comparison.
+2. **Memory over the step** (24-layer encoder, fp32): ``torch.cuda.memory_allocated`` and the peak
+   so far, read as each block starts (in the forward, and in the backward's recomputation) for
+   checkpointing and the memory-free modes; and the true peak of a step when ``.grad`` is already
+   allocated (gradient accumulation).
+
+    PYTHONPATH=src python benchmarks/gpu_diagnose.py --commit $(git rev-parse --short HEAD)
+    PYTHONPATH=src python benchmarks/gpu_diagnose.py --small --device cpu   # the test suite
+
+Writes ``gpu_diagnose.json`` and ``gpu_diagnose.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# The workloads and measurements of gpu.py, beside this file (benchmarks/ is not a package).
+_spec = importlib.util.spec_from_file_location("gpu", Path(__file__).with_name("gpu.py"))
+assert _spec is not None
+assert _spec.loader is not None
+gpu = sys.modules["gpu"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu)
+
+
+def error_floor(wl: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Twin against twin, exact and float against the twin; default and deterministic cuDNN."""
+    rows = []
+    torch.manual_seed(1)
+    batch = wl.batch(device)
+    models = {v: wl.build(v).to(device).train() for v in ("momentum_exact", "momentum_float")}
+    twins = {v: wl.build(v, use_backprop=True).to(device).train() for v in models}
+    for deterministic in (False, True):
+        torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for variant, model in models.items():
+                twin = twins[variant]
+                other = copy.deepcopy(twin)
+                row = {"deterministic": deterministic, "variant": variant}
+                row["twin_vs_twin"] = gpu.gradient_error(twin, other, wl, batch, amp=False)
+                row["free_vs_twin"] = gpu.gradient_error(twin, model, wl, batch, amp=False)
+                rows.append(row)
+                del other
+        for row in rows[-2:]:
+            row["warnings"] = sorted({str(w.message)[:120] for w in caught})
+    torch.backends.cudnn.deterministic = False
+    torch.use_deterministic_algorithms(False)
+    return rows
+
+
+def timeline(wl: Any, variant: str, device: torch.device) -> dict[str, Any]:
+    """Allocated and peak MiB as each block starts, over one step; and the accumulation peak."""
+    model = wl.build(variant).to(device).train()
+    torch.manual_seed(1)
+    batch = wl.batch(device)
+    gpu.train_step(model, wl, batch, amp=False)  # warm-up
+    model.zero_grad(set_to_none=True)
+    stack = model.get_submodule(wl.paths[0])
+    points: list[tuple[int, float, float]] = []
+
+    def record(index: int) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            points.append((index, _mib(_allocated(device)),
+                           _mib(_peak(device))))  # fmt: skip
+
+        return hook
+
+    # Indexing a converted stack gives its blocks; a checkpointed block wraps the original.
+    blocks = [getattr(stack[i], "block", stack[i]) for i in range(len(stack))]
+    handles = [b.register_forward_pre_hook(record(i)) for i, b in enumerate(blocks)]
+    _reset(device)
+    base = _allocated(device)
+    gpu.train_step(model, wl, batch, amp=False)
+    gpu.synchronize(device)
+    peak = _peak(device)
+    for h in handles:
+        h.remove()
+    # Gradient accumulation: .grad allocated before the step, as after a first micro-batch.
+    _reset(device)
+    base_acc = _allocated(device)
+    with torch.autocast(device.type, enabled=False):
+        wl.loss(model, batch).backward()
+    gpu.synchronize(device)
+    peak_acc = _peak(device)
+    row = {
+        "variant": variant,
+        "base_mib": _mib(base),
+        "peak_mib": _mib(peak),
+        "points": points,
+        "accumulate_base_mib": _mib(base_acc),
+        "accumulate_peak_mib": _mib(peak_acc),
+        "grads_mib": _mib(sum(p.numel() * p.element_size() for p in model.parameters())),
+    }
+    del model
+    gpu.free(device)
+    return row
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def markdown(
+    meta: dict[str, Any], floor: list[dict[str, Any]], lines_: list[dict[str, Any]]
+) -> str:
+    out = [
+        f"Produced by `PYTHONPATH=src python benchmarks/gpu_diagnose.py` on {meta['device']} "
+        f"(torch {meta['torch']}, commit {meta['commit']}). TF32: matmul {meta['tf32_matmul']}, "
+        f"cuDNN {meta['tf32_cudnn']}.",
+        "",
+        f"## Gradient-error floor: {meta['floor_workload']}, fp32",
+        "",
+        "Global relative error of parameter gradients (worst tensor). *twin vs twin*: the backprop "
+        "twin run twice on the same weights, batch and buffers.",
+        "",
+        "| cuDNN algorithms | variant | twin vs twin | memory-free vs twin |",
+        "|---|---|---|---|",
+    ]
+    for r in floor:
+        tt, ft = r["twin_vs_twin"], r["free_vs_twin"]
+        out.append(
+            f"| {'deterministic' if r['deterministic'] else 'default'} | {r['variant']} | "
+            f"{tt['grad_error']:.1e} ({tt['worst_tensor']:.1e}) | "
+            f"{ft['grad_error']:.1e} ({ft['worst_tensor']:.1e}) |"
+        )
+    out += [
+        "",
+        f"## Memory over one step: {meta['timeline_workload']}, fp32",
+        "",
+        "MiB above the weights and the batch. *At block i*: allocated when block i starts in the "
+        "backward (its recomputation); the first column is block 0, where the memory-free modes "
+        "hold every parameter gradient. *Accumulation*: the step's peak with `.grad` already "
+        "allocated.",
+        "",
+        "| variant | step peak | at last block (backward) | at block 0 (backward) "
+        "| accumulation peak | parameter gradients |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in lines_:
+        n = max(i for i, _, _ in r["points"]) + 1
+        backward = r["points"][n:]  # forward first, then the backward's recomputations
+        first = next((a for i, a, _ in backward if i == 0), float("nan"))
+        last = next((a for i, a, _ in backward if i == n - 1), float("nan"))
+        out.append(
+            f"| {r['variant']} | {r['peak_mib'] - r['base_mib']:,.0f} | "
+            f"{last - r['base_mib']:,.0f} | {first - r['base_mib']:,.0f} | "
+            f"{r['accumulate_peak_mib'] - r['accumulate_base_mib']:,.0f} | {r['grads_mib']:,.0f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny sizes")
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    loads = {wl.name.rstrip("0123456789"): wl for wl in gpu.workloads(args.small)}
+    floor = error_floor(loads["resnet"], device)
+    print(json.dumps(floor), file=sys.stderr, flush=True)
+    timelines = []
+    for variant in ("checkpoint", "momentum_exact", "momentum_float", "plain"):
+        timelines.append(timeline(loads["encoder"], variant, device))
+        print(json.dumps(timelines[-1])[:300], file=sys.stderr, flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "commit": args.commit,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "floor_workload": loads["resnet"].describe,
+        "timeline_workload": loads["encoder"].describe,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_diagnose_small" if args.small else "gpu_diagnose"
+    results = {"meta": meta, "floor": floor, "timelines": timelines}
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(meta, floor, timelines))
+    print((args.out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
