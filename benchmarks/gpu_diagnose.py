@@ -1,11 +1,13 @@
-"""Why the GPU targets of ``gpu.py`` are missed: two diagnostics, on the same workloads.
+"""Why the GPU targets of ``gpu.py`` are missed: three diagnostics, on the same workloads.
 
 1. **Gradient-error floor** (ResNet-101, fp32, TF32 at PyTorch's defaults): the backprop twin
    against itself (two runs, same weights, batch and buffers) beside exact and float memory-free
    against the twin, with cuDNN's default algorithms and then with deterministic ones. What the
    twin shows against itself is the run-to-run noise of the GPU's kernels, a floor under any
    comparison.
-2. **Memory over the step** (24-layer encoder, fp32): ``torch.cuda.memory_allocated`` and the peak
+2. **TF32 against float64 truth** (the same ResNet, exact mode): memory-free against its twin,
+   and each against the float64 gradients of the same model, with TF32 convolutions on and off.
+3. **Memory over the step** (24-layer encoder, fp32): ``torch.cuda.memory_allocated`` and the peak
    so far, read as each block starts (in the forward, and in the backward's recomputation) for
    checkpointing and the memory-free modes; and the true peak of a step when ``.grad`` is already
    allocated (gradient accumulation).
@@ -62,6 +64,31 @@ def error_floor(wl: Any, device: torch.device) -> list[dict[str, Any]]:
             row["warnings"] = sorted({str(w.message)[:120] for w in caught})
     torch.backends.cudnn.deterministic = False
     torch.use_deterministic_algorithms(False)
+    return rows
+
+
+def tf32_effect(wl: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Exact memory-free and its twin against float64 truth, with TF32 convolutions on and off."""
+    torch.manual_seed(1)
+    batch = wl.batch(device)
+    model = wl.build("momentum_exact").to(device).train()
+    twin = wl.build("momentum_exact", use_backprop=True).to(device).train()
+    truth = wl.build("momentum_exact", use_backprop=True).to(device, torch.float64).train()
+    rows = []
+    for tf32 in (True, False):
+        torch.backends.cudnn.allow_tf32 = tf32
+        row: dict[str, Any] = {"tf32_cudnn": tf32}
+        row["free_vs_twin"] = gpu.gradient_error(twin, model, wl, batch, amp=False)
+        truth.load_state_dict(model.state_dict())  # the same weights and buffers, in float64
+        torch.manual_seed(0)
+        gpu.train_step(truth, wl, batch.double(), amp=False)
+        grads = {n: p.grad for n, p in truth.named_parameters() if p.grad is not None}
+        row["twin_vs_float64"] = gpu._errors(twin, grads)
+        row["free_vs_float64"] = gpu._errors(model, grads)
+        rows.append(row)
+    torch.backends.cudnn.allow_tf32 = True
+    del model, twin, truth
+    gpu.free(device)
     return rows
 
 
@@ -131,7 +158,10 @@ def _mib(n: int) -> float:
 
 
 def markdown(
-    meta: dict[str, Any], floor: list[dict[str, Any]], lines_: list[dict[str, Any]]
+    meta: dict[str, Any],
+    floor: list[dict[str, Any]],
+    tf32: list[dict[str, Any]],
+    lines_: list[dict[str, Any]],
 ) -> str:
     out = [
         f"Produced by `PYTHONPATH=src python benchmarks/gpu_diagnose.py` on {meta['device']} "
@@ -152,6 +182,23 @@ def markdown(
             f"| {'deterministic' if r['deterministic'] else 'default'} | {r['variant']} | "
             f"{tt['grad_error']:.1e} ({tt['worst_tensor']:.1e}) | "
             f"{ft['grad_error']:.1e} ({ft['worst_tensor']:.1e}) |"
+        )
+    out += [
+        "",
+        f"## TF32 and float64 truth: {meta['floor_workload']}, exact mode",
+        "",
+        "Global relative error of parameter gradients (worst tensor) against the float64 "
+        "gradients of the same model (exact backprop twin in float64, same weights and buffers).",
+        "",
+        "| TF32 convolutions | memory-free vs twin | twin vs float64 | memory-free vs float64 |",
+        "|---|---|---|---|",
+    ]
+    for r in tf32:
+        cells = [r["free_vs_twin"], r["twin_vs_float64"], r["free_vs_float64"]]
+        out.append(
+            f"| {'on' if r['tf32_cudnn'] else 'off'} | "
+            + " | ".join(f"{c['grad_error']:.1e} ({c['worst_tensor']:.1e})" for c in cells)
+            + " |"
         )
     out += [
         "",
@@ -190,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     loads = {wl.name.rstrip("0123456789"): wl for wl in gpu.workloads(args.small)}
     floor = error_floor(loads["resnet"], device)
     print(json.dumps(floor), file=sys.stderr, flush=True)
+    tf32 = tf32_effect(loads["resnet"], device)
+    print(json.dumps(tf32), file=sys.stderr, flush=True)
     timelines = []
     for variant in ("checkpoint", "momentum_exact", "momentum_float", "plain"):
         timelines.append(timeline(loads["encoder"], variant, device))
@@ -205,9 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_diagnose_small" if args.small else "gpu_diagnose"
-    results = {"meta": meta, "floor": floor, "timelines": timelines}
+    results = {"meta": meta, "floor": floor, "tf32": tf32, "timelines": timelines}
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(meta, floor, timelines))
+    (args.out / f"{stem}.md").write_text(markdown(meta, floor, tf32, timelines))
     print((args.out / f"{stem}.md").read_text())
 
 
