@@ -13,7 +13,7 @@ Rows run in priority order (float32 of each workload, then bf16), each under its
 within a total ``--budget``; each row is appended to ``gpu.jsonl`` as soon as it ends, and
 ``gpu.md`` / ``gpu.json`` are rewritten after every row, so a run cut short keeps what ran. With
 ``--profile``, one extra step of each exact memory-free row (and of its checkpoint row) in float32
-goes to ``profile.txt`` as a ``torch.profiler`` key-averages table.
+goes to ``gpu_profile.txt`` as a ``torch.profiler`` key-averages table.
 
     PYTHONPATH=src python benchmarks/gpu.py --profile --commit $(git rev-parse --short HEAD)
     PYTHONPATH=src python benchmarks/gpu.py --small --device cpu   # tiny sizes (the test suite)
@@ -169,7 +169,7 @@ def time_guard(seconds: float) -> Iterator[None]:
         raise RowTimeout(f"row ran past its {seconds:.0f} s guard")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
     try:
         yield
     finally:
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     jsonl = args.out / f"{stem}.jsonl"
     jsonl.write_text("")
-    profile = args.out / "profile.txt" if args.profile else None
+    profile = args.out / f"{stem}_profile.txt" if args.profile else None
     if profile is not None:
         profile.write_text(f"# torch.profiler, one step per row, on {card}\n\n")
     deadline = time.perf_counter() + args.budget
