@@ -100,7 +100,7 @@ def test_no_grad_costs_nothing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object) -> None:
         raise AssertionError("the custom Function ran")
 
-    monkeypatch.setattr(inertia._autograd._MomentumFunction, "apply", forbidden)
+    monkeypatch.setattr(inertia._autograd._Start, "apply", forbidden)
     with torch.no_grad():
         assert torch.equal(net(x), expected)
     with torch.inference_mode():

@@ -54,6 +54,14 @@ class Arithmetic(Protocol):
         """Raise if the steps since `encode` left the representable range."""
         ...
 
+    def saved(self, state: State) -> State:
+        """The tensors that determine the final ``state``, saved for the backward."""
+        ...
+
+    def restore(self, saved: State) -> State:
+        """The state from `saved`'s tensors, for `unstep_position`."""
+        ...
+
     def unstep_position(self, state: State) -> State:
         """Undo ``x <- x + v``: from ``(x_{n+1}, v_{n+1})`` to ``(x_n, v_{n+1})``."""
         ...
@@ -111,6 +119,12 @@ class FloatArithmetic:
 
     def check_range(self) -> None:
         pass  # floats overflow to inf, which the drift check and the loss show
+
+    def saved(self, state: State) -> State:
+        return state
+
+    def restore(self, saved: State) -> State:
+        return tuple(saved)
 
     def unstep_position(self, state: State) -> State:
         x, v = state

@@ -1,33 +1,50 @@
-"""The momentum loop, its inverse, and the memory-free autograd Function.
+"""The momentum loop, its inverse, and the memory-free backward: one autograd node per block.
 
-What the memory-free Function keeps for backward (``ctx.save_for_backward``, so saved-tensor hooks
-see all of it): the final state (``(x_N, v_N)`` in float mode; in exact mode also their fixed-point
-integers and the buffer of bits lost to the multiplications by gamma, see `_exact`), the tensor
-extra arguments, the generator state before each block that drew random numbers, and a fingerprint
-of ``(x_0, v_0)`` (a few numbers). The stack's input is not saved. Memory for backward is therefore
-constant in depth (plus one generator state per random block, and in exact mode
-``log2(1 / gamma)`` bits per element per block). Backward walks the blocks in reverse; for block
-``n`` it inverts ``x_n = x_{n+1} - v_{n+1}``, evaluates ``f_n(x_n)`` once with autograd
-recording, and uses that one evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma) f_n(x_n)) /
-gamma`` and for the vector-Jacobian product. Peak memory in backward is one block's activations.
+The memory-free forward (`momentum_forward` with ``memory_free=True``) runs the loop once inside
+the node ``_Start`` and keeps no graph: each block runs as its recomputation will (autograd
+recording, the input requiring grad as it will then, the graph dropped at once), and what it used
+is recorded: its parameter and buffer tensors, the buffers it mutated as they were before, and the
+generator state if it drew random numbers. One ``_Block`` node per block then links the graph
+``x -> _Start -> _Block_0 -> ... -> _Block_{N-1} -> (x_N, v_N)``; between nodes travel tensors of
+the state's shape whose storage is one element, so that autograd hands each node full-size
+gradients. Saved for backward (``ctx.save_for_backward``, so that saved-tensor hooks see it and
+version counters guard it): by the last node, the final state (``(x_N, v_N)`` in float mode; the
+fixed-point integers and buffer of bits lost to gamma in exact mode, see `_exact`); by each node,
+its block's parameters, its buffers (mutated ones as the forward saw them), its generator state,
+the extra arguments; by the first, a fingerprint of ``(x_0, v_0)``. Memory for backward is
+therefore constant in depth, plus what blocks keep themselves (one generator state per random
+block; in exact mode ``log2(1 / gamma)`` bits per element per block).
+
+Backward: autograd runs ``_Block_{N-1}, ..., _Block_0, _Start``. Node ``n`` receives the gradients
+of ``(x_{n+1}, v_{n+1})`` from autograd and the state ``(x_{n+1}, v_{n+1})`` from node ``n + 1``
+(the last node from its saved tensors), inverts ``x_n = x_{n+1} - v_{n+1}``, evaluates
+``f_n(x_n)`` once with autograd recording and with what the forward used (the same parameter
+tensors, through `torch.func.functional_call`; the buffers as they were; the generator replayed;
+autocast re-entered), uses that evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma)
+f_n(x_n)) / gamma`` and for the vector-Jacobian product, hands ``(x_n, v_n)`` down and returns the
+gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter gradients thus
+leave block by block through autograd's own accumulation (``.grad`` in place, DDP's hooks per
+block). Peak memory in backward is one block's activations.
 
 Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
     dL/dv_n      = gamma * a
     dL/dx_n      = dL/dx_{n+1} + J_{f_n}(x_n)^T (1 - gamma) a
-    dL/dtheta_n += J_{f_n}(theta_n)^T (1 - gamma) a
+    dL/dtheta_n  = J_{f_n}(theta_n)^T (1 - gamma) a
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._arith import Arithmetic, Check, State
@@ -64,6 +81,11 @@ class StackSpec:
             return out[0]
         return out
 
+    def module(self, index: int) -> nn.Module:
+        module = self.init_function if index == _INIT else self.blocks[index]
+        assert module is not None
+        return module
+
     def describe(self, index: int) -> str:
         if index == _INIT:
             return f"init_function ({type(self.init_function).__name__})"
@@ -71,19 +93,34 @@ class StackSpec:
 
 
 def call_block(
-    spec: StackSpec, index: int, x: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+    spec: StackSpec,
+    index: int,
+    x: Tensor,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    call: Callable[..., Any] | None = None,
 ) -> Tensor:
-    """Evaluate ``f_index(x)`` (or ``v_0 = init_function(x)``) and check what it did to ``x``."""
-    module = spec.init_function if index == _INIT else spec.blocks[index]
-    assert module is not None
+    """Evaluate ``f_index(x)`` (or ``v_0 = init_function(x)``) and check what it did to ``x``.
+
+    ``call`` runs the module (default: calling it); the recomputation passes one that binds the
+    tensors the forward used.
+    """
+    module = spec.module(index)
+    run = module if call is None else call
     version = None if x.is_inference() else x._version  # inference tensors have no counter
-    out = module(x) if index == _INIT else module(x, *args, **kwargs)
+    in_place = InertiaError(
+        f"{spec.describe(index)} modified its input in place; the momentum update needs "
+        "x unchanged. Use out-of-place operations in the block (for example "
+        "nn.ReLU(inplace=False), or `y = x + h` instead of `x += h`)."
+    )
+    try:
+        out = run(x) if index == _INIT else run(x, *args, **kwargs)
+    except RuntimeError as error:  # autograd's own refusal, where x requires grad
+        if x.requires_grad and "in-place operation" in str(error):
+            raise in_place from error
+        raise
     if version is not None and x._version != version:
-        raise InertiaError(
-            f"{spec.describe(index)} modified its input in place; the momentum update needs "
-            "x unchanged. Use out-of-place operations in the block (for example "
-            "nn.ReLU(inplace=False), or `y = x + h` instead of `x += h`)."
-        )
+        raise in_place
     out = spec.unpack(out)
     if not isinstance(out, Tensor):
         raise InertiaError(
@@ -101,40 +138,15 @@ def call_block(
     return out - x
 
 
-def run_forward(
-    spec: StackSpec,
-    x: Tensor,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    rng: RngTracker | None = None,
-    sketch: bool = False,
-) -> tuple[State, dict[int, tuple[Tensor, ...]], Tensor | None]:
-    """The momentum loop.
-
-    With ``rng``, also return the generator state before each call that drew random numbers (keyed
-    by call index); with ``sketch``, a sketch of ``(x_0, v_0)`` for the inversion check.
-    """
-    replay: dict[int, tuple[Tensor, ...]] = {}
-    current = rng.get_state() if rng is not None else ()
-
-    def call(index: int, inp: Tensor) -> Tensor:
-        nonlocal current
-        out = call_block(spec, index, inp, args, kwargs)
-        if rng is not None:
-            after = rng.get_state()
-            if not same_state(current, after):
-                replay[index] = current
-            current = after
-        return out
-
+def run_forward(spec: StackSpec, x: Tensor, args: Sequence[Any], kwargs: dict[str, Any]) -> State:
+    """The momentum loop, as autograd records it (backprop) or without autograd."""
     arith = spec.arith
-    v = call(_INIT, arith.on_grid(x)) if spec.init_function is not None else None
+    v = call_block(spec, _INIT, arith.on_grid(x), args, kwargs) if spec.init_function else None
     state = arith.encode(x, v)
-    start = arith.fingerprint(state) if sketch else None
     for n in range(len(spec.blocks)):
-        state = arith.step(state, call(n, arith.position(state)), n)
+        state = arith.step(state, call_block(spec, n, arith.position(state), args, kwargs), n)
     arith.check_range()
-    return state, replay, start
+    return state
 
 
 def inverse(spec: StackSpec, state: State, args: Sequence[Any], kwargs: dict[str, Any]) -> State:
@@ -148,176 +160,101 @@ def inverse(spec: StackSpec, state: State, args: Sequence[Any], kwargs: dict[str
         return state
 
 
-@dataclass(frozen=True)
-class _Config:
-    """What `_MomentumFunction` needs besides tensors."""
-
-    spec: StackSpec
-    treespec: pytree.TreeSpec
-    # Leaves of the extra arguments, with _TENSOR where a tensor input of the Function goes.
-    leaves: tuple[Any, ...]
-    n_tensors: int  # how many of the Function's inputs after x are extra-argument tensors
-    call_params: tuple[tuple[int, ...], ...]  # for call index i, at i + 1: positions in the params
-
-    def unflatten(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        it = iter(tensors)
-        leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self.leaves]
-        args, kwargs = pytree.tree_unflatten(leaves, self.treespec)
-        return tuple(args), dict(kwargs)
+# -- what a call used --------------------------------------------------------------------------
 
 
-class _MomentumFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, cfg: _Config, x: Tensor, *tensors: Tensor) -> State:
-        arg_tensors = tensors[: cfg.n_tensors]
-        args, kwargs = cfg.unflatten(arg_tensors)
-        rng = RngTracker(x.device)
-        check = cfg.spec.check_inversion is not None
-        state, replay, sketch = run_forward(cfg.spec, x, args, kwargs, rng, sketch=check)
-        ctx.cfg = cfg
-        ctx.rng = rng
-        ctx.autocast = AutocastState.capture(x.device)
-        ctx.n_state = len(state)
-        ctx.replay_keys = tuple(sorted(replay))
-        rng_tensors = [t for k in ctx.replay_keys for t in replay[k]]
-        ctx.save_for_backward(
-            *state, *arg_tensors, *rng_tensors, *([sketch] if sketch is not None else [])
-        )
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in state if not t.is_floating_point()))
-        return tuple(state)
+@dataclass
+class _Record:
+    """What one call (a block, or the init function) used in the forward, but its tensors.
 
-    @staticmethod
-    def backward(
-        ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None, *int_grads: Any
-    ) -> tuple[Any, ...]:
-        if torch.is_grad_enabled():
-            raise InertiaError(
-                "double backward (create_graph=True) is not supported by the memory-free "
-                "MomentumNet; construct it with use_backprop=True for higher-order gradients."
-            )
-        cfg: _Config = ctx.cfg
-        spec, arith = cfg.spec, cfg.spec.arith
-        saved = ctx.saved_tensors
-        state: State = saved[: ctx.n_state]
-        arg_tensors = saved[ctx.n_state : ctx.n_state + cfg.n_tensors]
-        rest = saved[ctx.n_state + cfg.n_tensors :]
-        k = ctx.rng.n_states
-        replay = {key: rest[i * k : (i + 1) * k] for i, key in enumerate(ctx.replay_keys)}
-        sketch = rest[len(replay) * k :]
-        needs = ctx.needs_input_grad  # (cfg, x, *extra-argument tensors, *params)
+    The tensors, saved by the call's node, are in order the parameters (``params`` names), the
+    buffers (``buffers`` names; for those in ``mutated``, a copy made before the call), the
+    default generators' state before the call if it drew from them (``n_rng`` tensors), and the
+    state of each of ``generators`` (generators of the block's own, passed as ``generator=``)
+    before its first use in the call. The node's backward gets them back from autograd, which
+    checks that no parameter changed in place meanwhile.
+    """
 
-        # Extra arguments are detached once and shared by every recomputation.
-        arg_in = [t.detach().requires_grad_(needs[2 + i]) for i, t in enumerate(arg_tensors)]
-        args, kwargs = cfg.unflatten(arg_in)
-        grads = _Gradients(cfg, ctx, arg_in, n_params=len(needs) - 2 - cfg.n_tensors)
+    params: tuple[str, ...]
+    trainable: tuple[str, ...]  # the parameters that required grad in the forward
+    buffers: tuple[str, ...]
+    mutated: frozenset[str]
+    n_rng: int  # generator-state tensors at the end of `tensors` (0: the call drew none)
+    need_x: bool  # whether the input required grad (the recomputation does the same)
+    sharded: bool  # FSDP2 manages the module: it runs on its live parameters
+    training: tuple[bool, ...]  # the ``training`` flag of each of ``module.modules()``
+    generators: tuple[torch.Generator, ...]
 
-        gx = grad_x if grad_x is not None else torch.zeros_like(arith.position(state))
-        gv = grad_v if grad_v is not None else torch.zeros_like(arith.velocity(state))
-        # The incoming gradients belong to autograd; once replaced, ours are updated in place (the
-        # same arithmetic as out of place, without an allocation per block).
-        owned = False
-        with ctx.rng.fork() if replay else contextlib.nullcontext():
-            for n in reversed(range(len(spec.blocks))):
-                state = arith.unstep_position(state)
-                a = gv.add_(gx) if owned else gx + gv
-                f, dx = grads.recompute(n, arith.position(state), args, kwargs, a, replay)
-                state = arith.unstep_velocity(state, f, n)
-                gv = a.mul_(arith.gamma)
-                if dx is not None:
-                    gx = gx.add_(dx) if owned else gx + dx
-                owned = owned or dx is not None
-            if spec.init_function is not None:
-                _, dx = grads.recompute(_INIT, arith.position(state), args, kwargs, gv, replay)
-                if dx is not None:
-                    gx = gx + dx
-        if sketch:
-            assert spec.check_inversion is not None
-            check = Check(spec.check_inversion, spec.inversion_tol, len(spec.blocks))
-            arith.verify(sketch[0], state, check)
-        return (None, gx if needs[1] else None, *grads.args, *grads.params)
+    @property
+    def n_tensors(self) -> int:
+        return len(self.params) + len(self.buffers) + self.n_rng + len(self.generators)
+
+    def unpack(
+        self, saved: Sequence[Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Parameters and buffers by name, default generators' state, own generators' states."""
+        n_p, n_b = len(self.params), len(self.buffers)
+        params = dict(zip(self.params, saved[:n_p], strict=True))
+        buffers = dict(zip(self.buffers, saved[n_p : n_p + n_b], strict=True))
+        rng = tuple(saved[n_p + n_b : n_p + n_b + self.n_rng])
+        return params, buffers, rng, tuple(saved[n_p + n_b + self.n_rng :])
 
 
-class _Gradients:
-    """Recomputes one call at a time and accumulates parameter and extra-argument gradients."""
+class _GeneratorWatch(TorchFunctionMode):
+    """Notes each generator passed as ``generator=`` and its state before its first use."""
 
-    def __init__(self, cfg: _Config, ctx: Any, arg_in: list[Tensor], n_params: int) -> None:
-        self.cfg, self.ctx, self.arg_in = cfg, ctx, arg_in
-        self.args: list[Tensor | None] = [None] * len(arg_in)
-        self.params: list[Tensor | None] = [None] * n_params
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, tuple[torch.Generator, Tensor]] = {}
 
-    def recompute(
+    def __torch_function__(
         self,
-        index: int,
-        x: Tensor,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        adjoint: Tensor,
-        replay: dict[int, tuple[Tensor, ...]],
-    ) -> tuple[Tensor, Tensor | None]:
-        """Evaluate call ``index`` at ``x`` once, as its forward did, and pull back ``adjoint``.
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) not in self.seen:
+            self.seen[id(generator)] = generator, generator.get_state()
+        return func(*args, **kwargs)
 
-        ``adjoint`` is the gradient of the call's contribution to the velocity: for a block,
-        ``dL/dv_{n+1}`` (the block's output enters scaled by ``1 - gamma``); for the init
-        function, ``dL/dv_0``. Returns the detached output and the gradient with respect to ``x``
-        (None where ``x``'s gradient is not needed or does not depend on it).
-        """
-        spec, ctx = self.cfg.spec, self.ctx
-        module = spec.init_function if index == _INIT else spec.blocks[index]
-        assert module is not None
-        wanted = [p for p in module.parameters() if p.requires_grad]
-        positions = self.cfg.call_params[index + 1]
-        if len(wanted) != len(positions):
-            raise InertiaError(
-                f"{spec.describe(index)}: parameters changed requires_grad between forward "
-                "and backward; set requires_grad before the forward pass."
-            )
-        need_x = index > 0 or ctx.needs_input_grad[1]
-        if index in replay:
-            ctx.rng.set_state(replay[index])
-        # Norm layers' running statistics are restored after the VJP, which may read them.
-        with frozen_running_stats(module):
-            with torch.enable_grad(), ctx.autocast.enter():
-                inp = x.detach().requires_grad_(need_x)
-                out = call_block(spec, index, inp, args, kwargs)
-            # As autograd differentiates `gamma * v + (1 - gamma) * f`: cast first, then scale.
-            grad_out = adjoint.to(out.dtype)
-            if index != _INIT:
-                grad_out = grad_out * (1 - spec.arith.gamma)
-            arg_wanted = [i for i, t in enumerate(self.arg_in) if t.requires_grad]
-            inputs = ([inp] if need_x else []) + wanted + [self.arg_in[i] for i in arg_wanted]
-            if not inputs or not out.requires_grad:
-                return out.detach(), None
-            if _sharded(module):
-                return out.detach(), self._backward_sharded(out, grad_out, inp, need_x, arg_wanted)
-            pulled = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-        dx = pulled[0] if need_x else None
-        rest = pulled[1:] if need_x else pulled
-        for pos, g in zip(positions, rest[: len(wanted)], strict=True):
-            self.params[pos] = _add(self.params[pos], g)
-        for i, g in zip(arg_wanted, rest[len(wanted) :], strict=True):
-            self.args[i] = _add(self.args[i], g)
-        return out.detach(), dx
 
-    def _backward_sharded(
-        self, out: Tensor, grad_out: Tensor, inp: Tensor, need_x: bool, arg_wanted: list[int]
-    ) -> Tensor | None:
-        """The pullback of a block that FSDP2 shards (``fully_shard`` on it or inside it).
+@contextlib.contextmanager
+def _replaying(generators: Sequence[torch.Generator], states: Sequence[Tensor]) -> Iterator[None]:
+    """``generators`` set to ``states``, then back to where they are now."""
+    now = [g.get_state() for g in generators]
+    try:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        yield
+    finally:
+        for g, state in zip(generators, now, strict=True):
+            g.set_state(state)
 
-        FSDP2 registers the unsharded parameters for the duration of the block's call only, and
-        reduce-scatters their gradients itself once autograd has accumulated them (its hooks on
-        the call's inputs and outputs). So this pullback runs ``backward`` instead of asking for
-        the parameters' gradients: FSDP reduce-scatters into the sharded ``.grad``, any parameter
-        it does not manage accumulates its ``.grad`` directly, and the Function returns None for
-        both. The inputs' gradients are read back from the detached leaves.
-        """
-        for i in arg_wanted:  # shared by every block's call: start from zero, read, clear
-            self.arg_in[i].grad = None
-        torch.autograd.backward(out, grad_out)
-        for i in arg_wanted:
-            self.args[i] = _add(self.args[i], self.arg_in[i].grad)
-            self.arg_in[i].grad = None
-        return inp.grad if need_x else None
+
+def _input(x: Tensor, need: bool) -> Tensor:
+    """A fresh leaf aliasing ``x`` (a call's input), requiring grad if ``need``."""
+    return x.detach().requires_grad_(need)
+
+
+def _discard(tensor: Tensor) -> None:
+    """Pack hook of the forward's throwaway graphs: keep nothing."""
+
+
+def _unreachable(packed: None) -> Tensor:
+    raise AssertionError("the memory-free forward's own graph is never differentiated")
+
+
+def _running_statistics(module: nn.Module) -> set[str]:
+    """Names of the buffers that norm layers in training mode update in their forward."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, m in module.named_modules()
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        for name in ("running_mean", "running_var", "num_batches_tracked")
+    }
 
 
 def _sharded(module: nn.Module) -> bool:
@@ -326,33 +263,368 @@ def _sharded(module: nn.Module) -> bool:
     return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
 
 
-def _add(total: Tensor | None, g: Tensor | None) -> Tensor | None:
-    """Out of place: a gradient returned by autograd may alias another one."""
-    if g is None:
-        return total
-    return g if total is None else total + g
+def _record_call(
+    spec: StackSpec,
+    index: int,
+    x: Tensor,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    rng: RngTracker,
+    need_x: bool,
+) -> tuple[Tensor, _Record, tuple[Tensor, ...]]:
+    """Run one call of the memory-free forward as its recomputation will run; returns its output,
+    its record and the record's tensors."""
+    module = spec.module(index)
+    sharded = _sharded(module)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    before = {name: b.clone() for name, b in buffers.items()}
+    versions = {name: b._version for name, b in buffers.items()}
+    training = tuple(m.training for m in module.modules())
+    statistics = _running_statistics(module)
+    state = rng.get_state()
+    watch = _GeneratorWatch()
+    # The recomputation records autograd with the input requiring grad as here: kernels that
+    # choose on either (attention backends, fused fast paths) then compute the same values. The
+    # graph is dropped at once, so it saves nothing (nor do the caller's saved-tensor hooks see
+    # it). FSDP2 blocks run without autograd (their hooks expect a backward for every recorded
+    # call).
+    with contextlib.ExitStack() as stack:
+        if not sharded:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_discard, _unreachable))
+        stack.enter_context(watch)
+        inp = _input(x, need_x and not sharded)
+        out = call_block(spec, index, inp, args, kwargs).detach()
+    after = dict(module.named_buffers())
+    # Norm layers' kernels write running statistics without bumping the version counter; the
+    # other buffers show a change in their counter or identity (no device sync to compare values).
+    mutated = frozenset(
+        name
+        for name, b in buffers.items()
+        if after.get(name) is not b or b._version != versions[name] or name in statistics
+    )
+    drew = not same_state(state, rng.get_state())
+    record = _Record(
+        params=tuple(params),
+        trainable=tuple(name for name, p in params.items() if p.requires_grad),
+        buffers=tuple(buffers),
+        mutated=mutated,
+        n_rng=len(state) if drew else 0,
+        need_x=need_x,
+        sharded=sharded,
+        training=training,
+        generators=tuple(g for g, _ in watch.seen.values()),
+    )
+    tensors = (
+        *params.values(),
+        *(before[name] if name in mutated else b for name, b in buffers.items()),
+        *(state if drew else ()),
+        *(s for _, s in watch.seen.values()),
+    )
+    return out, record, tensors
+
+
+# -- the nodes -----------------------------------------------------------------------------------
+
+
+class _Run:
+    """One memory-free forward: what its nodes share.
+
+    During the forward it carries the records from ``_Start`` to the ``_Block`` nodes that save
+    them; during the backward, the state each node hands to the one below.
+    """
+
+    def __init__(
+        self,
+        spec: StackSpec,
+        treespec: pytree.TreeSpec,
+        leaves: tuple[Any, ...],
+        arg_tensors: Sequence[Tensor],
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.treespec = treespec
+        self.leaves = leaves  # the extra arguments' leaves, _TENSOR where a tensor goes
+        self.n_args = len(arg_tensors)
+        self.arg_needs = tuple(t.requires_grad for t in arg_tensors)
+        self.rng = RngTracker(device)
+        self.autocast = AutocastState.capture(device)
+        self.records: dict[int, tuple[_Record, tuple[Tensor, ...]]] = {}
+        self.final: State = ()
+        self.sketch: Tensor | None = None
+        self.state: State | None = None  # handed down in backward
+
+    def unflatten(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The extra arguments, with ``tensors`` where the forward's tensors were."""
+        it = iter(tensors)
+        leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self.leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, self.treespec)
+        return tuple(args), dict(kwargs)
+
+    def take(self, index: int) -> State:
+        """The state that the node above handed down."""
+        state, self.state = self.state, None
+        if state is None:
+            raise InertiaError(
+                f"memory-free backward: {self.spec.describe(index)} was reached without the state "
+                "from the block above it; the nodes of one forward must run in order."
+            )
+        return state
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    """A tensor with ``like``'s shape, dtype and device and one element of storage."""
+    return like.new_empty(()).expand(like.shape)
+
+
+class _Start(torch.autograd.Function):
+    """``x -> (x_0, v_0)``: runs the whole forward loop; its backward is the init function's."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, anchor: Tensor, x: Tensor, *tensors: Tensor) -> Any:
+        spec, arith = run.spec, run.spec.arith
+        args, kwargs = run.unflatten(tensors[: run.n_args])
+        below = x.requires_grad or any(run.arg_needs)  # a gradient is wanted below the call
+
+        def call(index: int, inp: Tensor) -> Tensor:
+            nonlocal below
+            out, record, tensors = _record_call(spec, index, inp, args, kwargs, run.rng, below)
+            run.records[index] = record, tensors
+            below = below or bool(record.trainable)
+            return out
+
+        v = call(_INIT, arith.on_grid(x)) if spec.init_function is not None else None
+        state = arith.encode(x, v)
+        run.sketch = arith.fingerprint(state) if spec.check_inversion is not None else None
+        for n in range(len(spec.blocks)):
+            state = arith.step(state, call(n, arith.position(state)), n)
+        arith.check_range()
+        run.final = state
+        ctx.run = run
+        ctx.record, tensors = run.records.pop(_INIT, (None, ()))
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)
+        return _placeholder(arith.position(state)), _placeholder(arith.velocity(state))
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
+        run: _Run = ctx.run
+        record: _Record | None = ctx.record
+        n_args = run.n_args
+        n_init = len(ctx.needs_input_grad) - 3 - n_args
+        init_grads: list[Tensor | None] = [None] * n_init
+        if record is None:
+            run.state = None
+        else:
+            state = run.take(_INIT)
+            _, dx, grads = _recompute(run, _INIT, record, ctx.saved_tensors, state, (), {}, grad_v)
+            init_grads = grads[:n_init]
+            if dx is not None:
+                grad_x = dx if grad_x is None else grad_x + dx
+        grad_x = grad_x if ctx.needs_input_grad[2] else None
+        return (None, None, grad_x, *([None] * n_args), *init_grads)
+
+
+class _Block(torch.autograd.Function):
+    """``(x_n, v_n) -> (x_{n+1}, v_{n+1})`` for block ``n``; saves what the block used."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, n: int, x: Tensor, v: Tensor, *tensors: Tensor) -> Any:
+        arith = run.spec.arith
+        record, own = run.records.pop(n)
+        last = n == len(run.spec.blocks) - 1
+        arg_tensors = tensors[len(record.trainable) :]
+        final = arith.saved(run.final) if last else ()
+        sketch = (run.sketch,) if n == 0 and run.sketch is not None else ()
+        ctx.save_for_backward(*own, *arg_tensors, *final, *sketch)
+        ctx.run, ctx.n, ctx.record = run, n, record
+        ctx.n_final, ctx.has_sketch = len(final), bool(sketch)
+        ctx.set_materialize_grads(False)
+        if last:
+            out = arith.position(run.final), arith.velocity(run.final)
+            run.sketch = None
+            return out
+        return _placeholder(x), _placeholder(v)
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():
+            raise InertiaError(
+                "double backward (create_graph=True) is not supported by the memory-free "
+                "MomentumNet; construct it with use_backprop=True for higher-order gradients."
+            )
+        run: _Run = ctx.run
+        n: int = ctx.n
+        record: _Record = ctx.record
+        spec, arith = run.spec, run.spec.arith
+        saved = ctx.saved_tensors
+        n_rec, n_args = record.n_tensors, run.n_args
+        own, arg_tensors = saved[:n_rec], saved[n_rec : n_rec + n_args]
+        rest = saved[n_rec + n_args :]
+        # The last node starts from the saved final state; the others from the node above.
+        state = arith.restore(rest[: ctx.n_final]) if ctx.n_final else run.take(n)
+        args, kwargs = run.unflatten(arg_tensors)
+        state = arith.unstep_position(state)
+        if grad_x is None or grad_v is None:
+            adjoint = grad_v if grad_x is None else grad_x
+            owned = False
+        else:
+            adjoint, owned = grad_x + grad_v, True
+        f, dx, grads = _recompute(run, n, record, own, state, args, kwargs, adjoint)
+        state = arith.unstep_velocity(state, f, n)
+        run.state = state
+        if ctx.has_sketch:
+            assert spec.check_inversion is not None
+            check = Check(spec.check_inversion, spec.inversion_tol, len(spec.blocks))
+            arith.verify(rest[-1], state, check)
+        if not record.need_x:  # nothing below this block wants a gradient
+            return (None, None, None, None, *grads)
+        grad_v_in = None
+        if adjoint is not None:
+            grad_v_in = adjoint.mul_(arith.gamma) if owned else adjoint * arith.gamma
+        if dx is None or grad_x is None:
+            grad_x_in = grad_x if dx is None else dx
+        else:
+            grad_x_in = dx.add_(grad_x) if dx.dtype == grad_x.dtype else dx + grad_x
+        return (None, None, grad_x_in, grad_v_in, *grads)
+
+
+def _recompute(
+    run: _Run,
+    index: int,
+    record: _Record,
+    saved: Sequence[Tensor],
+    state: State,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    adjoint: Tensor | None,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """Evaluate call ``index`` at the state's position once, as its forward did, and pull back
+    ``adjoint``.
+
+    ``adjoint`` is the gradient of the call's contribution to the velocity: for a block,
+    ``dL/dv_{n+1}`` (the block's output enters scaled by ``1 - gamma``); for the init function,
+    ``dL/dv_0``. Returns the detached output, the gradient with respect to the position (None where
+    the forward's input did not require grad) and the gradients of the record's trainable
+    parameters and then of the extra argument tensors, in the order the node received them.
+    """
+    spec = run.spec
+    module = spec.module(index)
+    x = spec.arith.position(state)
+    params, buffers, rng_state, own = record.unpack(saved)
+    arg_in, args_in, kwargs_in = _detached_args(run, args, kwargs)
+    replay = contextlib.ExitStack()
+    replay.enter_context(_training(module, record.training))
+    replay.enter_context(_replaying(record.generators, own))
+    if rng_state:
+        replay.enter_context(run.rng.fork())
+    with replay:
+        if rng_state:
+            run.rng.set_state(rng_state)
+        if record.sharded:
+            return _recompute_sharded(run, index, record, x, arg_in, args_in, kwargs_in, adjoint)
+        # Leaves aliasing the tensors the forward used (the gradients are taken with respect to
+        # them); each mutated buffer starts from its value before the forward's call, in a copy
+        # that the recomputation may mutate in turn, so that the module keeps the forward's result.
+        bound: dict[str, Tensor] = {
+            name: p.detach().requires_grad_(name in record.trainable) for name, p in params.items()
+        }
+        for name, b in buffers.items():
+            bound[name] = b.clone() if name in record.mutated else b
+
+        def call(*a: Any, **k: Any) -> Any:
+            return torch.func.functional_call(module, bound, a, k, strict=False)
+
+        with torch.enable_grad(), run.autocast.enter():
+            inp = _input(x, record.need_x)
+            out = call_block(spec, index, inp, args_in, kwargs_in, call)
+    trainable = [bound[name] for name in record.trainable]
+    wanted = [t for t in arg_in if t.requires_grad]
+    none: list[Tensor | None] = [None] * (len(trainable) + len(arg_in))
+    inputs = ([inp] if record.need_x else []) + trainable + wanted
+    if adjoint is None or not inputs or not out.requires_grad:
+        return out.detach(), None, none
+    # As autograd differentiates `gamma * v + (1 - gamma) * f`: cast first, then scale.
+    grad_out = adjoint.to(out.dtype)
+    if index != _INIT:
+        grad_out = grad_out * (1 - spec.arith.gamma)
+    pulled = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+    dx = pulled.pop(0) if record.need_x else None
+    it = iter(pulled[len(trainable) :])
+    arg_grads = [next(it) if t.requires_grad else None for t in arg_in]
+    return out.detach(), dx, [*pulled[: len(trainable)], *arg_grads]
+
+
+@contextlib.contextmanager
+def _training(module: nn.Module, flags: tuple[bool, ...]) -> Iterator[None]:
+    """``module`` and its submodules in the forward's train/eval modes, then as they are now."""
+    modules = list(module.modules())
+    now = [m.training for m in modules]
+    try:
+        for m, flag in zip(modules, flags, strict=True):
+            m.training = flag
+        yield
+    finally:
+        for m, flag in zip(modules, now, strict=True):
+            m.training = flag
+
+
+def _detached_args(
+    run: _Run, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[list[Tensor], tuple[Any, ...], dict[str, Any]]:
+    """The extra arguments with their tensors detached, requiring grad as in the forward."""
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    detached = [
+        t.detach().requires_grad_(need) for t, need in zip(tensors, run.arg_needs, strict=True)
+    ]
+    it = iter(detached)
+    new = [next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+    a, k = pytree.tree_unflatten(new, treespec)
+    return detached, tuple(a), dict(k)
+
+
+def _recompute_sharded(
+    run: _Run,
+    index: int,
+    record: _Record,
+    x: Tensor,
+    arg_in: list[Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    adjoint: Tensor | None,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """The pullback of a block that FSDP2 shards (``fully_shard`` on it or inside it).
+
+    FSDP2 registers the unsharded parameters for the duration of the block's call only, and
+    reduce-scatters their gradients itself once autograd has accumulated them (its hooks on the
+    call's inputs and outputs). So this pullback runs the live module and calls ``backward``
+    instead of asking for the parameters' gradients: FSDP reduce-scatters into the sharded
+    ``.grad``, any parameter it does not manage accumulates its ``.grad`` directly, and the node
+    returns None for both. The inputs' gradients are read back from the detached leaves.
+    """
+    spec = run.spec
+    module = spec.module(index)
+    none: list[Tensor | None] = [None] * (len(record.trainable) + len(arg_in))
+    with frozen_running_stats(module):
+        with torch.enable_grad(), run.autocast.enter():
+            inp = _input(x, record.need_x)
+            out = call_block(spec, index, inp, args, kwargs)
+        if adjoint is None or not out.requires_grad:
+            return out.detach(), None, none
+        grad_out = adjoint.to(out.dtype)
+        if index != _INIT:
+            grad_out = grad_out * (1 - spec.arith.gamma)
+        torch.autograd.backward(out, grad_out)
+    arg_grads = [t.grad if t.requires_grad else None for t in arg_in]
+    dx = inp.grad if record.need_x else None
+    return out.detach(), dx, [*none[: len(record.trainable)], *arg_grads]
 
 
 def _is_cache(value: Any) -> bool:
     """Duck-typed key/value cache (HuggingFace's Cache classes)."""
     return hasattr(value, "update") and hasattr(value, "get_seq_length")
-
-
-def _unique_trainable(
-    modules: Sequence[nn.Module | None],
-) -> tuple[list[Tensor], list[tuple[int, ...]]]:
-    """Parameters requiring grad, each once, and for each module their positions in that list."""
-    params: list[Tensor] = []
-    where: dict[int, int] = {}
-    positions = []
-    for module in modules:
-        own = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-        for p in own:
-            if id(p) not in where:
-                where[id(p)] = len(params)
-                params.append(p)
-        positions.append(tuple(where[id(p)] for p in own))
-    return params, positions
 
 
 def momentum_forward(
@@ -364,15 +636,16 @@ def momentum_forward(
     memory_free: bool,
 ) -> State:
     """Run the stack: memory-free when asked and when autograd has something to differentiate."""
-    params, positions = _unique_trainable((spec.init_function, *spec.blocks))
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    modules = [m for m in (spec.init_function, *spec.blocks) if m is not None]
     differentiable = torch.is_grad_enabled() and (
-        x.requires_grad or bool(params) or any(t.requires_grad for t in arg_tensors)
+        x.requires_grad
+        or any(t.requires_grad for t in arg_tensors)
+        or any(p.requires_grad for m in modules for p in m.parameters())
     )
     if not (memory_free and differentiable and spec.blocks):
-        state, _, _ = run_forward(spec, x, args, kwargs)
-        return state
+        return run_forward(spec, x, args, kwargs)
     named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
     for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
         if _is_cache(value):
@@ -382,20 +655,35 @@ def momentum_forward(
                 "it twice. Pass use_cache=False when training memory-free (generation under "
                 "torch.no_grad() or in eval mode with no_grad works, as it runs no backward)."
             )
-    cfg = _Config(
-        spec=spec,
-        treespec=treespec,
-        leaves=tuple(_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in leaves),
-        n_tensors=len(arg_tensors),
-        call_params=tuple(positions),
+    run = _Run(
+        spec,
+        treespec,
+        tuple(_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in leaves),
+        arg_tensors,
+        x.device,
     )
-    return _apply(cfg, x, [*arg_tensors, *params])
+    return _apply(run, x, arg_tensors)
 
 
-# The memory-free Function keeps generator states and an inversion sketch, which dynamo cannot
-# trace, and its blocks must run alike in the forward and the recomputation: `torch.compile` on a
-# whole model stops here (one graph break) and compiles the layers around the stack; blocks
-# compiled themselves (`block.compile()`) still run compiled inside it.
+# The memory-free nodes keep generator states and an inversion sketch, which dynamo cannot trace,
+# and its blocks must run alike in the forward and the recomputation: `torch.compile` on a whole
+# model stops here (one graph break) and compiles the layers around the stack; blocks compiled
+# themselves (`block.compile()`) still run compiled inside it.
 @eager
-def _apply(cfg: _Config, x: Tensor, tensors: list[Tensor]) -> State:
-    return tuple(_MomentumFunction.apply(cfg, x, *tensors))
+def _apply(run: _Run, x: Tensor, arg_tensors: list[Tensor]) -> State:
+    spec = run.spec
+    # An anchor that requires grad keeps every node in the graph, so that the backward reaches
+    # block 0 (and checks the reconstruction there) even below frozen blocks.
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    init_params: list[Tensor] = []
+    if spec.init_function is not None:
+        init_params = [p for p in spec.init_function.parameters() if p.requires_grad]
+    tx, tv = _Start.apply(run, anchor, x, *arg_tensors, *init_params)
+    final = run.final
+    for n in range(len(spec.blocks)):
+        record, tensors = run.records[n]
+        params = dict(zip(record.params, tensors, strict=False))
+        trainable = [params[name] for name in record.trainable]
+        tx, tv = _Block.apply(run, n, tx, tv, *trainable, *arg_tensors)
+    run.final = ()
+    return (tx, tv, *final[2:])

@@ -158,6 +158,7 @@ class ExactArithmetic:
         self._largest: list[Tensor] = []
         # (v_n, x_{n-1}, its float): computed by `unstep_velocity` for the next `unstep_position`.
         self._ahead: tuple[Tensor, Tensor, Tensor] | None = None
+        self.dtype = torch.float32  # of the floats, set by `encode`
 
     def _on(self, device: torch.device) -> tuple[Tensor, ...]:
         """``p``, ``q``, ``(1 - gamma) * 2**bits`` and ``2**-bits`` as 0-d tensors (kernel
@@ -203,6 +204,7 @@ class ExactArithmetic:
         if v is not None and _recording(v):
             vf = _StraightThrough.apply(v, vf)
         self._largest = []
+        self.dtype = x.dtype
         return (xf, vf, xi, vi, torch.zeros_like(xi))
 
     def position(self, state: State) -> Tensor:
@@ -278,6 +280,15 @@ class ExactArithmetic:
         if not bool(fits.all()):
             n = int((~fits).nonzero()[0, 0])
             raise self._range_error(f"the output of block {n} (or the state x or v after it)")
+
+    def saved(self, state: State) -> State:
+        """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow)."""
+        return state[2:]
+
+    def restore(self, saved: State) -> State:
+        # `unstep_position` computes the position's float; the velocity's is read at block 0 only.
+        placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
+        return (placeholder, _LAZY, *saved)
 
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state

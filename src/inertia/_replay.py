@@ -22,29 +22,29 @@ __all__ = ["AutocastState", "RngTracker", "StatsOnce", "frozen_running_stats"]
 
 
 class RngTracker:
-    """Reads and writes the generators a computation on ``device`` can draw from.
+    """Reads and writes the default generators a computation on ``device`` can draw from.
 
-    The CPU generator always, and the default generator of ``device`` when it is an accelerator.
+    The CPU generator always; the generator of ``device`` when it is an accelerator; and, where
+    CUDA is initialized, those of every CUDA device (a block may draw on another device than its
+    input's).
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._accel = None if device.type == "cpu" else torch.get_device_module(device.type)
+        self.devices = [] if device.type == "cpu" else [device]  # a tensor's: cuda:i, not cuda
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+            self.devices += [d for d in cuda if d not in self.devices]
 
     def get_state(self) -> tuple[Tensor, ...]:
         states = [torch.get_rng_state()]
-        if self._accel is not None:
-            states.append(self._accel.get_rng_state(self.device))
+        for device in self.devices:
+            states.append(torch.get_device_module(device.type).get_rng_state(device))
         return tuple(states)
 
     def set_state(self, states: tuple[Tensor, ...]) -> None:
         torch.set_rng_state(states[0])
-        if self._accel is not None:
-            self._accel.set_rng_state(states[1], self.device)
-
-    @property
-    def n_states(self) -> int:
-        return 1 if self._accel is None else 2
+        for device, state in zip(self.devices, states[1:], strict=True):
+            torch.get_device_module(device.type).set_rng_state(state, device)
 
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:
