@@ -323,3 +323,25 @@ def test_twin_records_from_a_trainable_block_after_frozen_ones() -> None:
     twin = copy.deepcopy(net)
     twin.use_backprop = True
     assert_gradients_match(twin, net, torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_empty_batch(exact: bool) -> None:
+    """An empty batch trains like plain autograd: zero gradients, no reduction over nothing."""
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False, exact=exact)
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    x = torch.randn(0, 8, requires_grad=True)
+    errors = assert_gradients_match(twin, net, x)
+    assert errors["grad.0.net.0.weight"] == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+def test_strided_input_is_rebuilt_bit_for_bit() -> None:
+    net = MomentumNet([MLP() for _ in range(6)], 0.5, use_backprop=False, exact=True)
+    net.check_inversion = "raise"
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    x = torch.randn(8, 16).t()  # not contiguous
+    assert not x.is_contiguous()
+    assert_gradients_match(twin, net, x.requires_grad_(), rtol=1e-6)

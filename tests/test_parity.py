@@ -278,3 +278,16 @@ def test_zero_input_is_not_reported_as_drift() -> None:
     # (x_0, v_0) = 0 leaves nothing to measure drift relative to; it is then measured absolutely.
     net = MomentumNet([MLP() for _ in range(8)], 0.9, use_backprop=False, check_inversion="raise")
     net(torch.zeros(4, 8, requires_grad=True)).sum().backward()
+
+
+def test_drift_sketch_sees_every_part_of_the_layout() -> None:
+    """The inversion check's subsample is random, not strided: drift confined to the columns that
+    a stride would skip (here every w = 1 mod 4 of an NCHW tensor) still moves the sketch."""
+    from inertia._arith import _sketch
+
+    x = torch.randn(1, 64, 64, 64)
+    v = torch.randn_like(x)
+    drifted = x.clone()
+    drifted[..., 1::4] += 1e-2
+    assert not torch.equal(_sketch(x, v), _sketch(drifted, v))
+    assert torch.equal(_sketch(x, v), _sketch(x.clone(), v))  # the same directions every call

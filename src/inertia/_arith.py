@@ -158,8 +158,10 @@ class FloatArithmetic:
             f"memory-free backward: the reconstructed input of this MomentumNet differs from the "
             f"forward's by about {drift:.1e} (relative), above inversion_tol={tol:.1e}, so its "
             f"gradients are off by a similar amount. Float rounding grows like eps * gamma**-depth "
-            f"= {growth:.1e} here (gamma={gamma}, depth={depth}, {x.dtype}). Use exact=True, a "
-            "larger gamma, shorter stacks, float64, or use_backprop=True."
+            f"= {growth:.1e} here (gamma={gamma}, depth={depth}, {x.dtype}). Every block's "
+            "gradients had already been accumulated when this was measured (at the end of the "
+            "stack's backward). Use exact=True, a larger gamma, shorter stacks, float64, or "
+            "use_backprop=True."
         )
         if check.mode == "raise":
             raise InversionError(message)
@@ -168,23 +170,27 @@ class FloatArithmetic:
 
 _SKETCH_SIZE = 4  # random projections per tensor in the inversion check
 _SKETCH_SEED = 0x1A2B3C4D
-_SKETCH_SAMPLE = 1 << 16  # elements of x and v sketched: an evenly strided subsample
+_SKETCH_SAMPLE = 1 << 16  # elements of x and v sketched: a fixed random subsample
 
 
 def _sketch(x: Tensor, v: Tensor) -> Tensor:
     """Random projections of ``x`` and ``v`` (same directions every call) and ``|x|^2 + |v|^2``.
 
-    Large tensors are sketched on an evenly strided subsample of ``_SKETCH_SAMPLE`` elements, the
-    same in forward and backward: float drift is amplified through every block, so it spreads over
-    all elements, and the subsample measures it at a fixed cost (a full-size random projection of a
-    ResNet stage's activations cost a quarter of a CPU training step).
+    Large tensors are sketched on a random subsample of ``_SKETCH_SAMPLE`` elements, the same in
+    forward and backward: float drift is amplified through every block, so it spreads over all
+    elements, and the subsample measures it at a fixed cost (a full-size random projection of a
+    ResNet stage's activations cost a quarter of a CPU training step). The subsample is drawn at
+    random rather than strided, so that it does not align with the layout (a stride that is a
+    multiple of ``H * W`` would read one pixel of every channel of an NCHW tensor).
     """
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    stride = max(1, x.numel() // _SKETCH_SAMPLE)
-    xf = x.detach().reshape(-1)[::stride].to(dtype)
-    vf = v.detach().reshape(-1)[::stride].to(dtype)
     gen = torch.Generator(device=x.device)
     gen.manual_seed(_SKETCH_SEED)
+    xf, vf = x.detach().reshape(-1), v.detach().reshape(-1)
+    if x.numel() > _SKETCH_SAMPLE:
+        index = torch.randint(x.numel(), (_SKETCH_SAMPLE,), generator=gen, device=x.device)
+        xf, vf = xf[index], vf[index]
+    xf, vf = xf.to(dtype), vf.to(dtype)
     with torch.autocast(x.device.type, enabled=False):  # full precision, whatever the caller's
         out = [xf.dot(xf) + vf.dot(vf)]
         for _ in range(_SKETCH_SIZE):

@@ -402,8 +402,8 @@ class _Start(torch.autograd.Function):
         arith.check_range()
         run.final = state
         ctx.run = run
-        ctx.record, tensors = run.records.pop(_INIT, (None, ()))
-        ctx.save_for_backward(*tensors)
+        ctx.record, init_tensors = run.records.pop(_INIT, (None, ()))
+        ctx.save_for_backward(*init_tensors)
         ctx.set_materialize_grads(False)
         return _placeholder(arith.position(state)), _placeholder(arith.velocity(state))
 

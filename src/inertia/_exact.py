@@ -174,7 +174,7 @@ class ExactArithmetic:
     def _to_grid(self, t: Tensor, what: str) -> Tensor:
         """Round ``t`` onto the grid, raising now if it does not fit."""
         scaled = t.detach().double() * self.scale
-        if not bool(scaled.abs().amax() < _LIMIT):  # also catches NaN and inf
+        if scaled.numel() and not bool(scaled.abs().amax() < _LIMIT):  # catches NaN and inf too
             raise self._range_error(what, t)
         return scaled.round_().long()
 
@@ -245,7 +245,10 @@ class ExactArithmetic:
         p, q, c, inv = self._on(xi.device)
         shape, dtype = xi.shape, xf.dtype
         recording = _recording(vf, f, xf)
-        if self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
+        if xi.numel() == 0:  # an empty batch: nothing moves (and no reduction over nothing)
+            largest = torch.zeros((), dtype=torch.float64, device=xi.device)
+            new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
+        elif self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
             scaled = f.detach().double() * c
             vi = scaled.round().long()
             xi = xi + vi
@@ -335,8 +338,10 @@ class ExactArithmetic:
         raise InversionError(
             "exact mode: the memory-free backward did not rebuild the forward's input bit for bit "
             f"({check.depth} blocks, gamma={self.ratio}), so the gradients it computed are not "
-            "those of the forward. A block computed something different when run again: make it "
-            "deterministic (torch.use_deterministic_algorithms(True); on CUDA, "
+            "those of the forward, and they had already been accumulated (every block's, into "
+            ".grad or autograd.grad's results) when this was detected at the end of the stack's "
+            "backward: discard this step. A block computed something different when run "
+            "again: make it deterministic (torch.use_deterministic_algorithms(True); on CUDA, "
             "torch.backends.cudnn.benchmark = False), keep it free of side effects (no counters "
             "or caches that change between calls), or use use_backprop=True."
         )
