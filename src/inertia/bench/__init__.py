@@ -19,26 +19,30 @@ affects every variant alike; ratios are against ``plain`` at the same depth.
 
 from __future__ import annotations
 
-import copy
 import csv
 import functools
-import importlib.util
 import platform
-import statistics
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from .nn import MomentumNet
-from .testing import SavedTensorMeter
+from ._steps import (
+    PAPER,
+    VARIANTS,
+    checkpoint_every_block,
+    default_variants,
+    measure,
+    mlp_blocks,
+    stack_at,
+    variant_model,
+)
 
 __all__ = [
+    "PAPER",
+    "VARIANTS",
     "BenchConfig",
     "BenchRow",
     "ModelBenchConfig",
@@ -49,15 +53,6 @@ __all__ = [
     "write_csv",
     "write_markdown",
 ]
-
-VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
-#: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
-PAPER = "momentumnet_0.10"
-
-
-def default_variants() -> tuple[str, ...]:
-    """`VARIANTS`, and the paper's package (`PAPER`) when it is importable."""
-    return VARIANTS + ((PAPER,) if importlib.util.find_spec("momentumnet") else ())
 
 
 @dataclass(frozen=True)
@@ -93,48 +88,6 @@ class BenchRow:
     memory_ratio: float = field(default=float("nan"))  # peak / plain's, same case and depth
 
 
-class _Residual(nn.Module):
-    """The plain residual stack ``x = x + f(x)``."""
-
-    def __init__(self, blocks: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for f in self.blocks:
-            x = x + f(x)
-        return x
-
-
-def _blocks(config: BenchConfig, depth: int) -> list[nn.Module]:
-    w = config.width
-    return [nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w)) for _ in range(depth)]
-
-
-def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool) -> nn.Module:
-    if variant == "plain":
-        return _Residual(blocks)
-    if variant == "checkpoint":
-        return checkpoint_every_block(_Residual(blocks), ["blocks"], reentrant=for_memory)
-    if variant == "momentum_backprop":
-        return MomentumNet(blocks, gamma, use_backprop=True)
-    if variant == "momentum_free":
-        return MomentumNet(blocks, gamma, use_backprop=False)
-    if variant == "momentum_exact":
-        return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
-    if variant == PAPER:
-        import momentumnet
-
-        net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
-        return net
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join((*VARIANTS, PAPER))}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
     """Measure every variant at every depth; returns one row per (variant, depth)."""
     if config.threads is not None:
@@ -146,58 +99,17 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
         case = "mlp" if len(batches) == 1 else f"mlp batch {batch}"
         for depth in config.depths:
             torch.manual_seed(config.seed)
-            blocks = [b.to(device) for b in _blocks(config, depth)]
+            blocks = [b.to(device) for b in mlp_blocks(config.width, depth)]
             x = torch.randn(batch, config.width, device=device, requires_grad=True)
             builders = {
-                v: functools.partial(_model, v, blocks, config.gamma) for v in config.variants
+                v: functools.partial(variant_model, v, blocks, config.gamma)
+                for v in config.variants
             }
             results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
             rows += [BenchRow(v, case, depth, *results[v]) for v in config.variants]
             if progress is not None:
                 progress(f"{case}, depth {depth}: done")
     return _with_ratios(rows)
-
-
-def measure(
-    builders: Mapping[str, Callable[[bool], nn.Module]],
-    inputs: tuple[Any, ...],
-    repeats: int,
-    device: torch.device,
-) -> dict[str, tuple[int, int, float, float, float]]:
-    """Bytes saved for backward and step times of each variant (``builders[v](for_memory)``).
-
-    Returns, per variant: bytes held after the forward, peak bytes, and the median, min and max
-    step time in ms over ``repeats`` interleaved steps (nan when ``repeats`` is 0).
-    """
-    memory = {}
-    for variant, build in builders.items():
-        model = build(True)
-        with SavedTensorMeter(ignore=model.parameters()) as meter:
-            loss = _loss(model(*inputs))
-            after_forward = meter.current
-            loss.backward()  # type: ignore[no-untyped-call]
-        memory[variant] = (after_forward, meter.peak)
-    models = {v: build(False) for v, build in builders.items()}
-    times: dict[str, list[float]] = {v: [] for v in builders}
-    for r in range(repeats + 1 if repeats else 0):  # the first round warms up
-        for variant, model in models.items():
-            model.zero_grad(set_to_none=True)
-            _sync(device)
-            start = time.perf_counter()
-            _loss(model(*inputs)).backward()  # type: ignore[no-untyped-call]
-            _sync(device)
-            if r:
-                times[variant].append(1e3 * (time.perf_counter() - start))
-    results: dict[str, tuple[int, int, float, float, float]] = {}
-    for variant in builders:
-        t = times[variant] or [float("nan")]
-        results[variant] = (*memory[variant], statistics.median(t), min(t), max(t))
-    return results
-
-
-def _loss(out: Any) -> Tensor:
-    out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
-    return out.float().square().mean()  # type: ignore[no-any-return]
 
 
 def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
@@ -291,48 +203,10 @@ class ModelBenchConfig:
     seed: int = 0
 
 
-class _Checkpointed(nn.Module):
-    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured)."""
-
-    def __init__(self, block: nn.Module, reentrant: bool) -> None:
-        super().__init__()
-        self.block, self.reentrant = block, reentrant
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # parents inspect their layers (nn.TransformerEncoder's fast path)
-            return getattr(self._modules["block"], name)
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(
-            functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
-        )
-
-
-def checkpoint_every_block(
-    model: nn.Module, paths: Sequence[str], reentrant: bool = False
-) -> nn.Module:
-    """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
-    baseline that the memory-free stacks are compared with."""
-    model = copy.deepcopy(model)
-    for path in paths:
-        stack = _stack(model, path)
-        for i, block in enumerate(list(stack)):
-            stack[i] = _Checkpointed(block, reentrant)
-    return model
-
-
-def _stack(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
-    stack = model.get_submodule(path)
-    assert isinstance(stack, (nn.Sequential, nn.ModuleList))
-    return stack
-
-
 def _builders(
     model: nn.Module, paths: list[str], keep_first: bool, gamma: float
 ) -> dict[str, Callable[[bool], nn.Module]]:
-    from .transform import transform_to_momentumnet
+    from ..transform import transform_to_momentumnet
 
     def momentum(checkpointed: bool, for_memory: bool) -> nn.Module:
         return transform_to_momentumnet(
@@ -385,7 +259,7 @@ def run_models(
         model, inputs, paths = _real_model(name, config)
         builders = _builders(model, paths, name.startswith("resnet"), config.gamma)
         results = measure(builders, inputs, config.repeats, torch.device("cpu"))
-        depth = sum(len(_stack(model, p)) for p in paths)
+        depth = sum(len(stack_at(model, p)) for p in paths)
         rows += [BenchRow(v, name, depth, *results[v]) for v in builders]
         if progress is not None:
             progress(f"{name}: done")
