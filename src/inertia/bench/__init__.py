@@ -15,13 +15,19 @@ cannot see them, so its bytes are counted with the reentrant variant, which keep
 through ``save_for_backward``; its time is that of the recommended non-reentrant variant. Time is
 the median over interleaved training steps (forward, backward), so that drift of a noisy machine
 affects every variant alike; ratios are against ``plain`` at the same depth.
+
+The true peak of a training step, as users measure it (resident memory on the CPU, the CUDA
+allocator's peak on a GPU, parameter gradients and every temporary included), is measured by one
+function, `true_peak`, each case in a fresh process: ``benchmarks/true_peak.py``
+(`run_true_peak`), ``inertia bench --true-peak`` (`BenchConfig.true_peak`) and the memory
+experiment call it.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-import platform
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,16 +35,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._errors import InertiaError
+from ._fresh import TruePeak, time_variants, true_peak
+from ._peak import StepPeak, measure_step_peaks
 from ._steps import (
     PAPER,
     VARIANTS,
+    PeakCase,
     checkpoint_every_block,
     default_variants,
+    environment,
     measure,
     mlp_blocks,
     stack_at,
     variant_model,
 )
+from ._table import PeakConfig, PeakRow, run_true_peak, write_peak_csv, write_peak_markdown
 
 __all__ = [
     "PAPER",
@@ -46,12 +58,24 @@ __all__ = [
     "BenchConfig",
     "BenchRow",
     "ModelBenchConfig",
+    "PeakCase",
+    "PeakConfig",
+    "PeakRow",
+    "StepPeak",
+    "TruePeak",
     "checkpoint_every_block",
+    "environment",
     "measure",
+    "measure_step_peaks",
     "run",
     "run_models",
+    "run_true_peak",
+    "time_variants",
+    "true_peak",
     "write_csv",
     "write_markdown",
+    "write_peak_csv",
+    "write_peak_markdown",
 ]
 
 
@@ -70,6 +94,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     time_steps: bool = True
+    true_peak: bool = False  # also the true peak of each step (`true_peak`, fresh processes)
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,8 @@ class BenchRow:
     step_ms_max: float
     time_ratio: float = field(default=float("nan"))  # step_ms / plain's, same case and depth
     memory_ratio: float = field(default=float("nan"))  # peak / plain's, same case and depth
+    true_peak_bytes: float = field(default=float("nan"))  # `true_peak`, .grad unset; nan: unread
+    true_peak_accumulate_bytes: float = field(default=float("nan"))  # .grad allocated before
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
@@ -106,10 +133,32 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
                 for v in config.variants
             }
             results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
-            rows += [BenchRow(v, case, depth, *results[v]) for v in config.variants]
+            for v in config.variants:
+                peak, accumulate = _true_peak(config, batch, depth, v)
+                rows.append(
+                    BenchRow(
+                        v,
+                        case,
+                        depth,
+                        *results[v],
+                        true_peak_bytes=peak,
+                        true_peak_accumulate_bytes=accumulate,
+                    )
+                )
             if progress is not None:
                 progress(f"{case}, depth {depth}: done")
     return _with_ratios(rows)
+
+
+def _true_peak(config: BenchConfig, batch: int, depth: int, variant: str) -> tuple[float, float]:
+    """True peaks (.grad unset, accumulation) in a fresh process when ``config`` asks, else nan."""
+    if not config.true_peak:
+        return math.nan, math.nan
+    case = PeakCase("mlp", depth, batch, config.width, gamma=config.gamma, seed=config.seed)
+    found = true_peak(case, variant, device=config.device, threads=config.threads)
+    if found.grad_unset.reason:
+        raise InertiaError(f"no true peak on this machine: {found.grad_unset.reason}")
+    return found.grad_unset.peak_bytes, found.grad_accumulated.peak_bytes
 
 
 def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
@@ -125,13 +174,6 @@ def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
         d["memory_ratio"] = r.peak_saved_bytes / base.peak_saved_bytes
         out.append(BenchRow(**d))
     return out
-
-
-def environment() -> str:
-    """One line naming what the figures were measured on."""
-    threads = torch.get_num_threads()
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    return f"torch {torch.__version__}, {dev or platform.machine()}, {threads} threads"
 
 
 def write_csv(rows: Iterable[BenchRow], path: Path) -> None:
@@ -168,6 +210,16 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
         *table(
             "Peak bytes saved for backward (MiB), ratio to plain",
             lambda r: f"{r.peak_saved_bytes / 2**20:.2f} ({r.memory_ratio:.2f}x)",
+        ),
+        *(
+            table(
+                "True peak of a training step (MiB): .grad unset / gradient accumulation",
+                lambda r: (
+                    f"{r.true_peak_bytes / 2**20:.1f} / {r.true_peak_accumulate_bytes / 2**20:.1f}"
+                ),
+            )
+            if any(math.isfinite(r.true_peak_bytes) for r in rows)
+            else []
         ),
         *table(
             "Training step (ms), ratio to plain",

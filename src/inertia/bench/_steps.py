@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from ..testing import SavedTensorMeter
 VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
 PAPER = "momentumnet_0.10"
+_RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
 
 def default_variants() -> tuple[str, ...]:
@@ -113,6 +116,114 @@ def stack_at(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
     stack = model.get_submodule(path)
     assert isinstance(stack, (nn.Sequential, nn.ModuleList))
     return stack
+
+
+@dataclass(frozen=True)
+class PeakCase:
+    """A model and its inputs, built identically (same seed) in every process that measures it.
+
+    Args:
+        model: ``"mlp"``: residual blocks Linear(width)-GELU-Linear(width), inputs of shape
+            ``(batch, width)``. ``"encoder"``: ``nn.TransformerEncoder`` of ``depth`` pre-norm
+            layers (``norm_first=True``, ``batch_first=True``, d_model ``width``, ``heads`` heads,
+            feed-forward ``4 * width``, no dropout) and a final LayerNorm, inputs of shape
+            ``(batch, seq_len, width)``. A torchvision ResNet's name (``"resnet50"``): inputs of
+            shape ``(batch, 3, image_size, image_size)``, 1,000 classes, train mode.
+        depth: Blocks of the mlp, layers of the encoder; a ResNet's is fixed by its name.
+        batch: Batch size.
+        width: The mlp's width, the encoder's d_model.
+        seq_len: The encoder's sequence length.
+        heads: The encoder's attention heads.
+        image_size: The ResNet's input height and width.
+        gamma: The momentum of the converted stacks.
+        seed: Seeds the weights and inputs.
+
+    Example:
+        >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
+        'encoder, 12 layers, d 256, batch 16, seq 512'
+    """
+
+    model: str = "mlp"
+    depth: int = 8
+    batch: int = 32
+    width: int = 64
+    seq_len: int = 128
+    heads: int = 8
+    image_size: int = 224
+    gamma: float = 0.9
+    seed: int = 0
+
+    def label(self) -> str:
+        """The case in a few words, for tables."""
+        if self.model == "mlp":
+            return f"mlp {self.width}, depth {self.depth}, batch {self.batch}"
+        if self.model == "encoder":
+            return (
+                f"encoder, {self.depth} layers, d {self.width}, batch {self.batch}, "
+                f"seq {self.seq_len}"
+            )
+        return f"{self.model}, batch {self.batch}, {self.image_size}x{self.image_size}"
+
+
+def build(
+    case: PeakCase, variant: str, device: torch.device, for_memory: bool = False
+) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """(model in train mode, inputs) of ``case`` run as ``variant`` (see `inertia.bench`).
+
+    ``for_memory``: the twin whose bytes saved for backward can be counted (reentrant
+    checkpointing); else the model as it is measured and timed.
+    """
+    from ..transform import transform_to_momentumnet  # it imports nn, as this module does
+
+    torch.manual_seed(case.seed)
+    if case.model == "mlp":
+        blocks = mlp_blocks(case.width, case.depth)
+        model = variant_model(variant, blocks, case.gamma, for_memory)
+        return model.to(device).train(), (torch.randn(case.batch, case.width, device=device),)
+    paths: str | list[str]
+    if case.model == "encoder":
+        w = case.width
+        layer = nn.TransformerEncoderLayer(
+            w, case.heads, 4 * w, dropout=0.0, batch_first=True, norm_first=True
+        )
+        base: nn.Module = nn.TransformerEncoder(
+            layer, case.depth, norm=nn.LayerNorm(w), enable_nested_tensor=False
+        )
+        x = torch.randn(case.batch, case.seq_len, w)
+        paths, keep_first = "layers", False
+    elif case.model.startswith("resnet"):
+        from torchvision import models
+
+        base = getattr(models, case.model)()
+        x = torch.randn(case.batch, 3, case.image_size, case.image_size)
+        paths, keep_first = _RESNET_STAGES, True
+    else:
+        raise ValueError(f"unknown case model {case.model!r}: mlp, encoder or resnet<N>")
+    if variant == "plain":
+        model = base
+    elif variant == "checkpoint":
+        stacks = [paths] if isinstance(paths, str) else paths
+        model = checkpoint_every_block(base, stacks, reentrant=for_memory)
+    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact"):
+        model = transform_to_momentumnet(
+            base,
+            paths,
+            keep_first_layer=keep_first,
+            gamma=case.gamma,
+            use_backprop=variant == "momentum_backprop",
+            exact=variant == "momentum_exact",
+            inplace=True,
+        )
+    else:
+        raise ValueError(f"variant {variant!r} is not measured on {case.model}")
+    return model.to(device).train(), (x.to(device),)
+
+
+def environment() -> str:
+    """One line naming what the figures were measured on."""
+    threads = torch.get_num_threads()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return f"torch {torch.__version__}, {dev or platform.machine()}, {threads} threads"
 
 
 def sync(device: torch.device) -> None:
