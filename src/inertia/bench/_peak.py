@@ -13,6 +13,9 @@ The true peak counts everything:
 - on a GPU, ``torch.cuda.max_memory_allocated`` after the step minus ``memory_allocated`` before
   it, with ``reset_peak_memory_stats`` in between.
 
+Allocations under 64 KiB still come from glibc's heap, which keeps what it frees: peaks of a
+few hundred KiB (tiny models) are noise; the method is meant for steps of megabytes and more.
+
 Each step is measured twice: with ``.grad`` unset (``zero_grad(set_to_none=True)``) and under
 gradient accumulation (``.grad`` allocated, as after a first micro-batch). An optimizer step, when
 asked for, is measured on its own. Times are taken in other processes (`time_variants`), never in
