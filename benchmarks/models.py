@@ -5,6 +5,9 @@ Writes benchmarks/results/models.{csv,md}. About 5 minutes on 2 CPU cores.
 
     python benchmarks/models.py
     python benchmarks/models.py --quick     # resnet18 and a 2-layer encoder, small inputs
+
+The true peak of a step of converted models (parameter gradients and temporaries included) is
+measured by benchmarks/true_peak.py, with the same inertia.bench.true_peak as everything else.
 """
 
 from __future__ import annotations

@@ -159,6 +159,25 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["plot", str(tmp_path / "bench.csv"), "--out", str(tmp_path / "again")]) == 0
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="resident peaks need Linux's /proc")
+def test_bench_true_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--true-peak: one fresh process per depth and variant, beside the bytes saved."""
+    args = ["bench", "--quick", "--depths", "4", "--variants", "plain", "momentum_free"]
+    assert main([*args, "--true-peak", "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "saved for backward, true peak" in summary
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    assert [r["variant"] for r in rows] == ["plain", "momentum_free"]
+    assert all(float(r["true_peak_bytes"]) >= 0 for r in rows)
+    assert all(float(r["true_peak_accumulate_bytes"]) >= 0 for r in rows)
+    assert "### True peak of a training step" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_variants_must_name_the_compared_pair(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--variants", "plain", "checkpoint"]) == 1
+    assert "name both" in capsys.readouterr().err
+
+
 def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--list-models"]) == 0
     assert "momentum_resnet18_cifar" in capsys.readouterr().out.split()

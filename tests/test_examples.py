@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from inertia.bench import BenchConfig, run
 
@@ -58,6 +60,20 @@ def test_models_benchmark_script(tmp_path: Path) -> None:
     for case in cases:
         assert peaks["momentum_free", case] < peaks["plain", case]
         assert peaks["checkpoint", case] < peaks["plain", case]
+
+
+def test_true_peak_benchmark_script(tmp_path: Path) -> None:
+    """benchmarks/true_peak.py --quick: two variants of a tiny stack, three fresh processes."""
+    script = load(ROOT / "benchmarks" / "true_peak.py")
+    script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "true_peak_quick.csv").read_text().splitlines()))
+    assert [r["variant"] for r in rows] == ["plain", "momentum_free"]
+    assert all(int(r["saved_bytes"]) > 0 and float(r["step_ms"]) > 0 for r in rows)
+    assert float(rows[0]["time_ratio"]) == 1.0
+    table = (tmp_path / "true_peak_quick.md").read_text()
+    assert table.startswith("Produced by `python benchmarks/true_peak.py --quick --threads 1`")
+    assert f"torch {torch.__version__}" in table
+    assert "| mlp 64, depth 4, batch 64 | momentum_free |" in table
 
 
 def test_compile_benchmark_script(tmp_path: Path) -> None:

@@ -114,6 +114,31 @@ def test_memory_free_constant_in_depth() -> None:
     assert [c.removesuffix(" peak MiB") for c in result.columns[2 : 2 + len(names)]] == names
 
 
+def test_memory_reports_true_peaks_of_the_first_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experiment takes its true peaks from bench.true_peak (faked here: it starts processes,
+    which tests/test_bench_peak.py checks), for the first seed only."""
+    asked: list[tuple[int, str]] = []
+
+    def fake(case: bench.PeakCase, variant: str, **kwargs: object) -> bench.TruePeak:
+        asked.append((case.depth, variant))
+        step = bench.StepPeak(case.depth * 2.0**20, 0.0, 0, "rss")
+        return bench.TruePeak(case.label(), variant, "cpu", step, step, None, 0, 0)
+
+    monkeypatch.setattr(bench, "true_peak", fake)
+    config = ExperimentConfig(quick=True, seeds=(3, 4), true_peak=True)
+    result = run_experiment("memory", config)
+    names = memory.variants()
+    depths = sorted({r[1] for r in result.rows})
+    assert sorted(asked) == sorted((d, v) for d in depths for v in names)
+    columns = [c for c in result.columns if c.endswith(" true peak MiB")]
+    assert columns == [f"{v} true peak MiB" for v in names]
+    for row in result.rows:
+        peaks = row[-1 - len(names) : -1]
+        expected = float(row[1]) if row[0] == 3 else math.nan
+        assert all(p == expected or (math.isnan(p) and math.isnan(expected)) for p in peaks)
+    assert "true peak of a step" in result.summary
+
+
 def test_ode_limit_error_falls_like_h() -> None:
     pytest.importorskip("torchdiffeq")
     result = run("ode-limit")

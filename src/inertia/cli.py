@@ -87,6 +87,11 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--quick", action="store_true", help="small sizes: about a minute on a CPU")
     p.add_argument("--depths", type=int, nargs="+", default=None)
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes to sweep")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="variants to measure (plain and momentum_free at least)")  # fmt: skip
+    p.add_argument("--true-peak", action="store_true",
+                   help="also the true peak of each step (resident memory on a CPU, each variant "
+                   "and depth in a fresh process)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench")
 
@@ -102,20 +107,34 @@ def _bench(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, depths=tuple(args.depths))
     if args.batches:
         config = dataclasses.replace(config, batches=tuple(args.batches))
+    if args.variants:
+        if not {"plain", "momentum_free"} <= set(args.variants):
+            raise InertiaError(
+                "--variants: the summary compares momentum_free with plain; name both"
+            )
+        config = dataclasses.replace(config, variants=tuple(args.variants))
+    config = dataclasses.replace(config, true_peak=args.true_peak)
     rows = run(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "bench.csv")
     command = "inertia bench" + (" --quick" if args.quick else "")
+    command += " --true-peak" if args.true_peak else ""
     write_markdown(rows, out / "bench.md", command, describe(config))
     plots = _try_plots(lambda: plot_bench(out / "bench.csv"))
     deepest = max(config.depths)
     cell = {r.variant: r for r in rows if r.depth == deepest}  # the last batch size
     free, plain = cell["momentum_free"], cell["plain"]
+    peak = ""
+    if config.true_peak:
+        peak = (
+            f", true peak {free.true_peak_bytes / 2**20:.1f} MiB vs "
+            f"{plain.true_peak_bytes / 2**20:.1f} MiB (.grad unset)"
+        )
     print(
         f"inertia bench: depth {deepest}, memory-free {free.peak_saved_bytes / 2**20:.2f} MiB "
-        f"vs plain {plain.peak_saved_bytes / 2**20:.2f} MiB, {free.time_ratio:.2f}x plain's "
-        f"step | {out / 'bench.md'}{plots}"
+        f"vs plain {plain.peak_saved_bytes / 2**20:.2f} MiB saved for backward{peak}, "
+        f"{free.time_ratio:.2f}x plain's step | {out / 'bench.md'}{plots}"
     )
     return 0
 
@@ -155,6 +174,8 @@ def _experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--quick", action="store_true", help="small sizes: seconds, as in the tests")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads while it runs")
+    p.add_argument("--true-peak", action="store_true",
+                   help="memory: the true peak of each step too (first seed)")  # fmt: skip
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST's IDX files (default: Debian's folder)")  # fmt: skip
 
@@ -175,10 +196,15 @@ def _experiment(args: argparse.Namespace) -> int:
             f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}"
         )
     config = ExperimentConfig(
-        seeds=tuple(args.seeds), quick=args.quick, threads=args.threads, data_dir=args.data_dir
+        seeds=tuple(args.seeds),
+        quick=args.quick,
+        threads=args.threads,
+        data_dir=args.data_dir,
+        true_peak=args.true_peak,
     )
     result = run_experiment(args.name, config)
     words = ["inertia experiment", args.name, *(["--quick"] if args.quick else [])]
+    words += ["--true-peak"] if args.true_peak else []
     if config.seeds != ExperimentConfig().seeds:
         words += ["--seeds", *map(str, config.seeds)]
     command = " ".join([*words, "--out", args.out])

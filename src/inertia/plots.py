@@ -11,7 +11,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,13 +175,12 @@ def _read_bench(path: Path) -> list[BenchRow]:
         records = list(csv.DictReader(fh))
     if not records:
         raise InertiaError(f"{path} has no benchmark rows")
-    missing = [f.name for f in fields(BenchRow) if f.name not in records[0]]
+    required = [f.name for f in fields(BenchRow) if f.default is MISSING]
+    missing = [name for name in required if name not in records[0]]
     if missing:
         raise InertiaError(f"{path} is not a benchmark CSV: no column {', '.join(missing)}")
-    return [
-        BenchRow(**{f.name: _CAST[str(f.type)](r[f.name]) for f in fields(BenchRow)})
-        for r in records
-    ]
+    present = [f for f in fields(BenchRow) if f.name in records[0]]  # older files lack some
+    return [BenchRow(**{f.name: _CAST[str(f.type)](r[f.name]) for f in present}) for r in records]
 
 
 def _bench_figure(rows: Sequence[BenchRow], sweep: bool) -> Figure:

@@ -48,12 +48,15 @@ class ExperimentConfig:
             leaves it.
         data_dir: Folder of the Fashion-MNIST IDX files (experiment ``gamma``); default: Debian's
             ``/usr/share/datasets/fashion-mnist``.
+        true_peak: Experiment ``memory``: also the true peak of each training step
+            (`inertia.bench.true_peak`, a fresh process per depth and variant, first seed only).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
     quick: bool = False
     threads: int | None = 1
     data_dir: str | None = None
+    true_peak: bool = False
 
 
 @dataclass

@@ -47,7 +47,8 @@ def _plot(result: ExperimentResult, fig: Figure) -> None:
 
 @register("memory", "6. Memory against depth", _plot)
 def memory_against_depth(config: ExperimentConfig) -> ExperimentResult:
-    """Peak bytes saved for backward against depth for each variant, one sweep per seed."""
+    """Peak bytes saved for backward against depth for each variant, one sweep per seed; with
+    ``config.true_peak``, the true peak of each step too (first seed)."""
     if config.quick:
         base = bench.BenchConfig(depths=(2, 4, 8, 16), width=32, batch=16, repeats=1)
     else:
@@ -58,6 +59,7 @@ def memory_against_depth(config: ExperimentConfig) -> ExperimentResult:
         cfg = bench.BenchConfig(
             depths=base.depths, width=base.width, batch=base.batch, repeats=base.repeats,
             threads=config.threads, variants=names, seed=seed,
+            true_peak=config.true_peak and seed == config.seeds[0],
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InversionWarning)
@@ -79,11 +81,18 @@ def memory_against_depth(config: ExperimentConfig) -> ExperimentResult:
         )
         for depth in base.depths:
             mib = [cell[v, depth].peak_saved_bytes / 2**20 for v in names]
-            rows.append((seed, depth, *mib, *(cell[v, depth].time_ratio for v in names), holds))
+            times = [cell[v, depth].time_ratio for v in names]
+            peaks = [cell[v, depth].true_peak_bytes / 2**20 for v in names] * config.true_peak
+            rows.append((seed, depth, *mib, *times, *peaks, holds))
     deepest = [r for r in rows if r[1] == max(base.depths) and r[0] == config.seeds[0]]
     at_depth = ", ".join(
         f"{v} {mib:.2f} MiB" for v, mib in zip(names, deepest[0][2:], strict=False)
     )
+    if config.true_peak:
+        true_peaks = deepest[0][2 + 2 * len(names) : 2 + 3 * len(names)]
+        at_depth += "; true peak of a step: " + ", ".join(
+            f"{v} {mib:.1f} MiB" for v, mib in zip(names, true_peaks, strict=True)
+        )
     return ExperimentResult(
         name="memory",
         claim=(
@@ -104,12 +113,21 @@ def memory_against_depth(config: ExperimentConfig) -> ExperimentResult:
             f"{base.repeats} interleaved steps, as a ratio to plain."
             + f" Depths {', '.join(map(str, base.depths))}; from `inertia.bench.run`, "
             f"{config.threads or 'default'} thread(s). Variants: {', '.join(variants())}."
+            + (
+                " True peak (seed "
+                f"{config.seeds[0]}): the most memory a training step holds beyond what was held "
+                "before it, .grad unset, from `inertia.bench.true_peak` (a fresh process per depth "
+                "and variant); it includes the parameter gradients, which grow with depth in "
+                "every variant."
+            )
+            * config.true_peak
         ),
         columns=(
             "seed",
             "depth",
             *(f"{v} peak MiB" for v in names),
             *(f"{v} time / plain" for v in names),
+            *(f"{v} true peak MiB" for v in names if config.true_peak),
             "holds",
         ),
         rows=rows,

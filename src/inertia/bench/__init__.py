@@ -15,49 +15,68 @@ cannot see them, so its bytes are counted with the reentrant variant, which keep
 through ``save_for_backward``; its time is that of the recommended non-reentrant variant. Time is
 the median over interleaved training steps (forward, backward), so that drift of a noisy machine
 affects every variant alike; ratios are against ``plain`` at the same depth.
+
+The true peak of a training step, as users measure it (resident memory on the CPU, the CUDA
+allocator's peak on a GPU, parameter gradients and every temporary included), is measured by one
+function, `true_peak`, each case in a fresh process: ``benchmarks/true_peak.py``
+(`run_true_peak`), ``inertia bench --true-peak`` (`BenchConfig.true_peak`) and the memory
+experiment call it.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import functools
-import importlib.util
-import platform
-import statistics
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from .nn import MomentumNet
-from .testing import SavedTensorMeter
+from .._errors import InertiaError
+from ._fresh import TruePeak, time_variants, true_peak
+from ._peak import StepPeak, measure_step_peaks
+from ._steps import (
+    PAPER,
+    VARIANTS,
+    PeakCase,
+    checkpoint_every_block,
+    default_variants,
+    environment,
+    measure,
+    mlp_blocks,
+    stack_at,
+    variant_model,
+)
+from ._table import PeakConfig, PeakRow, run_true_peak, write_peak_csv, write_peak_markdown
 
 __all__ = [
+    "PAPER",
+    "VARIANTS",
     "BenchConfig",
     "BenchRow",
     "ModelBenchConfig",
+    "PeakCase",
+    "PeakConfig",
+    "PeakRow",
+    "StepPeak",
+    "TruePeak",
     "checkpoint_every_block",
+    "environment",
     "measure",
+    "measure_step_peaks",
     "run",
     "run_models",
+    "run_true_peak",
+    "time_variants",
+    "true_peak",
     "write_csv",
     "write_markdown",
+    "write_peak_csv",
+    "write_peak_markdown",
 ]
-
-VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
-#: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
-PAPER = "momentumnet_0.10"
-
-
-def default_variants() -> tuple[str, ...]:
-    """`VARIANTS`, and the paper's package (`PAPER`) when it is importable."""
-    return VARIANTS + ((PAPER,) if importlib.util.find_spec("momentumnet") else ())
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     time_steps: bool = True
+    true_peak: bool = False  # also the true peak of each step (`true_peak`, fresh processes)
 
 
 @dataclass(frozen=True)
@@ -91,48 +111,8 @@ class BenchRow:
     step_ms_max: float
     time_ratio: float = field(default=float("nan"))  # step_ms / plain's, same case and depth
     memory_ratio: float = field(default=float("nan"))  # peak / plain's, same case and depth
-
-
-class _Residual(nn.Module):
-    """The plain residual stack ``x = x + f(x)``."""
-
-    def __init__(self, blocks: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for f in self.blocks:
-            x = x + f(x)
-        return x
-
-
-def _blocks(config: BenchConfig, depth: int) -> list[nn.Module]:
-    w = config.width
-    return [nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w)) for _ in range(depth)]
-
-
-def _model(variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool) -> nn.Module:
-    if variant == "plain":
-        return _Residual(blocks)
-    if variant == "checkpoint":
-        return checkpoint_every_block(_Residual(blocks), ["blocks"], reentrant=for_memory)
-    if variant == "momentum_backprop":
-        return MomentumNet(blocks, gamma, use_backprop=True)
-    if variant == "momentum_free":
-        return MomentumNet(blocks, gamma, use_backprop=False)
-    if variant == "momentum_exact":
-        return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
-    if variant == PAPER:
-        import momentumnet
-
-        net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
-        return net
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join((*VARIANTS, PAPER))}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    true_peak_bytes: float = field(default=float("nan"))  # `true_peak`, .grad unset; nan: unread
+    true_peak_accumulate_bytes: float = field(default=float("nan"))  # .grad allocated before
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
@@ -146,58 +126,39 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
         case = "mlp" if len(batches) == 1 else f"mlp batch {batch}"
         for depth in config.depths:
             torch.manual_seed(config.seed)
-            blocks = [b.to(device) for b in _blocks(config, depth)]
+            blocks = [b.to(device) for b in mlp_blocks(config.width, depth)]
             x = torch.randn(batch, config.width, device=device, requires_grad=True)
             builders = {
-                v: functools.partial(_model, v, blocks, config.gamma) for v in config.variants
+                v: functools.partial(variant_model, v, blocks, config.gamma)
+                for v in config.variants
             }
             results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
-            rows += [BenchRow(v, case, depth, *results[v]) for v in config.variants]
+            for v in config.variants:
+                peak, accumulate = _true_peak(config, batch, depth, v)
+                rows.append(
+                    BenchRow(
+                        v,
+                        case,
+                        depth,
+                        *results[v],
+                        true_peak_bytes=peak,
+                        true_peak_accumulate_bytes=accumulate,
+                    )
+                )
             if progress is not None:
                 progress(f"{case}, depth {depth}: done")
     return _with_ratios(rows)
 
 
-def measure(
-    builders: Mapping[str, Callable[[bool], nn.Module]],
-    inputs: tuple[Any, ...],
-    repeats: int,
-    device: torch.device,
-) -> dict[str, tuple[int, int, float, float, float]]:
-    """Bytes saved for backward and step times of each variant (``builders[v](for_memory)``).
-
-    Returns, per variant: bytes held after the forward, peak bytes, and the median, min and max
-    step time in ms over ``repeats`` interleaved steps (nan when ``repeats`` is 0).
-    """
-    memory = {}
-    for variant, build in builders.items():
-        model = build(True)
-        with SavedTensorMeter(ignore=model.parameters()) as meter:
-            loss = _loss(model(*inputs))
-            after_forward = meter.current
-            loss.backward()  # type: ignore[no-untyped-call]
-        memory[variant] = (after_forward, meter.peak)
-    models = {v: build(False) for v, build in builders.items()}
-    times: dict[str, list[float]] = {v: [] for v in builders}
-    for r in range(repeats + 1 if repeats else 0):  # the first round warms up
-        for variant, model in models.items():
-            model.zero_grad(set_to_none=True)
-            _sync(device)
-            start = time.perf_counter()
-            _loss(model(*inputs)).backward()  # type: ignore[no-untyped-call]
-            _sync(device)
-            if r:
-                times[variant].append(1e3 * (time.perf_counter() - start))
-    results: dict[str, tuple[int, int, float, float, float]] = {}
-    for variant in builders:
-        t = times[variant] or [float("nan")]
-        results[variant] = (*memory[variant], statistics.median(t), min(t), max(t))
-    return results
-
-
-def _loss(out: Any) -> Tensor:
-    out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
-    return out.float().square().mean()  # type: ignore[no-any-return]
+def _true_peak(config: BenchConfig, batch: int, depth: int, variant: str) -> tuple[float, float]:
+    """True peaks (.grad unset, accumulation) in a fresh process when ``config`` asks, else nan."""
+    if not config.true_peak:
+        return math.nan, math.nan
+    case = PeakCase("mlp", depth, batch, config.width, gamma=config.gamma, seed=config.seed)
+    found = true_peak(case, variant, device=config.device, threads=config.threads)
+    if found.grad_unset.reason:
+        raise InertiaError(f"no true peak on this machine: {found.grad_unset.reason}")
+    return found.grad_unset.peak_bytes, found.grad_accumulated.peak_bytes
 
 
 def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
@@ -213,13 +174,6 @@ def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
         d["memory_ratio"] = r.peak_saved_bytes / base.peak_saved_bytes
         out.append(BenchRow(**d))
     return out
-
-
-def environment() -> str:
-    """One line naming what the figures were measured on."""
-    threads = torch.get_num_threads()
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    return f"torch {torch.__version__}, {dev or platform.machine()}, {threads} threads"
 
 
 def write_csv(rows: Iterable[BenchRow], path: Path) -> None:
@@ -257,6 +211,16 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
             "Peak bytes saved for backward (MiB), ratio to plain",
             lambda r: f"{r.peak_saved_bytes / 2**20:.2f} ({r.memory_ratio:.2f}x)",
         ),
+        *(
+            table(
+                "True peak of a training step (MiB): .grad unset / gradient accumulation",
+                lambda r: (
+                    f"{r.true_peak_bytes / 2**20:.1f} / {r.true_peak_accumulate_bytes / 2**20:.1f}"
+                ),
+            )
+            if any(math.isfinite(r.true_peak_bytes) for r in rows)
+            else []
+        ),
         *table(
             "Training step (ms), ratio to plain",
             lambda r: (
@@ -291,48 +255,10 @@ class ModelBenchConfig:
     seed: int = 0
 
 
-class _Checkpointed(nn.Module):
-    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured)."""
-
-    def __init__(self, block: nn.Module, reentrant: bool) -> None:
-        super().__init__()
-        self.block, self.reentrant = block, reentrant
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # parents inspect their layers (nn.TransformerEncoder's fast path)
-            return getattr(self._modules["block"], name)
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(
-            functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
-        )
-
-
-def checkpoint_every_block(
-    model: nn.Module, paths: Sequence[str], reentrant: bool = False
-) -> nn.Module:
-    """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
-    baseline that the memory-free stacks are compared with."""
-    model = copy.deepcopy(model)
-    for path in paths:
-        stack = _stack(model, path)
-        for i, block in enumerate(list(stack)):
-            stack[i] = _Checkpointed(block, reentrant)
-    return model
-
-
-def _stack(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
-    stack = model.get_submodule(path)
-    assert isinstance(stack, (nn.Sequential, nn.ModuleList))
-    return stack
-
-
 def _builders(
     model: nn.Module, paths: list[str], keep_first: bool, gamma: float
 ) -> dict[str, Callable[[bool], nn.Module]]:
-    from .transform import transform_to_momentumnet
+    from ..transform import transform_to_momentumnet
 
     def momentum(checkpointed: bool, for_memory: bool) -> nn.Module:
         return transform_to_momentumnet(
@@ -385,7 +311,7 @@ def run_models(
         model, inputs, paths = _real_model(name, config)
         builders = _builders(model, paths, name.startswith("resnet"), config.gamma)
         results = measure(builders, inputs, config.repeats, torch.device("cpu"))
-        depth = sum(len(_stack(model, p)) for p in paths)
+        depth = sum(len(stack_at(model, p)) for p in paths)
         rows += [BenchRow(v, name, depth, *results[v]) for v in builders]
         if progress is not None:
             progress(f"{name}: done")

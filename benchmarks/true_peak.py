@@ -1,0 +1,107 @@
+"""True peak of a training step, as users measure it, beside bytes saved for backward and time.
+
+Plain autograd, checkpointing every block, memory-free float and exact, on four cases: residual MLP
+blocks where parameters dominate and where activations dominate, a 12-layer pre-norm
+nn.TransformerEncoder and a torchvision ResNet-50, gamma 0.9. Each case and variant is measured in
+a fresh process (`inertia.bench.true_peak`): on the CPU the resident high-water mark over one step,
+after a warm-up step, with .grad unset and under gradient accumulation; times in one more process
+per case, variants interleaved.
+
+Writes benchmarks/results/true_peak.{csv,md}. About 10 minutes on 2 CPU cores.
+
+    python benchmarks/true_peak.py              # the committed results
+    python benchmarks/true_peak.py --quick      # seconds: a tiny stack (the tests run it)
+    python benchmarks/true_peak.py --device cuda --optimizer adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from inertia.bench import (
+    PeakCase,
+    PeakConfig,
+    run_true_peak,
+    write_peak_csv,
+    write_peak_markdown,
+)
+
+QUICK = PeakConfig(
+    cases=(PeakCase("mlp", depth=4, batch=64, width=64),),
+    variants=("plain", "momentum_free"),
+    repeats=1,
+)
+
+
+def describe(config: PeakConfig) -> str:
+    """What the table's columns mean, for the markdown."""
+    gamma = config.cases[0].gamma if config.cases else 0.9
+    return (
+        "Cases: `mlp W, depth D, batch B`: D residual blocks Linear(W)-GELU-Linear(W); `encoder`: "
+        "nn.TransformerEncoder of pre-norm layers (`norm_first=True`, `batch_first=True`, "
+        "feed-forward 4 d, dropout 0, final LayerNorm), converted with "
+        f"`transform_to_momentumnet(model, 'layers', keep_first_layer=False, gamma={gamma})`; "
+        "`resnetN`: torchvision's, 1,000 classes, train mode, converted with "
+        f"`transform_to_momentumnet(resnet, gamma={gamma})` (the first block of each stage stays "
+        "an ordinary layer). Float32; the loss is the output's mean square.\n\n"
+        "True peak: the most memory a training step (forward and backward) holds beyond what the "
+        "process held just before it, each case and variant in a fresh process. On the CPU, "
+        "resident memory: the process is launched with `MALLOC_MMAP_THRESHOLD_=65536` (freed "
+        "tensors go back to the system), runs one warm-up step, writes 5 to "
+        "`/proc/self/clear_refs` just before the measured step and reads `VmHWM - VmRSS` "
+        "(before) from `/proc/self/status`; on a GPU, `max_memory_allocated` minus the memory "
+        "allocated before. `.grad unset`: `zero_grad(set_to_none=True)` before the step, so the "
+        "peak includes allocating the gradients; `accumulation`: `.grad` already allocated (as "
+        "after a first micro-batch). Ratio to plain in parentheses. Saved for backward: peak "
+        "bytes saved for backward over one step (saved-tensor hooks, parameters excluded; "
+        "reentrant checkpointing stands in for non-reentrant). Step: median of "
+        f"{config.repeats} steps (`.grad` unset), the variants of a case interleaved in one more "
+        "fresh process launched without the malloc setting; time ratios are side by side."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny stack, for a smoke run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                        help="measure the optimizer's step too, reported apart")  # fmt: skip
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else PeakConfig()
+    config = PeakConfig(
+        cases=config.cases,
+        variants=config.variants,
+        repeats=config.repeats if args.repeats is None else args.repeats,
+        threads=args.threads,
+        device=args.device,
+        optimizer=args.optimizer,
+    )
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = run_true_peak(config, progress=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "true_peak_quick" if args.quick else "true_peak"
+    write_peak_csv(rows, args.out / f"{stem}.csv")
+    flags = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--out" in flags:  # where it was written is not how it was measured
+        i = flags.index("--out")
+        del flags[i : i + 2]
+    command = shlex.join(["python", "benchmarks/true_peak.py", *flags])
+    minutes = (time.perf_counter() - start) / 60
+    description = describe(config) + f" The whole run took {minutes:.1f} minutes."
+    write_peak_markdown(rows, args.out / f"{stem}.md", command, config, description)
+    print((args.out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""What every benchmark runs: the variants of a residual stack and one training step of each.
+
+The lowest module of `inertia.bench`: the depth sweep, the converted models and the true-peak
+table all build their variants and count bytes saved for backward and step times here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn import MomentumNet
+from ..testing import SavedTensorMeter
+
+VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
+#: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
+PAPER = "momentumnet_0.10"
+_RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
+
+
+def default_variants() -> tuple[str, ...]:
+    """`VARIANTS`, and the paper's package (`PAPER`) when it is importable."""
+    return VARIANTS + ((PAPER,) if importlib.util.find_spec("momentumnet") else ())
+
+
+class Residual(nn.Module):
+    """The plain residual stack ``x = x + f(x)``."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for f in self.blocks:
+            x = x + f(x)
+        return x
+
+
+def mlp_blocks(width: int, depth: int) -> list[nn.Module]:
+    """``depth`` blocks Linear(width)-GELU-Linear(width)."""
+    w = width
+    return [nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w)) for _ in range(depth)]
+
+
+def variant_model(
+    variant: str, blocks: list[nn.Module], gamma: float, for_memory: bool
+) -> nn.Module:
+    """The residual stack of ``blocks`` as ``variant`` runs it (the blocks are shared, not copied).
+
+    ``for_memory``: the model whose saved bytes are counted (reentrant checkpointing, which keeps
+    its inputs where saved-tensor hooks see them), else the one that is timed.
+    """
+    if variant == "plain":
+        return Residual(blocks)
+    if variant == "checkpoint":
+        return checkpoint_every_block(Residual(blocks), ["blocks"], reentrant=for_memory)
+    if variant == "momentum_backprop":
+        return MomentumNet(blocks, gamma, use_backprop=True)
+    if variant == "momentum_free":
+        return MomentumNet(blocks, gamma, use_backprop=False)
+    if variant == "momentum_exact":
+        return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
+    if variant == PAPER:
+        import momentumnet
+
+        net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
+        return net
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join((*VARIANTS, PAPER))}")
+
+
+class Checkpointed(nn.Module):
+    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured)."""
+
+    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # parents inspect their layers (nn.TransformerEncoder's fast path)
+            return getattr(self._modules["block"], name)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(
+            functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
+        )
+
+
+def checkpoint_every_block(
+    model: nn.Module, paths: Sequence[str], reentrant: bool = False
+) -> nn.Module:
+    """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
+    baseline that the memory-free stacks are compared with."""
+    model = copy.deepcopy(model)
+    for path in paths:
+        stack = stack_at(model, path)
+        for i, block in enumerate(list(stack)):
+            stack[i] = Checkpointed(block, reentrant)
+    return model
+
+
+def stack_at(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
+    """The stack of blocks at the dotted ``path`` of ``model``."""
+    stack = model.get_submodule(path)
+    assert isinstance(stack, (nn.Sequential, nn.ModuleList))
+    return stack
+
+
+@dataclass(frozen=True)
+class PeakCase:
+    """A model and its inputs, built identically (same seed) in every process that measures it.
+
+    Args:
+        model: ``"mlp"``: residual blocks Linear(width)-GELU-Linear(width), inputs of shape
+            ``(batch, width)``. ``"encoder"``: ``nn.TransformerEncoder`` of ``depth`` pre-norm
+            layers (``norm_first=True``, ``batch_first=True``, d_model ``width``, ``heads`` heads,
+            feed-forward ``4 * width``, no dropout) and a final LayerNorm, inputs of shape
+            ``(batch, seq_len, width)``. A torchvision ResNet's name (``"resnet50"``): inputs of
+            shape ``(batch, 3, image_size, image_size)``, 1,000 classes, train mode.
+        depth: Blocks of the mlp, layers of the encoder; a ResNet's is fixed by its name.
+        batch: Batch size.
+        width: The mlp's width, the encoder's d_model.
+        seq_len: The encoder's sequence length.
+        heads: The encoder's attention heads.
+        image_size: The ResNet's input height and width.
+        gamma: The momentum of the converted stacks.
+        seed: Seeds the weights and inputs.
+
+    Example:
+        >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
+        'encoder, 12 layers, d 256, batch 16, seq 512'
+    """
+
+    model: str = "mlp"
+    depth: int = 8
+    batch: int = 32
+    width: int = 64
+    seq_len: int = 128
+    heads: int = 8
+    image_size: int = 224
+    gamma: float = 0.9
+    seed: int = 0
+
+    def label(self) -> str:
+        """The case in a few words, for tables."""
+        if self.model == "mlp":
+            return f"mlp {self.width}, depth {self.depth}, batch {self.batch}"
+        if self.model == "encoder":
+            return (
+                f"encoder, {self.depth} layers, d {self.width}, batch {self.batch}, "
+                f"seq {self.seq_len}"
+            )
+        return f"{self.model}, batch {self.batch}, {self.image_size}x{self.image_size}"
+
+
+def build(
+    case: PeakCase, variant: str, device: torch.device, for_memory: bool = False
+) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """(model in train mode, inputs) of ``case`` run as ``variant`` (see `inertia.bench`).
+
+    ``for_memory``: the twin whose bytes saved for backward can be counted (reentrant
+    checkpointing); else the model as it is measured and timed.
+    """
+    from ..transform import transform_to_momentumnet  # it imports nn, as this module does
+
+    torch.manual_seed(case.seed)
+    if case.model == "mlp":
+        blocks = mlp_blocks(case.width, case.depth)
+        model = variant_model(variant, blocks, case.gamma, for_memory)
+        return model.to(device).train(), (torch.randn(case.batch, case.width, device=device),)
+    paths: str | list[str]
+    if case.model == "encoder":
+        w = case.width
+        layer = nn.TransformerEncoderLayer(
+            w, case.heads, 4 * w, dropout=0.0, batch_first=True, norm_first=True
+        )
+        base: nn.Module = nn.TransformerEncoder(
+            layer, case.depth, norm=nn.LayerNorm(w), enable_nested_tensor=False
+        )
+        x = torch.randn(case.batch, case.seq_len, w)
+        paths, keep_first = "layers", False
+    elif case.model.startswith("resnet"):
+        from torchvision import models
+
+        base = getattr(models, case.model)()
+        x = torch.randn(case.batch, 3, case.image_size, case.image_size)
+        paths, keep_first = _RESNET_STAGES, True
+    else:
+        raise ValueError(f"unknown case model {case.model!r}: mlp, encoder or resnet<N>")
+    if variant == "plain":
+        model = base
+    elif variant == "checkpoint":
+        stacks = [paths] if isinstance(paths, str) else paths
+        model = checkpoint_every_block(base, stacks, reentrant=for_memory)
+    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact"):
+        model = transform_to_momentumnet(
+            base,
+            paths,
+            keep_first_layer=keep_first,
+            gamma=case.gamma,
+            use_backprop=variant == "momentum_backprop",
+            exact=variant == "momentum_exact",
+            inplace=True,
+        )
+    else:
+        raise ValueError(f"variant {variant!r} is not measured on {case.model}")
+    return model.to(device).train(), (x.to(device),)
+
+
+def environment() -> str:
+    """One line naming what the figures were measured on."""
+    threads = torch.get_num_threads()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return f"torch {torch.__version__}, {dev or platform.machine()}, {threads} threads"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loss_of(out: Any) -> Tensor:
+    """The benchmarks' loss: mean square of the output (logits or last hidden state)."""
+    out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
+    return out.float().square().mean()  # type: ignore[no-any-return]
+
+
+def measure(
+    builders: Mapping[str, Callable[[bool], nn.Module]],
+    inputs: tuple[Any, ...],
+    repeats: int,
+    device: torch.device,
+) -> dict[str, tuple[int, int, float, float, float]]:
+    """Bytes saved for backward and step times of each variant (``builders[v](for_memory)``).
+
+    Returns, per variant: bytes held after the forward, peak bytes, and the median, min and max
+    step time in ms over ``repeats`` interleaved steps (nan when ``repeats`` is 0).
+    """
+    memory = {v: saved_bytes(build(True), inputs) for v, build in builders.items()}
+    times = step_times({v: build(False) for v, build in builders.items()}, inputs, repeats, device)
+    results: dict[str, tuple[int, int, float, float, float]] = {}
+    for variant in builders:
+        t = times[variant] or [float("nan")]
+        results[variant] = (*memory[variant], statistics.median(t), min(t), max(t))
+    return results
+
+
+def saved_bytes(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
+    """Bytes saved for backward over one step (parameters excluded): after the forward, peak."""
+    with SavedTensorMeter(ignore=model.parameters()) as meter:
+        loss = loss_of(model(*inputs))
+        after_forward = meter.current
+        loss.backward()  # type: ignore[no-untyped-call]
+    return after_forward, meter.peak
+
+
+def step_times(
+    models: Mapping[str, nn.Module], inputs: tuple[Any, ...], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Step times in ms of each model over ``repeats`` interleaved rounds, after one round that
+    warms up (none at all when ``repeats`` is 0); ``.grad`` is unset before every step."""
+    times: dict[str, list[float]] = {v: [] for v in models}
+    for r in range(repeats + 1 if repeats else 0):
+        for variant, model in models.items():
+            model.zero_grad(set_to_none=True)
+            sync(device)
+            start = time.perf_counter()
+            loss_of(model(*inputs)).backward()  # type: ignore[no-untyped-call]
+            sync(device)
+            if r:
+                times[variant].append(1e3 * (time.perf_counter() - start))
+    return times
