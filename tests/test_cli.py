@@ -28,7 +28,9 @@ TRAIN = ["train", "--dataset", "synthetic", "--model", "momentum_resnet18_cifar"
 
 
 def run(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # One thread each: tests run two trainings at once on CI's 2 cores, and two processes of two
+    # OpenMP threads each slowed an epoch from seconds to minutes.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "inertia", *args], env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
@@ -61,7 +63,7 @@ def test_sigint_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     part_dir = tmp_path / "part"
     part = run([*args, "--out", str(part_dir)])
     metrics = part_dir / "metrics.csv"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not (metrics.exists() and (part_dir / "checkpoint.pt").exists()):
         assert part.poll() is None, part.communicate()
         assert time.monotonic() < deadline
