@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import DTYPES, MLP, twins
+from conftest import DTYPES, MLP, ArgBlock, twins
 from inertia import InertiaError, InversionError, MomentumNet
 from inertia.testing import assert_gradients_match
 
@@ -87,6 +87,64 @@ def test_gradients_of_only_some_blocks() -> None:
     (want,) = torch.autograd.grad(backprop(x).sum(), [backprop[3].net[0].weight])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert runs == [0, 1, 2, 3, 3]
+
+
+class PlusParameter(nn.Module):
+    """``tanh(x) + p`` with ``p`` of the input's shape: autograd hands ``p`` the very gradient of
+    the output (an addition passes it through), so the node must not overwrite that tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x) + self.p
+
+
+class Identity(nn.Module):
+    """``f(x) = x`` as a view: the input's gradient is the output's, the same storage."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+
+class RowSum(nn.Module):
+    """``f(x)`` = the row sums, broadcast: the input's gradient is an expanded tensor (stride 0),
+    which cannot be written in place."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.1 * torch.tanh(x.sum(-1, keepdim=True)).expand_as(x)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("is_residual", [True, False])
+@pytest.mark.parametrize("block", [PlusParameter, Identity, RowSum])
+def test_blocks_whose_gradients_alias(
+    block: type[nn.Module], is_residual: bool, exact: bool
+) -> None:
+    """The nodes write the gradients handed between them in place; gradients that autograd
+    returns (which may alias the output's gradient, or be expanded) stay as they are."""
+
+    class Whole(block):  # type: ignore[misc, valid-type]
+        def forward(self, x: Tensor) -> Tensor:
+            return x + super().forward(x)
+
+    blocks = [(block if is_residual else Whole)() for _ in range(5)]
+    net = MomentumNet(blocks, 0.9, is_residual=is_residual, exact=exact).double()
+    backprop, free, _ = twins(net)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    assert_gradients_match(backprop, free, x)
+
+
+def test_init_function_with_tensor_arguments() -> None:
+    """The init function takes x only, while the blocks take extra tensor arguments."""
+    net = MomentumNet(
+        [ArgBlock() for _ in range(3)], 0.9, init_speed=True, init_function=nn.Linear(8, 8)
+    ).double()
+    backprop, free, _ = twins(net)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert_gradients_match(backprop, free, x, scale, shift=torch.randn(8, dtype=torch.float64))
 
 
 class Counter(nn.Module):

@@ -24,7 +24,11 @@ autocast re-entered), uses that evaluation both to invert ``v_n = (v_{n+1} - (1 
 f_n(x_n)) / gamma`` and for the vector-Jacobian product, hands ``(x_n, v_n)`` down and returns the
 gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter gradients thus
 leave block by block through autograd's own accumulation (``.grad`` in place, DDP's hooks per
-block). Peak memory in backward is one block's activations.
+block). The gradients that a node hands down are tensors it allocated, with no other consumer, so
+the node below computes its own into them in place; for a block that is not ``is_residual``,
+``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. Peak memory in backward
+is one block's activations plus four tensors of the state's size (``x_n``, ``v_{n+1}`` and their
+two gradients) in float mode, and the fixed-point integers in exact mode.
 
 Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
@@ -37,20 +41,26 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._arith import Arithmetic, Check, State
 from ._errors import InertiaError
 from ._kernels import eager
-from ._replay import AutocastState, RngTracker, frozen_running_stats, same_state
+from ._replay import (
+    AutocastState,
+    RngTracker,
+    frozen_running_stats,
+    running_statistics,
+    same_state,
+)
 
 __all__ = ["StackSpec", "inverse", "momentum_forward"]
 
@@ -99,11 +109,13 @@ def call_block(
     args: Sequence[Any],
     kwargs: dict[str, Any],
     call: Callable[..., Any] | None = None,
+    subtract: bool = True,
 ) -> Tensor:
     """Evaluate ``f_index(x)`` (or ``v_0 = init_function(x)``) and check what it did to ``x``.
 
     ``call`` runs the module (default: calling it); the recomputation passes one that binds the
-    tensors the forward used.
+    tensors the forward used. A block that is not ``is_residual`` returns ``x + f(x)``: ``f`` is
+    that minus ``x``, unless ``subtract`` is False (the block's output is returned).
     """
     module = spec.module(index)
     run = module if call is None else call
@@ -133,7 +145,7 @@ def call_block(
             "momentum block must keep its input's shape. Keep shape-changing layers outside the "
             "MomentumNet (for example in an nn.Sequential around it)."
         )
-    if index == _INIT or spec.is_residual:
+    if index == _INIT or spec.is_residual or not subtract:
         return out
     return out - x
 
@@ -247,16 +259,6 @@ def _unreachable(packed: None) -> Tensor:
     raise AssertionError("the memory-free forward's own graph is never differentiated")
 
 
-def _running_statistics(module: nn.Module) -> set[str]:
-    """Names of the buffers that norm layers in training mode update in their forward."""
-    return {
-        f"{prefix}.{name}" if prefix else name
-        for prefix, m in module.named_modules()
-        if isinstance(m, _NormBase) and m.training and m.track_running_stats
-        for name in ("running_mean", "running_var", "num_batches_tracked")
-    }
-
-
 def _sharded(module: nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) manages ``module`` or one of its submodules."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded if it was never imported
@@ -281,7 +283,7 @@ def _record_call(
     before = {name: b.clone() for name, b in buffers.items()}
     versions = {name: b._version for name, b in buffers.items()}
     training = tuple(m.training for m in module.modules())
-    statistics = _running_statistics(module)
+    statistics = running_statistics(module)
     state = rng.get_state()
     watch = _GeneratorWatch()
     # The recomputation records autograd with the input requiring grad as here: kernels that
@@ -354,6 +356,7 @@ class _Run:
         self.final: State = ()
         self.sketch: Tensor | None = None
         self.state: State | None = None  # handed down in backward
+        self.handed: tuple[weakref.ref[Tensor], ...] = ()  # the gradients handed down with it
 
     def unflatten(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The extra arguments, with ``tensors`` where the forward's tensors were."""
@@ -361,6 +364,16 @@ class _Run:
         leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self.leaves]
         args, kwargs = pytree.tree_unflatten(leaves, self.treespec)
         return tuple(args), dict(kwargs)
+
+    def owns(self, grad: Tensor | None) -> bool:
+        """Whether ``grad`` is a gradient that the node above allocated and handed down: autograd
+        passes it on untouched (the tensors between two nodes have no other consumer), so the
+        node below may write into it."""
+        return grad is not None and any(ref() is grad for ref in self.handed)
+
+    def hand(self, *grads: Tensor | None) -> None:
+        """Record the gradients, allocated by the node that returns them, that `owns` accepts."""
+        self.handed = tuple(weakref.ref(g) for g in grads if g is not None)
 
     def take(self, index: int) -> State:
         """The state that the node above handed down."""
@@ -417,8 +430,9 @@ class _Start(torch.autograd.Function):
         if record is None:
             run.state = None
         else:
-            state = run.take(_INIT)
-            _, dx, grads = _recompute(run, _INIT, record, ctx.saved_tensors, state, (), {}, grad_v)
+            x = run.spec.arith.position(run.take(_INIT))
+            evaluation = _evaluate(run, _INIT, record, ctx.saved_tensors, x, ())
+            dx, grads = evaluation.pull(grad_v)  # the init function's output is v_0
             init_grads = grads[:n_init]
             if dx is not None:
                 grad_x = dx if grad_x is None else grad_x + dx
@@ -462,16 +476,29 @@ class _Block(torch.autograd.Function):
         n_rec, n_args = record.n_tensors, run.n_args
         own, arg_tensors = saved[:n_rec], saved[n_rec : n_rec + n_args]
         rest = saved[n_rec + n_args :]
-        # The last node starts from the saved final state; the others from the node above.
-        state = arith.restore(rest[: ctx.n_final]) if ctx.n_final else run.take(n)
-        args, kwargs = run.unflatten(arg_tensors)
+        # The last node starts from the saved final state; the others from the node above, whose
+        # gradients it may then overwrite (the last node's come from the caller's graph).
+        last = ctx.n_final > 0
+        state = arith.restore(rest[: ctx.n_final]) if last else run.take(n)
+        owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
         state = arith.unstep_position(state)
-        if grad_x is None or grad_v is None:
-            adjoint = grad_v if grad_x is None else grad_x
-            owned = False
-        else:
-            adjoint, owned = grad_x + grad_v, True
-        f, dx, grads = _recompute(run, n, record, own, state, args, kwargs, adjoint)
+        evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
+        # a = dL/dx_{n+1} + dL/dv_{n+1}. The block's output enters v_{n+1} times 1 - gamma, which
+        # autograd applies after casting the gradient to the output's dtype: so does this, in
+        # place where it may (a then holds (1 - gamma) a, and no second tensor of the state's
+        # size lives through the block's pullback).
+        a, owned = _adjoint(grad_x, grad_v, owned_v)
+        grad_f, scaled = None, False
+        if a is not None:
+            # In place, dL/dv_n = gamma a comes from (1 - gamma) a with two roundings more than
+            # autograd's: a few units in the last place, not to be spent in 16-bit floats.
+            if owned and a.dtype == evaluation.dtype and a.dtype.itemsize >= 4:
+                grad_f, scaled = a.mul_(1 - arith.gamma), True
+            else:
+                grad_f = a.to(evaluation.dtype).mul(1 - arith.gamma)
+        dx, grads = evaluation.pull(grad_f)
+        f, subtract = evaluation.f(), evaluation.subtract and record.need_x
+        del evaluation  # the block's output: its graph is freed, its value is f (or x + f)
         state = arith.unstep_velocity(state, f, n)
         run.state = state
         if ctx.has_sketch:
@@ -479,41 +506,147 @@ class _Block(torch.autograd.Function):
             check = Check(spec.check_inversion, spec.inversion_tol, len(spec.blocks))
             arith.verify(rest[-1], state, check)
         if not record.need_x:  # nothing below this block wants a gradient
+            run.hand()
             return (None, None, None, None, *grads)
+        # dL/dx_n = dL/dx_{n+1} + J_f^T grad_f. What autograd returned (dx, grads) may alias
+        # grad_f or each other (a block adding a parameter hands both the same gradient): it is
+        # read, never written.
+        grad_x_in, own_x = _input_gradient(grad_x, owned_x, dx, grad_f if subtract else None)
+        # dL/dv_n = gamma a.
         grad_v_in = None
-        if adjoint is not None:
-            grad_v_in = adjoint.mul_(arith.gamma) if owned else adjoint * arith.gamma
-        if dx is None or grad_x is None:
-            grad_x_in = grad_x if dx is None else dx
-        else:
-            grad_x_in = dx.add_(grad_x) if dx.dtype == grad_x.dtype else dx + grad_x
+        if a is not None:
+            ratio = arith.gamma / (1 - arith.gamma) if scaled else arith.gamma
+            in_place = owned and not _aliased(a, dx, *grads)
+            grad_v_in = a.mul_(ratio) if in_place else a * ratio
+        run.hand(grad_x_in if own_x else None, grad_v_in)
         return (None, None, grad_x_in, grad_v_in, *grads)
 
 
-def _recompute(
+def _adjoint(
+    grad_x: Tensor | None, grad_v: Tensor | None, owned_v: bool
+) -> tuple[Tensor | None, bool]:
+    """``dL/dx_{n+1} + dL/dv_{n+1}`` (either may be None) and whether the node may overwrite it:
+    written into ``grad_v`` where the node owns it, else a new tensor, except where only one
+    gradient is given (which is then the adjoint itself; ``grad_x`` is read again later)."""
+    if grad_x is None or grad_v is None:
+        return (grad_x, False) if grad_v is None else (grad_v, owned_v)
+    if owned_v and grad_v is not grad_x:
+        return grad_v.add_(grad_x), True
+    return grad_x + grad_v, True
+
+
+def _input_gradient(
+    grad_x: Tensor | None, owned_x: bool, dx: Tensor | None, minus: Tensor | None
+) -> tuple[Tensor | None, bool]:
+    """``grad_x + dx - minus`` (None terms left out) and whether the node owns the result: written
+    into ``grad_x`` where the node owns it, else into a new tensor, except where one term is all
+    there is (``dx`` comes from autograd, which may hand the same tensor elsewhere)."""
+    if owned_x:
+        assert grad_x is not None
+        if dx is not None:
+            grad_x.add_(dx)
+        return (grad_x if minus is None else grad_x.sub_(minus)), True
+    terms = [t for t in (grad_x, dx) if t is not None]
+    if not terms:
+        return (None, False) if minus is None else (-minus, True)
+    if len(terms) == 1:
+        return (terms[0], False) if minus is None else (terms[0] - minus, True)
+    total = terms[0] + terms[1]
+    return (total if minus is None else total.sub_(minus)), True
+
+
+def _aliased(t: Tensor, *others: Tensor | None) -> bool:
+    """Whether one of ``others`` shares ``t``'s storage."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+@dataclass
+class _Evaluation:
+    """One call evaluated again in the backward, with autograd recording."""
+
+    out: Tensor  # the call's output: f, or x + f for a block that is not ``is_residual``
+    inp: Tensor  # the leaf aliasing the call's input
+    subtract: bool  # whether f is ``out - inp`` (kept outside autograd's graph)
+    record: _Record
+    trainable: list[Tensor]  # leaves aliasing the forward's trainable parameters
+    arg_in: list[Tensor]  # leaves aliasing the extra argument tensors
+    # Closed by `pull`: a live module's norm statistics, put back once its backward has run (the
+    # norm layers save them, so they cannot be put back in between).
+    after: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of f."""
+        if self.subtract:
+            return torch.promote_types(self.out.dtype, self.inp.dtype)
+        return self.out.dtype
+
+    def f(self) -> Tensor:
+        """f, detached: the value that the forward added to the velocity."""
+        out = self.out.detach()
+        return out - self.inp.detach() if self.subtract else out
+
+    def pull(self, grad_f: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Pull back the gradient of f through ``out``: returns ``J_out^T grad_f`` for the input
+        (None where the forward's input did not require grad) and the gradients of the trainable
+        parameters and then of the extra argument tensors, in the order the node received them.
+
+        Where ``f = out - x``, the caller subtracts ``grad_f`` from the input's gradient: the
+        subtraction is not in the graph, so that no second gradient of the input's size lives
+        through the block's pullback.
+        """
+        with self.after:
+            return self._pull(grad_f)
+
+    def _pull(self, grad_f: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
+        record = self.record
+        none: list[Tensor | None] = [None] * (len(record.trainable) + len(self.arg_in))
+        dx, grads = None, none
+        if grad_f is not None and self.out.requires_grad:
+            grad_out = grad_f.to(self.out.dtype)  # as autograd casts the gradient of out - x
+            if record.sharded:  # FSDP2 reduce-scatters the parameters' gradients itself
+                torch.autograd.backward(self.out, grad_out)
+                dx = self.inp.grad if record.need_x else None
+                arg_grads = [t.grad if t.requires_grad else None for t in self.arg_in]
+                grads = [*none[: len(record.trainable)], *arg_grads]
+            else:
+                wanted = [t for t in self.arg_in if t.requires_grad]
+                inputs = ([self.inp] if record.need_x else []) + self.trainable + wanted
+                if inputs:
+                    grad = torch.autograd.grad(self.out, inputs, grad_out, allow_unused=True)
+                    pulled = list(grad)
+                    dx = pulled.pop(0) if record.need_x else None
+                    it = iter(pulled[len(self.trainable) :])
+                    arg_grads = [next(it) if t.requires_grad else None for t in self.arg_in]
+                    grads = [*pulled[: len(self.trainable)], *arg_grads]
+        return dx, grads
+
+
+def _evaluate(
     run: _Run,
     index: int,
     record: _Record,
     saved: Sequence[Tensor],
-    state: State,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    adjoint: Tensor | None,
-) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
-    """Evaluate call ``index`` at the state's position once, as its forward did, and pull back
-    ``adjoint``.
+    x: Tensor,
+    arg_tensors: Sequence[Tensor],
+) -> _Evaluation:
+    """Evaluate call ``index`` at ``x`` once more, as its forward did, with autograd recording.
 
-    ``adjoint`` is the gradient of the call's contribution to the velocity: for a block,
-    ``dL/dv_{n+1}`` (the block's output enters scaled by ``1 - gamma``); for the init function,
-    ``dL/dv_0``. Returns the detached output, the gradient with respect to the position (None where
-    the forward's input did not require grad) and the gradients of the record's trainable
-    parameters and then of the extra argument tensors, in the order the node received them.
+    ``saved`` are the call's record tensors and ``arg_tensors`` the extra arguments' (none for
+    the init function, which takes ``x`` only).
     """
     spec = run.spec
     module = spec.module(index)
-    x = spec.arith.position(state)
     params, buffers, rng_state, own = record.unpack(saved)
-    arg_in, args_in, kwargs_in = _detached_args(run, args, kwargs)
+    arg_in: list[Tensor] = []
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    if index != _INIT:
+        needs = zip(arg_tensors, run.arg_needs, strict=True)
+        arg_in = [t.detach().requires_grad_(need) for t, need in needs]
+        args, kwargs = run.unflatten(arg_in)
+    subtract = index != _INIT and not spec.is_residual
     replay = contextlib.ExitStack()
     replay.enter_context(_training(module, record.training))
     replay.enter_context(_replaying(record.generators, own))
@@ -523,7 +656,15 @@ def _recompute(
         if rng_state:
             run.rng.set_state(rng_state)
         if record.sharded:
-            return _recompute_sharded(run, index, record, x, arg_in, args_in, kwargs_in, adjoint)
+            # FSDP2 registers the unsharded parameters for the duration of the block's call only,
+            # and reduce-scatters their gradients once autograd has accumulated them (its hooks
+            # on the call's inputs and outputs): the live module runs, its norm statistics kept.
+            with contextlib.ExitStack() as after:
+                after.enter_context(frozen_running_stats(module))
+                with torch.enable_grad(), run.autocast.enter():
+                    inp = _input(x, record.need_x)
+                    out = call_block(spec, index, inp, args, kwargs, subtract=False)
+                return _Evaluation(out, inp, subtract, record, [], arg_in, after.pop_all())
         # Leaves aliasing the tensors the forward used (the gradients are taken with respect to
         # them); each mutated buffer starts from its value before the forward's call, in a copy
         # that the recomputation may mutate in turn, so that the module keeps the forward's result.
@@ -538,22 +679,9 @@ def _recompute(
 
         with torch.enable_grad(), run.autocast.enter():
             inp = _input(x, record.need_x)
-            out = call_block(spec, index, inp, args_in, kwargs_in, call)
+            out = call_block(spec, index, inp, args, kwargs, call, subtract=False)
     trainable = [bound[name] for name in record.trainable]
-    wanted = [t for t in arg_in if t.requires_grad]
-    none: list[Tensor | None] = [None] * (len(trainable) + len(arg_in))
-    inputs = ([inp] if record.need_x else []) + trainable + wanted
-    if adjoint is None or not inputs or not out.requires_grad:
-        return out.detach(), None, none
-    # As autograd differentiates `gamma * v + (1 - gamma) * f`: cast first, then scale.
-    grad_out = adjoint.to(out.dtype)
-    if index != _INIT:
-        grad_out = grad_out * (1 - spec.arith.gamma)
-    pulled = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
-    dx = pulled.pop(0) if record.need_x else None
-    it = iter(pulled[len(trainable) :])
-    arg_grads = [next(it) if t.requires_grad else None for t in arg_in]
-    return out.detach(), dx, [*pulled[: len(trainable)], *arg_grads]
+    return _Evaluation(out, inp, subtract, record, trainable, arg_in)
 
 
 @contextlib.contextmanager
@@ -568,58 +696,6 @@ def _training(module: nn.Module, flags: tuple[bool, ...]) -> Iterator[None]:
     finally:
         for m, flag in zip(modules, now, strict=True):
             m.training = flag
-
-
-def _detached_args(
-    run: _Run, args: Sequence[Any], kwargs: dict[str, Any]
-) -> tuple[list[Tensor], tuple[Any, ...], dict[str, Any]]:
-    """The extra arguments with their tensors detached, requiring grad as in the forward."""
-    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-    detached = [
-        t.detach().requires_grad_(need) for t, need in zip(tensors, run.arg_needs, strict=True)
-    ]
-    it = iter(detached)
-    new = [next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
-    a, k = pytree.tree_unflatten(new, treespec)
-    return detached, tuple(a), dict(k)
-
-
-def _recompute_sharded(
-    run: _Run,
-    index: int,
-    record: _Record,
-    x: Tensor,
-    arg_in: list[Tensor],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    adjoint: Tensor | None,
-) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
-    """The pullback of a block that FSDP2 shards (``fully_shard`` on it or inside it).
-
-    FSDP2 registers the unsharded parameters for the duration of the block's call only, and
-    reduce-scatters their gradients itself once autograd has accumulated them (its hooks on the
-    call's inputs and outputs). So this pullback runs the live module and calls ``backward``
-    instead of asking for the parameters' gradients: FSDP reduce-scatters into the sharded
-    ``.grad``, any parameter it does not manage accumulates its ``.grad`` directly, and the node
-    returns None for both. The inputs' gradients are read back from the detached leaves.
-    """
-    spec = run.spec
-    module = spec.module(index)
-    none: list[Tensor | None] = [None] * (len(record.trainable) + len(arg_in))
-    with frozen_running_stats(module):
-        with torch.enable_grad(), run.autocast.enter():
-            inp = _input(x, record.need_x)
-            out = call_block(spec, index, inp, args, kwargs)
-        if adjoint is None or not out.requires_grad:
-            return out.detach(), None, none
-        grad_out = adjoint.to(out.dtype)
-        if index != _INIT:
-            grad_out = grad_out * (1 - spec.arith.gamma)
-        torch.autograd.backward(out, grad_out)
-    arg_grads = [t.grad if t.requires_grad else None for t in arg_in]
-    dx = inp.grad if record.need_x else None
-    return out.detach(), dx, [*none[: len(record.trainable)], *arg_grads]
 
 
 def _is_cache(value: Any) -> bool:

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["AutocastState", "RngTracker", "StatsOnce", "frozen_running_stats"]
+__all__ = [
+    "AutocastState",
+    "RngTracker",
+    "StatsOnce",
+    "frozen_running_stats",
+    "running_statistics",
+]
 
 
 class RngTracker:
@@ -87,16 +93,22 @@ class AutocastState:
             yield
 
 
+def running_statistics(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers that the norm layers of ``module`` in training mode update in their forward,
+    by name (as in ``module.named_buffers()``)."""
+    return {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, m in module.named_modules()
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        for name in ("running_mean", "running_var", "num_batches_tracked")
+        if (buffer := getattr(m, name)) is not None
+    }
+
+
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """Run ``module`` without keeping the running-statistics updates of its norm layers."""
-    buffers = [
-        b
-        for m in module.modules()
-        if isinstance(m, _NormBase) and m.training and m.track_running_stats
-        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if b is not None
-    ]
+    buffers = list(running_statistics(module).values())
     saved = [b.clone() for b in buffers]
     try:
         yield
