@@ -104,8 +104,10 @@ def timeline(wl: Any, variant: str, device: torch.device) -> dict[str, Any]:
 
     def record(index: int) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
+            # The peak since the previous point: it belongs to the interval that ends here.
             points.append((index, _mib(_allocated(device)),
                            _mib(_peak(device))))  # fmt: skip
+            _reset(device)
 
         return hook
 
@@ -116,7 +118,8 @@ def timeline(wl: Any, variant: str, device: torch.device) -> dict[str, Any]:
     base = _allocated(device)
     gpu.train_step(model, wl, batch, amp=False)
     gpu.synchronize(device)
-    peak = _peak(device)
+    points.append((-1, _mib(_allocated(device)), _mib(_peak(device))))  # the step's end
+    peak = max(p for _, _, p in points)
     for h in handles:
         h.remove()
     # Gradient accumulation: .grad allocated before the step, as after a first micro-batch.
@@ -129,7 +132,7 @@ def timeline(wl: Any, variant: str, device: torch.device) -> dict[str, Any]:
     row = {
         "variant": variant,
         "base_mib": _mib(base),
-        "peak_mib": _mib(peak),
+        "peak_mib": peak,
         "points": points,
         "accumulate_base_mib": _mib(base_acc),
         "accumulate_peak_mib": _mib(peak_acc),
@@ -164,18 +167,20 @@ def markdown(
     lines_: list[dict[str, Any]],
 ) -> str:
     out = [
-        f"Produced by `PYTHONPATH=src python benchmarks/gpu_diagnose.py` on {meta['device']} "
-        f"(torch {meta['torch']}, commit {meta['commit']}). TF32: matmul {meta['tf32_matmul']}, "
-        f"cuDNN {meta['tf32_cudnn']}.",
-        "",
-        f"## Gradient-error floor: {meta['floor_workload']}, fp32",
-        "",
-        "Global relative error of parameter gradients (worst tensor). *twin vs twin*: the backprop "
-        "twin run twice on the same weights, batch and buffers.",
-        "",
-        "| cuDNN algorithms | variant | twin vs twin | memory-free vs twin |",
-        "|---|---|---|---|",
+        f"Produced by `{meta['command']}` on {meta['device']} (torch {meta['torch']}, commit "
+        f"{meta['commit']}). TF32: matmul {meta['tf32_matmul']}, cuDNN {meta['tf32_cudnn']}.",
     ]
+    if floor:
+        out += [
+            "",
+            f"## Gradient-error floor: {meta['floor_workload']}, fp32",
+            "",
+            "Global relative error of parameter gradients (worst tensor). *twin vs twin*: the "
+            "backprop twin run twice on the same weights, batch and buffers.",
+            "",
+            "| cuDNN algorithms | variant | twin vs twin | memory-free vs twin |",
+            "|---|---|---|---|",
+        ]
     for r in floor:
         tt, ft = r["twin_vs_twin"], r["free_vs_twin"]
         out.append(
@@ -183,16 +188,19 @@ def markdown(
             f"{tt['grad_error']:.1e} ({tt['worst_tensor']:.1e}) | "
             f"{ft['grad_error']:.1e} ({ft['worst_tensor']:.1e}) |"
         )
-    out += [
-        "",
-        f"## TF32 and float64 truth: {meta['floor_workload']}, exact mode",
-        "",
-        "Global relative error of parameter gradients (worst tensor) against the float64 "
-        "gradients of the same model (exact backprop twin in float64, same weights and buffers).",
-        "",
-        "| TF32 convolutions | memory-free vs twin | twin vs float64 | memory-free vs float64 |",
-        "|---|---|---|---|",
-    ]
+    if tf32:
+        out += [
+            "",
+            f"## TF32 and float64 truth: {meta['floor_workload']}, exact mode",
+            "",
+            "Global relative error of parameter gradients (worst tensor) against the float64 "
+            "gradients of the same model (exact backprop twin in float64, same weights and "
+            "buffers).",
+            "",
+            "| TF32 convolutions | memory-free vs twin | twin vs float64 "
+            "| memory-free vs float64 |",
+            "|---|---|---|---|",
+        ]
     for r in tf32:
         cells = [r["free_vs_twin"], r["twin_vs_float64"], r["free_vs_float64"]]
         out.append(
@@ -200,30 +208,45 @@ def markdown(
             + " | ".join(f"{c['grad_error']:.1e} ({c['worst_tensor']:.1e})" for c in cells)
             + " |"
         )
-    out += [
-        "",
-        f"## Memory over one step: {meta['timeline_workload']}, fp32",
-        "",
-        "MiB above the weights and the batch. *At block i*: allocated when block i starts in the "
-        "backward (its recomputation); the first column is block 0, where the memory-free modes "
-        "hold every parameter gradient. *Accumulation*: the step's peak with `.grad` already "
-        "allocated.",
-        "",
-        "| variant | step peak | at last block (backward) | at block 0 (backward) "
-        "| accumulation peak | parameter gradients |",
-        "|---|---|---|---|---|---|",
-    ]
+    if lines_:
+        out += [
+            "",
+            f"## Memory over one step: {meta['timeline_workload']}, fp32",
+            "",
+            "MiB above the weights and the batch. *Reached*: the interval of the step in which "
+            "its peak was reached (each block's forward call, or its recomputation and pullback "
+            "in the backward). *At block i*: allocated when block i starts in the backward (its "
+            "recomputation); the block-0 column is where the memory-free modes hold every "
+            "parameter gradient. *Accumulation*: the step's peak with `.grad` already allocated.",
+            "",
+            "| variant | step peak | reached | at last block (backward) | at block 0 (backward) "
+            "| accumulation peak | parameter gradients |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for r in lines_:
-        n = max(i for i, _, _ in r["points"]) + 1
-        backward = r["points"][n:]  # forward first, then the backward's recomputations
+        points = r["points"]
+        n = max(i for i, _, _ in points) + 1
+        backward = points[n:]  # forward first, then the backward's recomputations, then the end
         first = next((a for i, a, _ in backward if i == 0), float("nan"))
         last = next((a for i, a, _ in backward if i == n - 1), float("nan"))
         out.append(
-            f"| {r['variant']} | {r['peak_mib'] - r['base_mib']:,.0f} | "
+            f"| {r['variant']} | {r['peak_mib'] - r['base_mib']:,.0f} | {_reached(points)} | "
             f"{last - r['base_mib']:,.0f} | {first - r['base_mib']:,.0f} | "
             f"{r['accumulate_peak_mib'] - r['accumulate_base_mib']:,.0f} | {r['grads_mib']:,.0f} |"
         )
     return "\n".join(out) + "\n"
+
+
+def _reached(points: list[tuple[int, float, float]]) -> str:
+    """Where the step's peak was reached: the interval before the point that reports it."""
+    at = max(range(len(points)), key=lambda k: points[k][2])
+    n = max(i for i, _, _ in points) + 1
+    if at == 0:
+        return "before block 0 (forward)"
+    before = points[at - 1][0]
+    if at - 1 < n:
+        return f"block {before} (forward)"
+    return f"block {before} (backward)" if points[at - 1][0] >= 0 else "after the stack"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,18 +255,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", default="floor,tf32,timeline", help="comma-separated")
+    parser.add_argument("--stem", default=None, help="results file names")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    parts = set(args.parts.split(","))
     loads = {wl.name.rstrip("0123456789"): wl for wl in gpu.workloads(args.small)}
-    floor = error_floor(loads["resnet"], device)
+    floor = error_floor(loads["resnet"], device) if "floor" in parts else []
     print(json.dumps(floor), file=sys.stderr, flush=True)
-    tf32 = tf32_effect(loads["resnet"], device)
+    tf32 = tf32_effect(loads["resnet"], device) if "tf32" in parts else []
     print(json.dumps(tf32), file=sys.stderr, flush=True)
     timelines = []
     for variant in ("checkpoint", "momentum_exact", "momentum_float", "plain"):
-        timelines.append(timeline(loads["encoder"], variant, device))
-        print(json.dumps(timelines[-1])[:300], file=sys.stderr, flush=True)
+        if "timeline" in parts:
+            timelines.append(timeline(loads["encoder"], variant, device))
+            print(json.dumps(timelines[-1])[:300], file=sys.stderr, flush=True)
+    shown = list(argv if argv is not None else sys.argv[1:])
+    for flag in ("--out", "--commit"):  # where it ran, not what it measured
+        if flag in shown:
+            del shown[shown.index(flag) : shown.index(flag) + 2]
     meta = {
+        "command": " ".join(["PYTHONPATH=src python benchmarks/gpu_diagnose.py", *shown]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "commit": args.commit,
@@ -253,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "timeline_workload": loads["encoder"].describe,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_diagnose_small" if args.small else "gpu_diagnose"
+    stem = args.stem or ("gpu_diagnose_small" if args.small else "gpu_diagnose")
     results = {"meta": meta, "floor": floor, "tf32": tf32, "timelines": timelines}
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(meta, floor, tf32, timelines))

@@ -124,7 +124,12 @@ def test_gpu_diagnose_script_runs_small_on_cpu(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "gpu_diagnose_small.json").read_text())
     assert all(r["twin_vs_twin"]["grad_error"] == 0.0 for r in raw["floor"])  # CPU: deterministic
     assert all(r["free_vs_twin"]["grad_error"] <= 1e-5 for r in raw["tf32"])
-    # Forward, then the backward's recomputation in reverse, for the recomputing variants.
+    # Forward, then the backward's recomputation in reverse, for the recomputing variants; -1 is
+    # the step's end.
     order = {t["variant"]: [i for i, _, _ in t["points"]] for t in raw["timelines"]}
-    assert order["momentum_exact"] == order["checkpoint"] == [0, 1, 2, 3, 3, 2, 1, 0]
-    assert order["plain"] == [0, 1, 2, 3]
+    assert order["momentum_exact"] == order["checkpoint"] == [0, 1, 2, 3, 3, 2, 1, 0, -1]
+    assert order["plain"] == [0, 1, 2, 3, -1]
+    script.main(["--small", "--device", "cpu", "--out", str(tmp_path), "--parts", "timeline"])
+    raw = json.loads((tmp_path / "gpu_diagnose_small.json").read_text())
+    assert raw["floor"] == raw["tf32"] == []
+    assert len(raw["timelines"]) == 4
