@@ -483,6 +483,10 @@ class _Block(torch.autograd.Function):
         owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
         state = arith.unstep_position(state)
         evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
+        early = arith.unstep_before_pullback
+        if early:  # v_n now: neither f nor the block's output then lives through the pullback
+            state = arith.unstep_velocity(state, evaluation.f(), n)
+            evaluation.release()
         # a = dL/dx_{n+1} + dL/dv_{n+1}. The block's output enters v_{n+1} times 1 - gamma, which
         # autograd applies after casting the gradient to the output's dtype: so does this, in
         # place where it may (a then holds (1 - gamma) a, and no second tensor of the state's
@@ -497,9 +501,10 @@ class _Block(torch.autograd.Function):
             else:
                 grad_f = a.to(evaluation.dtype).mul(1 - arith.gamma)
         dx, grads = evaluation.pull(grad_f)
-        f, subtract = evaluation.f(), evaluation.subtract and record.need_x
-        del evaluation  # the block's output: its graph is freed, its value is f (or x + f)
-        state = arith.unstep_velocity(state, f, n)
+        if not early:
+            state = arith.unstep_velocity(state, evaluation.f(), n)
+        subtract = evaluation.subtract and record.need_x
+        del evaluation
         run.state = state
         if ctx.has_sketch:
             assert spec.check_inversion is not None
@@ -565,27 +570,49 @@ def _aliased(t: Tensor, *others: Tensor | None) -> bool:
 class _Evaluation:
     """One call evaluated again in the backward, with autograd recording."""
 
-    out: Tensor  # the call's output: f, or x + f for a block that is not ``is_residual``
-    inp: Tensor  # the leaf aliasing the call's input
-    subtract: bool  # whether f is ``out - inp`` (kept outside autograd's graph)
-    record: _Record
-    trainable: list[Tensor]  # leaves aliasing the forward's trainable parameters
-    arg_in: list[Tensor]  # leaves aliasing the extra argument tensors
-    # Closed by `pull`: a live module's norm statistics, put back once its backward has run (the
-    # norm layers save them, so they cannot be put back in between).
-    after: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    def __init__(
+        self,
+        out: Tensor,
+        inp: Tensor,
+        subtract: bool,
+        record: _Record,
+        trainable: list[Tensor],
+        arg_in: list[Tensor],
+        after: contextlib.ExitStack | None = None,
+    ) -> None:
+        self.out: Tensor | None = out  # f, or x + f for a block that is not ``is_residual``
+        self.inp = inp  # the leaf aliasing the call's input
+        self.subtract = subtract  # whether f is ``out - inp`` (kept outside autograd's graph)
+        self.record = record
+        self.trainable = trainable  # leaves aliasing the forward's trainable parameters
+        self.arg_in = arg_in  # leaves aliasing the extra argument tensors
+        # Closed by `pull`: a live module's norm statistics, put back once its backward has run
+        # (the norm layers save them, so they cannot be put back in between).
+        self.after = after or contextlib.ExitStack()
+        self.out_dtype = out.dtype
+        self.differentiable = out.requires_grad
+        # Where the pullback starts: the output, or its gradient edge once `release`d.
+        self.root: Tensor | torch.autograd.graph.GradientEdge = out
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of f."""
         if self.subtract:
-            return torch.promote_types(self.out.dtype, self.inp.dtype)
-        return self.out.dtype
+            return torch.promote_types(self.out_dtype, self.inp.dtype)
+        return self.out_dtype
 
     def f(self) -> Tensor:
         """f, detached: the value that the forward added to the velocity."""
+        assert self.out is not None, "f is read before `release`"
         out = self.out.detach()
         return out - self.inp.detach() if self.subtract else out
+
+    def release(self) -> None:
+        """Let go of the output, keeping its place in the graph: the pullback then starts from its
+        gradient edge, and its memory is freed through the pullback (unless the graph saved it)."""
+        if self.differentiable and not self.record.sharded:
+            self.root = torch.autograd.graph.get_gradient_edge(self.root)  # type: ignore[arg-type]
+            self.out = None
 
     def pull(self, grad_f: Tensor | None) -> tuple[Tensor | None, list[Tensor | None]]:
         """Pull back the gradient of f through ``out``: returns ``J_out^T grad_f`` for the input
@@ -603,10 +630,11 @@ class _Evaluation:
         record = self.record
         none: list[Tensor | None] = [None] * (len(record.trainable) + len(self.arg_in))
         dx, grads = None, none
-        if grad_f is not None and self.out.requires_grad:
-            grad_out = grad_f.to(self.out.dtype)  # as autograd casts the gradient of out - x
+        if grad_f is not None and self.differentiable:
+            grad_out = grad_f.to(self.out_dtype)  # as autograd casts the gradient of out - x
             if record.sharded:  # FSDP2 reduce-scatters the parameters' gradients itself
-                torch.autograd.backward(self.out, grad_out)
+                assert isinstance(self.root, Tensor)
+                torch.autograd.backward(self.root, grad_out)
                 dx = self.inp.grad if record.need_x else None
                 arg_grads = [t.grad if t.requires_grad else None for t in self.arg_in]
                 grads = [*none[: len(record.trainable)], *arg_grads]
@@ -614,7 +642,7 @@ class _Evaluation:
                 wanted = [t for t in self.arg_in if t.requires_grad]
                 inputs = ([self.inp] if record.need_x else []) + self.trainable + wanted
                 if inputs:
-                    grad = torch.autograd.grad(self.out, inputs, grad_out, allow_unused=True)
+                    grad = torch.autograd.grad(self.root, inputs, grad_out, allow_unused=True)
                     pulled = list(grad)
                     dx = pulled.pop(0) if record.need_x else None
                     it = iter(pulled[len(self.trainable) :])

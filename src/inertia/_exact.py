@@ -143,6 +143,8 @@ class ExactArithmetic:
     empty placeholder (`velocity` computes it from ``v`` if asked).
     """
 
+    unstep_before_pullback = False  # its kernels write new integers beside the old ones
+
     # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
     # under torch.compile it runs eagerly.
     @eager
