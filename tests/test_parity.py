@@ -7,8 +7,6 @@ float32 1e-5. Where float rounding is predicted to exceed a tenth of the toleran
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -37,9 +35,15 @@ def test_grid(depth: int, gamma: float, dtype: torch.dtype) -> None:
         return
     # Float rounding may matter here: the model must be right or say that it is not. The sketch
     # estimates the drift within about 2x, so the check is set below the tolerance.
+    free.check_inversion = None
+    error = max(gradient_errors(backprop, free, x).values())
     free.check_inversion, free.inversion_tol = "raise", tol / 4
-    with contextlib.suppress(InversionError):
-        assert_gradients_match(backprop, free, x)
+    if error > tol:  # wrong: the check must say so
+        with pytest.raises(InversionError):
+            free(x).sum().backward()
+    elif error <= tol / 100:  # right by a wide margin: the check must stay quiet
+        free(x).sum().backward()
+    # In between, the gradients are right and an alarm would be a cautious one.
 
 
 @pytest.mark.parametrize(

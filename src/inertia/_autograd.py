@@ -62,7 +62,7 @@ from ._replay import (
     same_state,
 )
 
-__all__ = ["StackSpec", "inverse", "momentum_forward"]
+__all__ = ["StackSpec", "inverse", "momentum_forward", "records_autograd"]
 
 _INIT = -1  # call index of the init function, so blocks keep their own indices
 _TENSOR = object()  # placeholder for a tensor among the extra arguments' pytree leaves
@@ -731,6 +731,22 @@ def _is_cache(value: Any) -> bool:
     return hasattr(value, "update") and hasattr(value, "get_seq_length")
 
 
+def records_autograd(
+    spec: StackSpec, x: Tensor, args: Sequence[Any], kwargs: dict[str, Any]
+) -> bool:
+    """Whether autograd records the stack at this call: grad mode is on, and the input, a tensor
+    among the extra arguments or a parameter of the stack requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    modules = [m for m in (spec.init_function, *spec.blocks) if m is not None]
+    return (
+        x.requires_grad
+        or any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+        or any(p.requires_grad for m in modules for p in m.parameters())
+    )
+
+
 def momentum_forward(
     spec: StackSpec,
     x: Tensor,
@@ -742,13 +758,7 @@ def momentum_forward(
     """Run the stack: memory-free when asked and when autograd has something to differentiate."""
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-    modules = [m for m in (spec.init_function, *spec.blocks) if m is not None]
-    differentiable = torch.is_grad_enabled() and (
-        x.requires_grad
-        or any(t.requires_grad for t in arg_tensors)
-        or any(p.requires_grad for m in modules for p in m.parameters())
-    )
-    if not (memory_free and differentiable and spec.blocks):
+    if not (memory_free and records_autograd(spec, x, args, kwargs) and spec.blocks):
         return run_forward(spec, x, args, kwargs)
     named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
     for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:

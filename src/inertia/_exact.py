@@ -50,7 +50,6 @@ from ._kernels import (
 __all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"]
 
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
-_GAMMA_TOL = 1e-12
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
 
@@ -58,17 +57,16 @@ _LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many
 def rational_gamma(gamma: float) -> Fraction:
     """The rational ``p / q`` (``q <= 2**24``) that exact mode uses for ``gamma``.
 
-    It is the closest such fraction, and it must lie within 1e-12 of ``gamma``; every gamma with
-    at most six decimals qualifies (0.9 is 9/10, 0.99 is 99/100).
+    It is the closest such fraction, within 6e-8 of ``gamma`` and equal to it for every gamma with
+    at most six decimals (0.9 is 9/10, 0.99 is 99/100). A gamma strictly between 0 and 1 stays
+    strictly between them (``1 / 2**24`` at least, ``1 - 1 / 2**24`` at most): invertible, and
+    its blocks not inert. Exact mode computes with this ratio throughout: its float update and
+    gradients use ``p / q``, not ``gamma``.
     """
-    exact = Fraction(gamma)
-    ratio = exact.limit_denominator(_MAX_DENOMINATOR)
-    if abs(ratio - exact) > _GAMMA_TOL:
-        raise InertiaError(
-            f"gamma={gamma!r} has no fraction p/q with q <= 2**24 within {_GAMMA_TOL} of it, which "
-            f"exact mode needs (the closest is {ratio}, off by {float(abs(ratio - exact)):.1e}). "
-            f"Use a gamma with at most six decimals, for example gamma={round(gamma, 6)}."
-        )
+    ratio = Fraction(gamma).limit_denominator(_MAX_DENOMINATOR)
+    if 0 < gamma < 1:
+        step = Fraction(1, _MAX_DENOMINATOR)
+        ratio = min(max(ratio, step), 1 - step)
     return ratio
 
 
@@ -197,6 +195,7 @@ class ExactArithmetic:
         return _StraightThrough.apply(x, value) if _recording(x) else value
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
+        _check_device(x.device)
         xi = self._to_grid(x, "the input")
         vi = torch.zeros_like(xi) if v is None else self._to_grid(v, "v_0 = init_function(x_0)")
         xf = self._to_float(xi, x.dtype)
@@ -232,6 +231,7 @@ class ExactArithmetic:
                 f"these {self.depth} blocks leaves {len(self.pushes)}; it comes from a stack of "
                 "another depth."
             )
+        _check_device(state.x.device)
         dtype = state.position.dtype
         xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
         return (xf, vf, state.x, state.v, state.buffer, *state.words)
@@ -350,6 +350,16 @@ class ExactArithmetic:
 
 
 _LAZY = torch.empty(0)  # the placeholder for a velocity float that nothing reads
+_NO_FLOAT64 = frozenset({"mps"})  # device types without float64 tensors
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type in _NO_FLOAT64:
+        raise InertiaError(
+            f"exact mode cannot run on {device.type!r}: its integer update converts through "
+            "float64, which that device does not have. Use exact=False, or run the stack on the "
+            "CPU or a CUDA device."
+        )
 
 
 def _recording(*tensors: Tensor) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -12,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._arith import Arithmetic, FloatArithmetic, State
-from ._autograd import StackSpec, inverse, momentum_forward
+from ._autograd import StackSpec, inverse, momentum_forward, records_autograd
 from ._errors import InertiaError
-from ._exact import ExactArithmetic, ExactState, rational_gamma
+from ._exact import ExactArithmetic, ExactState
 from ._replay import StatsOnce
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
@@ -68,8 +69,12 @@ class MomentumNet(nn.Module):
             reconstruction drifts like ``eps * gamma**-depth``). Blocks see the float value of the
             fixed-point ``x``; rounding passes gradients straight through, so
             ``use_backprop=True`` with ``exact=True`` is the memory-free mode's twin. The buffer
-            costs about ``log2(1 / gamma)`` bits per element per block. gamma must be within 1e-12
-            of a fraction with denominator at most ``2**24`` (any gamma with six decimals is).
+            costs about ``log2(1 / gamma)`` bits per element per block. gamma is taken as the
+            closest fraction with denominator at most ``2**24`` (within 6e-8; equal for any
+            gamma with six decimals). A forward that autograd does not record (under
+            ``torch.no_grad()`` or ``inference_mode``, nothing requiring grad) runs the float
+            update instead, with that gamma: the integers serve the memory-free backward only,
+            and ``return_state=True`` still returns them.
         fraction_bits: Exact mode's grid step is ``2**-fraction_bits``; activations must stay below
             ``2**(61 - fraction_bits)`` in magnitude, or the forward raises. None: 40 for float64
             inputs (values below 2**21 = 2.1e6), 32 for the others (below 2**29 = 5.4e8), a grid
@@ -148,7 +153,7 @@ class MomentumNet(nn.Module):
             )
         self.fraction_bits = fraction_bits
         self._exact = bool(exact)
-        self._gamma = _validate_gamma(gamma, use_backprop, self._exact)
+        self._gamma = _validate_gamma(gamma, use_backprop)
         self._use_backprop = bool(use_backprop)
 
     @property
@@ -158,7 +163,7 @@ class MomentumNet(nn.Module):
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        self._gamma = _validate_gamma(value, self._use_backprop, self._exact)
+        self._gamma = _validate_gamma(value, self._use_backprop)
 
     @property
     def use_backprop(self) -> bool:
@@ -167,7 +172,7 @@ class MomentumNet(nn.Module):
 
     @use_backprop.setter
     def use_backprop(self, value: bool) -> None:
-        _validate_gamma(self._gamma, value, self._exact)
+        _validate_gamma(self._gamma, value)
         self._use_backprop = bool(value)
 
     @property
@@ -177,7 +182,6 @@ class MomentumNet(nn.Module):
 
     @exact.setter
     def exact(self, value: bool) -> None:
-        _validate_gamma(self._gamma, self._use_backprop, bool(value))
         self._exact = bool(value)
 
     @property
@@ -326,7 +330,7 @@ class MomentumNet(nn.Module):
         """
         if return_state and not self._exact:
             raise ValueError("return_state=True needs exact=True; use return_velocity=True.")
-        state, spec = self._run(x, args, kwargs)
+        state, spec = self._run(x, args, kwargs, integers=return_state)
         arith = spec.arith
         if return_state:
             assert isinstance(arith, ExactArithmetic)
@@ -335,11 +339,17 @@ class MomentumNet(nn.Module):
         return (x_n, arith.velocity(state)) if return_velocity else x_n
 
     def _run(
-        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], integers: bool = False
     ) -> tuple[State, StackSpec]:
+        """The stack's final state, and its spec. Exact mode runs the float update, with its
+        rational gamma, where autograd does not record (no backward will invert it) unless
+        ``integers`` asks for the fixed-point state."""
         _check_input(x)
         spec = self._spec(x.dtype)
         x = self._run_kept(spec, x, args, kwargs)
+        exact = isinstance(spec.arith, ExactArithmetic)
+        if exact and not integers and not records_autograd(spec, x, args, kwargs):
+            spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
         state = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
         return state, spec
 
@@ -399,7 +409,7 @@ class MomentumNet(nn.Module):
         )
 
 
-def _validate_gamma(gamma: Any, use_backprop: bool, exact: bool) -> float:
+def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a real number in [0, 1]; got {type(gamma).__name__}.")
     value = float(gamma)
@@ -413,8 +423,6 @@ def _validate_gamma(gamma: Any, use_backprop: bool, exact: bool) -> float:
             "by dividing by gamma. Use gamma > 0 (the paper uses 0.9), or use_backprop=True "
             "(gamma=0 is the plain ResNet)."
         )
-    if exact:
-        rational_gamma(value)
     if value == 1.0:
         warnings.warn(
             "gamma=1 makes every block inert (v_n = v_0 for all n, so the blocks never affect "
