@@ -54,8 +54,13 @@ class Arithmetic(Protocol):
         """``v <- gamma v + (1 - gamma) f``, then ``x <- x + v``."""
         ...
 
-    def check_range(self) -> None:
-        """Raise if the steps since `encode` left the representable range."""
+    def check_range(self) -> bool:
+        """Raise if the steps since `encode` left the representable range; False if a NaN or inf
+        made the state meaningless (`poisoned` then gives the state to return)."""
+        ...
+
+    def poisoned(self, state: State) -> State:
+        """``state`` with NaN floats (their autograd history kept)."""
         ...
 
     def saved(self, state: State) -> State:
@@ -123,8 +128,11 @@ class FloatArithmetic:
         v = self.gamma * v + (1 - self.gamma) * f
         return (x + v, v)
 
-    def check_range(self) -> None:
-        pass  # floats overflow to inf, which the drift check and the loss show
+    def check_range(self) -> bool:
+        return True  # float arithmetic carries NaN and inf itself
+
+    def poisoned(self, state: State) -> State:
+        return state
 
     def saved(self, state: State) -> State:
         return state
@@ -149,6 +157,8 @@ class FloatArithmetic:
 
     def verify(self, start: Tensor, state: State, check: Check) -> None:
         x = state[0]
+        if not bool(start.isfinite().all()):
+            return  # a forward that met NaN or inf: its gradients are NaN too, as backprop's
         backward = _sketch(*state)
         diff = (backward[1:] - start[1:]).pow(2).sum() / _SKETCH_SIZE
         # Relative to the size of (x_0, v_0); absolute when both are zero (nothing to scale by).

@@ -40,6 +40,7 @@ Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -157,8 +158,7 @@ def run_forward(spec: StackSpec, x: Tensor, args: Sequence[Any], kwargs: dict[st
     state = arith.encode(x, v)
     for n in range(len(spec.blocks)):
         state = arith.step(state, call_block(spec, n, arith.position(state), args, kwargs), n)
-    arith.check_range()
-    return state
+    return state if arith.check_range() else arith.poisoned(state)
 
 
 def inverse(spec: StackSpec, state: State, args: Sequence[Any], kwargs: dict[str, Any]) -> State:
@@ -357,6 +357,7 @@ class _Run:
         self.sketch: Tensor | None = None
         self.state: State | None = None  # handed down in backward
         self.handed: tuple[weakref.ref[Tensor], ...] = ()  # the gradients handed down with it
+        self.nan: Tensor | None = None  # set where the forward met a NaN or inf
 
     def unflatten(self, tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The extra arguments, with ``tensors`` where the forward's tensors were."""
@@ -412,7 +413,9 @@ class _Start(torch.autograd.Function):
         run.sketch = arith.fingerprint(state) if spec.check_inversion is not None else None
         for n in range(len(spec.blocks)):
             state = arith.step(state, call(n, arith.position(state)), n)
-        arith.check_range()
+        if not arith.check_range():  # a NaN or inf: NaN out, and NaN gradients (see `_nan`)
+            state = arith.poisoned(state)
+            run.nan = arith.position(state).new_full((), math.nan).expand(x.shape)
         run.final = state
         ctx.run = run
         ctx.record, init_tensors = run.records.pop(_INIT, (None, ()))
@@ -427,7 +430,11 @@ class _Start(torch.autograd.Function):
         n_args = run.n_args
         n_init = len(ctx.needs_input_grad) - 3 - n_args
         init_grads: list[Tensor | None] = [None] * n_init
-        if record is None:
+        if run.nan is not None:
+            nans = _nan(record, ctx.saved_tensors, (), ()) if record is not None else []
+            init_grads = nans[:n_init]
+            grad_x = run.nan.contiguous()
+        elif record is None:
             run.state = None
         else:
             x = run.spec.arith.position(run.take(_INIT))
@@ -476,6 +483,11 @@ class _Block(torch.autograd.Function):
         n_rec, n_args = record.n_tensors, run.n_args
         own, arg_tensors = saved[:n_rec], saved[n_rec : n_rec + n_args]
         rest = saved[n_rec + n_args :]
+        if run.nan is not None:  # the forward met a NaN or inf: nothing to rebuild
+            grads = _nan(record, own, arg_tensors, run.arg_needs)
+            if not record.need_x:
+                return (None, None, None, None, *grads)
+            return (None, None, run.nan, run.nan, *grads)
         # The last node starts from the saved final state; the others from the node above, whose
         # gradients it may then overwrite (the last node's come from the caller's graph).
         last = ctx.n_final > 0
@@ -525,6 +537,19 @@ class _Block(torch.autograd.Function):
             grad_v_in = a.mul_(ratio) if in_place else a * ratio
         run.hand(grad_x_in if own_x else None, grad_v_in)
         return (None, None, grad_x_in, grad_v_in, *grads)
+
+
+def _nan(
+    record: _Record, saved: Sequence[Tensor], arg_tensors: Sequence[Tensor], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """NaN gradients for a call's trainable parameters and then its extra argument tensors,
+    after a forward that met a NaN or inf: plain autograd would give NaN (at least where the NaN
+    reached), and ``GradScaler`` skips a step whose gradients are not finite."""
+    params = record.unpack(saved)[0]
+    grads: list[Tensor | None] = [torch.full_like(params[n], math.nan) for n in record.trainable]
+    for t, need in zip(arg_tensors, needs, strict=True):
+        grads.append(torch.full_like(t, math.nan) if need else None)
+    return grads
 
 
 def _adjoint(

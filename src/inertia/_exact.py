@@ -27,6 +27,7 @@ int64 buffer, and planes that hold at most ``depth * log2(1 / gamma)`` bits, the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -156,6 +157,8 @@ class ExactArithmetic:
         self.pushes = _push_layers(self.p, self.q, depth) if self.p else frozenset()
         self._constants: dict[torch.device, tuple[Tensor, ...]] = {}
         self._largest: list[Tensor] = []
+        self._nonfinite = False  # a NaN or inf entered since `encode`
+        self.finite = True  # what the last `check_range` found
         # (v_n, x_{n-1}, its float): computed by `unstep_velocity` for the next `unstep_position`.
         self._ahead: tuple[Tensor, Tensor, Tensor] | None = None
         self.dtype = torch.float32  # of the floats, set by `encode`
@@ -172,10 +175,16 @@ class ExactArithmetic:
 
     # -- conversions ------------------------------------------------------------------------------
     def _to_grid(self, t: Tensor, what: str) -> Tensor:
-        """Round ``t`` onto the grid, raising now if it does not fit."""
+        """Round ``t`` onto the grid, raising now if a finite value does not fit. A NaN or inf
+        marks the forward non-finite instead (see `check_range`)."""
         scaled = t.detach().double() * self.scale
-        if scaled.numel() and not bool(scaled.abs().amax() < _LIMIT):  # catches NaN and inf too
-            raise self._range_error(what, t)
+        if scaled.numel():
+            largest = scaled.abs().amax()
+            if not bool(largest < _LIMIT):
+                if bool(largest.isfinite()):
+                    raise self._range_error(what, t)
+                self._nonfinite = True
+                scaled = scaled.nan_to_num(0.0, 0.0, 0.0)
         return scaled.round_().long()
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -196,6 +205,7 @@ class ExactArithmetic:
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
         _check_device(x.device)
+        self._nonfinite = False
         xi = self._to_grid(x, "the input")
         vi = torch.zeros_like(xi) if v is None else self._to_grid(v, "v_0 = init_function(x_0)")
         xf = self._to_float(xi, x.dtype)
@@ -213,6 +223,11 @@ class ExactArithmetic:
 
     def to_exact_state(self, state: State) -> ExactState:
         """``state`` as the public `ExactState`."""
+        if not self.finite:
+            raise InertiaError(
+                "exact mode: the forward met a NaN or inf, so it has no fixed-point state to "
+                "return (its output is NaN)."
+            )
         xf, _, xi, vi, buffer, *words = state
         vf = self.velocity(state)
         return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, self.fraction_bits)
@@ -276,15 +291,34 @@ class ExactArithmetic:
             new_xf = _StraightThrough.apply(xf + new_vf, new_xf)
         return (new_xf, new_vf, xi, vi, buffer, *words)
 
-    def check_range(self) -> None:
-        """Raise if a layer since `encode` left the range (one device sync per forward)."""
+    def check_range(self) -> bool:
+        """Whether the forward since `encode` stayed finite, raising if a finite value left the
+        range (one device sync per forward). False where a NaN or inf entered (the input, ``v_0``
+        or a block's output): the state's integers are then meaningless, and `poisoned` gives
+        the state to return."""
         largest, self._largest = self._largest, []
-        if not largest:
-            return
-        fits = torch.stack(largest) < _LIMIT  # False for NaN too
-        if not bool(fits.all()):
-            n = int((~fits).nonzero()[0, 0])
-            raise self._range_error(f"the output of block {n} (or the state x or v after it)")
+        nonfinite, self._nonfinite = self._nonfinite, False
+        self.finite = False
+        if nonfinite:
+            return False
+        if largest:
+            values = torch.stack(largest)
+            bad = ~(values < _LIMIT)  # True for NaN too
+            if bool(bad.any()):
+                n = int(bad.nonzero()[0, 0])
+                if not bool(values[n].isfinite()):  # the first bad layer met a NaN or inf
+                    return False
+                raise self._range_error(f"the output of block {n} (or the state x or v after it)")
+        self.finite = True
+        return True
+
+    def poisoned(self, state: State) -> State:
+        """``state`` with NaN floats, whose autograd history is kept, so that every gradient
+        through them is NaN: what a forward that met a NaN or inf returns (``GradScaler`` then
+        skips the step)."""
+        xf, _, *ints = state
+        vf = self.velocity(state)
+        return (xf * math.nan, vf * math.nan, *ints)
 
     def saved(self, state: State) -> State:
         """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow)."""
