@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         "buffer's bytes over those of every block's float32 activation, which plain backprop "
         "would store. *deviation*: relative distance of the exact forward's output from the plain "
         "float64 forward of the same blocks, Linear(8, 16)-Tanh-Linear(16, 8) with PyTorch's "
-        "default initialization, batch 128 (grid `2**-32` for float32, `2**-40` for float64; the "
+        "default initialization, batch 128 (the default grid: step `2**-32` for float32, "
+        "`2**-40` for float64, times the binary magnitude of the input's largest element; the "
         "float32 figure includes float32's own rounding inside the blocks).",
         "",
         "| gamma | depth | buffer bits/element | bits/element/block | floor | above floor (bits) "

@@ -31,7 +31,12 @@ from inertia._kernels import (
     unstep_velocity,
     unstep_velocity_pop,
 )
-from inertia.testing import SavedTensorMeter, assert_gradients_match, gradient_errors
+from inertia.testing import (
+    SavedTensorMeter,
+    assert_gradients_match,
+    gradient_errors,
+    relative_error,
+)
 
 GAMMAS = [0.01, 0.1, 1 / 3, 0.5, 0.9, 0.99, 0.999, 0.123456, 1.0]
 
@@ -99,11 +104,12 @@ def test_depth_10000_roundtrip_through_the_module() -> None:
         fresh.load_state_dict(net.state_dict())  # nothing is cached on the module
         start = fresh.inverse(state)
     assert len(state.words) == len(ExactArithmetic(0.5, 32, depth).pushes) > 300
-    assert torch.equal(start.x, torch.round(x * 2.0**32).long())
+    bits = state.fraction_bits  # the grid follows x's scale
+    assert torch.equal(start.x, torch.round(x * 2.0**bits).long())
     assert torch.equal(start.v, torch.zeros_like(start.v))
     assert not start.buffer.any()
     assert start.words == ()
-    assert (start.position - x).abs().max() <= 2.0**-33  # half a grid step
+    assert (start.position - x).abs().max() <= 2.0 ** -(bits + 1)  # half a grid step
 
 
 @pytest.mark.parametrize("gamma", [0.1, 0.5])
@@ -161,6 +167,10 @@ def test_buffer_growth_follows_log2_one_over_gamma() -> None:
 
 def test_overflow_raises_before_any_result() -> None:
     net = MomentumNet([nn.Linear(3, 3) for _ in range(3)], gamma=0.9, exact=True)
+    net(torch.full((2, 3), 2.0**30))  # the grid follows the input's scale
+    with pytest.raises(InertiaError, match="the input does not fit the fixed-point range"):
+        net(torch.full((2, 3), 2.0**80))  # beyond the coarsest grid, 2**-1
+    net.fraction_bits = 32  # a fixed grid
     with pytest.raises(InertiaError, match="the input does not fit the fixed-point range"):
         net(torch.full((2, 3), 2.0**30))
 
@@ -171,6 +181,49 @@ def test_overflow_raises_before_any_result() -> None:
     deep = MomentumNet([nn.Identity(), Blow(), nn.Identity()], gamma=0.5, exact=True)
     with pytest.raises(InertiaError, match=r"output of block 1 .*2\*\*29"):
         deep(torch.ones(2, 3, requires_grad=True))
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-3, 1e3])
+def test_precision_is_relative_to_the_input(scale: float) -> None:
+    """The grid follows the input's scale: bias-free blocks on activations of 1e-9 are as
+    accurate as at 1 (an absolute grid of 2**-32 left them 56% off), in the forward, the
+    gradients, and the inverse (bit for bit)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh()) for _ in range(6)]
+    float_net = MomentumNet(blocks, 0.9)
+    net = MomentumNet(blocks, 0.9, use_backprop=False, exact=True)
+    x = (scale * torch.randn(5, 8)).requires_grad_()
+    want, got = float_net(x), net(x)
+    assert relative_error(got, want) <= 1e-6
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    assert_gradients_match(twin, net, x)
+    state = net(x, return_state=True)
+    assert state.fraction_bits == 32 - math.frexp(float(x.detach().abs().max()))[1] + 1
+    start = net.inverse(state)
+    assert torch.equal(start.x, net[:0](x, return_state=True).x)
+    # A fixed grid is still there for those who ask: fraction_bits=32 loses the small input.
+    fixed = MomentumNet(blocks, 0.9, use_backprop=False, exact=True, fraction_bits=32)
+    assert fixed(x, return_state=True).fraction_bits == 32
+    if scale < 1e-6:
+        assert relative_error(fixed(x), want) > 1e-2
+
+
+def test_range_is_relative_to_the_input() -> None:
+    """Values may grow to 2**29 times the input's magnitude, wherever it lies."""
+
+    class Grow(nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.factor
+
+    x = (1e-6 * torch.ones(2, 3)).requires_grad_()  # recorded: the integer update runs
+    MomentumNet([Grow(1e7)], 0.5, exact=True)(x)  # 1e1 at most: fine on this grid
+    with pytest.raises(InertiaError, match=r"output of block 0 .*times the input"):
+        MomentumNet([Grow(1e10)], 0.5, exact=True)(x)
 
 
 class Overflow(nn.Module):

@@ -147,15 +147,20 @@ class ExactArithmetic:
     # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
     # under torch.compile it runs eagerly.
     @eager
-    def __init__(self, gamma: float, fraction_bits: int, depth: int) -> None:
+    def __init__(
+        self, gamma: float, fraction_bits: int, depth: int, relative: bool = False
+    ) -> None:
         self.ratio = rational_gamma(gamma)
         self.p, self.q = self.ratio.numerator, self.ratio.denominator
         self.gamma = float(self.ratio)
-        self.fraction_bits = fraction_bits
-        self.scale = float(2**fraction_bits)
+        self._set_bits(fraction_bits)
+        # Relative precision: ``fraction_bits`` holds at magnitude 1, and the first input rounded
+        # onto the grid moves it by that input's binary exponent (see `_calibrate`).
+        self.relative = relative
+        self.base_bits = fraction_bits
         self.depth = depth
         self.pushes = _push_layers(self.p, self.q, depth) if self.p else frozenset()
-        self._constants: dict[torch.device, tuple[Tensor, ...]] = {}
+        self._constants: dict[torch.device, tuple[Tensor, ...]]
         self._largest: list[Tensor] = []
         self._nonfinite = False  # a NaN or inf entered since `encode`
         self.finite = True  # what the last `check_range` found
@@ -173,6 +178,24 @@ class ExactArithmetic:
             self._constants[device] = (*ints, *doubles)
         return self._constants[device]
 
+    def _set_bits(self, fraction_bits: int) -> None:
+        self.fraction_bits = fraction_bits
+        self.scale = float(2**fraction_bits)
+        self._constants = {}
+
+    def _calibrate(self, largest: float) -> float:
+        """Where relative: place the grid for an input of largest magnitude ``largest`` (on the
+        current grid), so that its binary exponent is that of 1 (one device sync, which the range
+        check makes anyway). Returns the factor, a power of two, that moves ``largest`` there."""
+        self.relative = False  # once per forward: the input's, then every tensor's grid
+        if not (largest > 0 and math.isfinite(largest)):
+            return 1.0
+        exponent = math.frexp(largest / self.scale)[1] - 1  # |x| < 2**(exponent + 1)
+        bits = min(max(self.base_bits - exponent, 1), 60)
+        factor = 2.0 ** (bits - self.fraction_bits)
+        self._set_bits(bits)
+        return factor
+
     # -- conversions ------------------------------------------------------------------------------
     def _to_grid(self, t: Tensor, what: str) -> Tensor:
         """Round ``t`` onto the grid, raising now if a finite value does not fit. A NaN or inf
@@ -180,6 +203,10 @@ class ExactArithmetic:
         scaled = t.detach().double() * self.scale
         if scaled.numel():
             largest = scaled.abs().amax()
+            if self.relative:
+                factor = self._calibrate(float(largest))
+                if factor != 1.0:  # exact: a power of two
+                    scaled, largest = scaled * factor, largest * factor
             if not bool(largest < _LIMIT):
                 if bool(largest.isfinite()):
                     raise self._range_error(what, t)
@@ -192,10 +219,17 @@ class ExactArithmetic:
 
     def _range_error(self, what: str, t: Tensor | None = None) -> InertiaError:
         largest = "" if t is None else f" (largest magnitude {float(t.detach().abs().amax()):.3g})"
+        if self.base_bits != self.fraction_bits:  # placed for the input
+            where = (
+                f"below 2**{61 - self.fraction_bits}, 2**{61 - self.base_bits} times the input's "
+                "binary magnitude (the grid follows the input's scale)"
+            )
+        else:
+            where = f"below 2**{61 - self.fraction_bits}"
         return InertiaError(
             f"exact mode: {what} does not fit the fixed-point range: magnitudes must be finite and "
-            f"below 2**{61 - self.fraction_bits} with fraction_bits={self.fraction_bits}{largest}. "
-            "Lower fraction_bits, or normalize the activations."
+            f"{where}, with fraction_bits={self.fraction_bits}{largest}. Pass a lower "
+            "fraction_bits (a fixed grid of step 2**-fraction_bits), or normalize the activations."
         )
 
     def on_grid(self, x: Tensor) -> Tensor:
@@ -234,6 +268,9 @@ class ExactArithmetic:
 
     def from_exact_state(self, state: ExactState) -> State:
         """The tuple for ``state``, after checking that this stack's forward made it."""
+        if self.relative:  # the grid that the forward placed for its input
+            self.relative = False
+            self._set_bits(state.fraction_bits)
         if (state.gamma, state.fraction_bits) != (self.ratio, self.fraction_bits):
             raise ValueError(
                 f"the state was made with gamma={state.gamma} and fraction_bits="

@@ -75,10 +75,13 @@ class MomentumNet(nn.Module):
             ``torch.no_grad()`` or ``inference_mode``, nothing requiring grad) runs the float
             update instead, with that gamma: the integers serve the memory-free backward only,
             and ``return_state=True`` still returns them.
-        fraction_bits: Exact mode's grid step is ``2**-fraction_bits``; activations must stay below
-            ``2**(61 - fraction_bits)`` in magnitude, or the forward raises. None: 40 for float64
-            inputs (values below 2**21 = 2.1e6), 32 for the others (below 2**29 = 5.4e8), a grid
-            finer than the dtype's precision at magnitude 1 (float32: 512 times).
+        fraction_bits: Exact mode's grid. None (default): relative to the data's scale. At each
+            forward the grid step is ``2**-(32 - e)`` (``2**-(40 - e)`` for float64 inputs), where
+            ``2**e <= m < 2**(e + 1)`` and ``m`` is the stack input's largest magnitude: finer
+            than the dtype's precision at ``m`` (float32: 512 times), so activations of 1e-9 are
+            as accurate as at 1; they must stay below ``2**29 * 2**e`` (float64: ``2**21 *
+            2**e``). An integer: a fixed grid of step ``2**-fraction_bits``, values below
+            ``2**(61 - fraction_bits)``.
 
     Example:
         >>> import torch
@@ -273,7 +276,12 @@ class MomentumNet(nn.Module):
     def _spec(self, dtype: torch.dtype) -> StackSpec:
         blocks = tuple(self._blocks()[self.keep_first :])
         arith: Arithmetic = (
-            ExactArithmetic(self._gamma, self._fraction_bits(dtype), len(blocks))
+            ExactArithmetic(
+                self._gamma,
+                self._fraction_bits(dtype),
+                len(blocks),
+                relative=self.fraction_bits is None,
+            )
             if self._exact
             else FloatArithmetic(self._gamma)
         )
@@ -373,7 +381,8 @@ class MomentumNet(nn.Module):
             True
             >>> net.exact = True
             >>> start = net.inverse(net(x, return_state=True))
-            >>> bool((start.position - x).abs().max() <= 2**-33), start.words  # half a grid step
+            >>> half = 2.0 ** -(start.fraction_bits + 1)  # half a grid step
+            >>> bool((start.position - x).abs().max() <= half), start.words
             (True, ())
         """
         if self._gamma == 0:
