@@ -27,8 +27,10 @@ leave block by block through autograd's own accumulation (``.grad`` in place, DD
 block). The gradients that a node hands down are tensors it allocated, with no other consumer, so
 the node below computes its own into them in place; for a block that is not ``is_residual``,
 ``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. Peak memory in backward
-is one block's activations plus four tensors of the state's size (``x_n``, ``v_{n+1}`` and their
-two gradients) in float mode, and the fixed-point integers in exact mode.
+is one block's activations plus four tensors of the state's size (``x_n``, ``v`` and their two
+gradients) in float mode, and the fixed-point integers besides in exact mode. Where exact mode's
+forward met a NaN or inf, its output is NaN and every node returns NaN gradients, rebuilding
+nothing (``GradScaler`` then skips the step).
 
 Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
@@ -591,7 +593,6 @@ def _aliased(t: Tensor, *others: Tensor | None) -> bool:
     return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
 
 
-@dataclass
 class _Evaluation:
     """One call evaluated again in the backward, with autograd recording."""
 
