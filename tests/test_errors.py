@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from conftest import MLP
 from inertia import InertiaError, MomentumNet
+from inertia.testing import gradient_errors
 
 
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
@@ -22,14 +25,21 @@ def test_gamma_not_a_number(gamma: object) -> None:
         MomentumNet([MLP()], gamma)  # type: ignore[arg-type]
 
 
-def test_gamma_zero_memory_free_names_alternative() -> None:
-    with pytest.raises(ValueError, match=r"dividing by gamma.*use_backprop=True"):
-        MomentumNet([MLP()], 0.0, use_backprop=False)
-    net = MomentumNet([MLP()], 0.0)
-    with pytest.raises(ValueError, match="dividing by gamma"):
-        net.use_backprop = False
+def test_gamma_zero_memory_free_falls_back_to_backprop() -> None:
+    """gamma = 0 is not invertible: a memory-free stack trains with backprop, after a warning
+    that names the alternative (momentumnet's own example converts a ResNet at gamma 0)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"dividing by gamma.*trains with backprop"):
+        net = MomentumNet([MLP() for _ in range(3)], 0.0, use_backprop=False)
+    twin = copy.deepcopy(net)
+    twin.use_backprop = True
+    with pytest.warns(UserWarning, match="dividing by gamma"):
+        net.use_backprop = False  # the setter warns too
+    x = torch.randn(4, 8, requires_grad=True)
+    errors = gradient_errors(twin, net, x)
+    assert max(errors.values()) == 0.0
     net = MomentumNet([MLP()], 0.5, use_backprop=False)
-    with pytest.raises(ValueError, match="dividing by gamma"):
+    with pytest.warns(UserWarning, match="dividing by gamma"):
         net.gamma = 0.0
 
 

@@ -80,6 +80,17 @@ def test_gamma_zero_is_the_original(train: bool) -> None:
     assert relative_error(converted(x), original(x)) <= TOLERANCES[torch.float64]
 
 
+def test_gamma_zero_with_the_default_falls_back_to_backprop() -> None:
+    """momentumnet's example, transform_to_momentumnet(resnet, gamma=0.0): memory-free is
+    impossible at gamma 0, so the stacks train with backprop after a warning."""
+    original = small_resnet().double()
+    with pytest.warns(UserWarning, match="trains with backprop"):
+        converted = transform_to_momentumnet(original, gamma=0.0)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    assert relative_error(converted(x), original(x)) <= TOLERANCES[torch.float64]
+    converted(x).sum().backward()
+
+
 def momentum_loop(model: nn.Module, x: Tensor, gamma: float) -> Tensor:
     """torchvision's ResNet forward, with each stage written as a momentum loop."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from inertia import InertiaError, MomentumLayerList, MomentumNet, transform_to_momentumnet
+from inertia import MomentumLayerList, MomentumNet, transform_to_momentumnet
 from inertia.testing import TOLERANCES, assert_gradients_match, relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -190,9 +191,19 @@ def test_decoder_cache_and_generate(name: str) -> None:
     model = FAMILIES[name][0]()
     converted = convert(name, model)
     ids, mask = example(name)
-    with pytest.raises(InertiaError, match="use_cache=False"):
-        converted(input_ids=ids, attention_mask=mask, use_cache=True)
-    converted(input_ids=ids, attention_mask=mask, use_cache=False).logits.sum().backward()
+    # Training with HF's default use_cache=True runs without the cache, after a warning, as
+    # HF's gradient checkpointing does; the gradients are those of use_cache=False.
+    grads = []
+    for use_cache in (True, False):
+        converted.zero_grad()
+        torch.manual_seed(0)  # the same dropout
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = converted(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+        assert any("use_cache=False" in str(w.message) for w in caught) == use_cache
+        out.logits.sum().backward()
+        grads.append([p.grad.clone() for p in converted.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     # Generation runs no backward: the cache is updated once per layer, as in the original.
     original = transform_to_momentumnet(
         copy.deepcopy(model),

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -782,19 +783,22 @@ def momentum_forward(
     memory_free: bool,
 ) -> State:
     """Run the stack: memory-free when asked and when autograd has something to differentiate."""
-    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     if not (memory_free and records_autograd(spec, x, args, kwargs) and spec.blocks):
         return run_forward(spec, x, args, kwargs)
-    named = [(f"positional argument {i + 1} after x", a) for i, a in enumerate(args)]
-    for name, value in [*named, *((f"argument {k!r}", v) for k, v in kwargs.items())]:
-        if _is_cache(value):
-            raise InertiaError(
-                f"{name} is a {type(value).__name__}, a key/value cache that each "
-                "block updates; the memory-free backward runs every block again and would update "
-                "it twice. Pass use_cache=False when training memory-free (generation under "
-                "torch.no_grad() or in eval mode with no_grad works, as it runs no backward)."
-            )
+    if any(_is_cache(v) for v in (*args, *kwargs.values())):
+        warnings.warn(
+            "a key/value cache was passed to a memory-free MomentumNet (use_cache=True, "
+            "HuggingFace's default): the backward runs every block again and would update it "
+            "twice, so this forward runs without it, as HuggingFace's gradient checkpointing does "
+            "in training. Pass use_cache=False to silence this (generation, which runs no "
+            "backward, keeps its cache).",
+            UserWarning,
+            stacklevel=3,
+        )
+        args = tuple(None if _is_cache(a) else a for a in args)
+        kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     run = _Run(
         spec,
         treespec,

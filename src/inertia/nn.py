@@ -358,7 +358,8 @@ class MomentumNet(nn.Module):
         exact = isinstance(spec.arith, ExactArithmetic)
         if exact and not integers and not records_autograd(spec, x, args, kwargs):
             spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
-        state = momentum_forward(spec, x, args, kwargs, memory_free=not self._use_backprop)
+        memory_free = not self._use_backprop and self._gamma > 0  # gamma = 0: not invertible
+        state = momentum_forward(spec, x, args, kwargs, memory_free=memory_free)
         return state, spec
 
     def inverse(self, x: Tensor | ExactState, *args: Any, **kwargs: Any) -> Any:
@@ -427,10 +428,13 @@ def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
             f"gamma={value!r} is outside [0, 1]; the momentum must satisfy 0 <= gamma <= 1."
         )
     if value == 0.0 and not use_backprop:
-        raise ValueError(
+        warnings.warn(
             "gamma=0 with use_backprop=False: the memory-free backward inverts the velocity update "
-            "by dividing by gamma. Use gamma > 0 (the paper uses 0.9), or use_backprop=True "
-            "(gamma=0 is the plain ResNet)."
+            "by dividing by gamma, so this stack trains with backprop instead (gamma=0 is the "
+            "plain ResNet, which stores its activations). Use gamma > 0 (the paper uses 0.9) to "
+            "train memory-free, or use_backprop=True to silence this.",
+            UserWarning,
+            stacklevel=3,
         )
     if value == 1.0:
         warnings.warn(
