@@ -185,8 +185,8 @@ class ExactArithmetic:
 
     def _calibrate(self, largest: float) -> float:
         """Where relative: place the grid for an input of largest magnitude ``largest`` (on the
-        current grid), so that its binary exponent is that of 1 (one device sync, which the range
-        check makes anyway). Returns the factor, a power of two, that moves ``largest`` there."""
+        current grid), so that its binary exponent is that of 1. Returns the factor, a power of
+        two, that moves ``largest`` there."""
         self.relative = False  # once per forward: the input's, then every tensor's grid
         if not (largest > 0 and math.isfinite(largest)):
             return 1.0
@@ -202,13 +202,13 @@ class ExactArithmetic:
         marks the forward non-finite instead (see `check_range`)."""
         scaled = t.detach().double() * self.scale
         if scaled.numel():
-            largest = scaled.abs().amax()
+            largest = float(scaled.abs().amax())  # the one device sync
             if self.relative:
-                factor = self._calibrate(float(largest))
+                factor = self._calibrate(largest)
                 if factor != 1.0:  # exact: a power of two
                     scaled, largest = scaled * factor, largest * factor
-            if not bool(largest < _LIMIT):
-                if bool(largest.isfinite()):
+            if not largest < _LIMIT:  # NaN included
+                if math.isfinite(largest):
                     raise self._range_error(what, t)
                 self._nonfinite = True
                 scaled = scaled.nan_to_num(0.0, 0.0, 0.0)
