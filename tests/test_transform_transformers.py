@@ -190,12 +190,17 @@ def test_parent_loop_that_changes_arguments_is_refused() -> None:
         converted(torch.randn(2, 4))
 
 
-def test_cache_objects_are_refused_in_memory_free_training() -> None:
+def test_cache_objects_are_dropped_in_memory_free_training() -> None:
+    """A cache would be updated twice (forward and recomputation): memory-free training runs the
+    blocks without it after a warning; generation (no backward) passes it through."""
+
     class Cache:
         def update(self) -> None: ...
 
         def get_seq_length(self) -> int:
             return 0
+
+    seen: list[object] = []
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -203,13 +208,19 @@ def test_cache_objects_are_refused_in_memory_free_training() -> None:
             self.lin = nn.Linear(4, 4)
 
         def forward(self, x: Tensor, cache: object = None) -> Tensor:
+            seen.append(cache)
             return self.lin(x)
 
     net = MomentumNet([Block(), Block()], 0.9, use_backprop=False)
-    with pytest.raises(InertiaError, match="use_cache=False"):
-        net(torch.randn(2, 4), cache=Cache())
+    cache = Cache()
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        out = net(torch.randn(2, 4), cache=cache)
+    out.sum().backward()
+    assert seen == [None] * 4  # forward and recomputation of both blocks
+    seen.clear()
     with torch.no_grad():
-        net(torch.randn(2, 4), cache=Cache())  # generation: no backward, no recomputation
+        net(torch.randn(2, 4), cache=cache)  # generation: no backward, no recomputation
+    assert seen == [cache, cache]
 
 
 class TupleLayer(nn.Module):
