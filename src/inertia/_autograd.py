@@ -782,8 +782,9 @@ def momentum_forward(
     *,
     memory_free: bool,
 ) -> State:
-    """Run the stack: memory-free when asked and when autograd has something to differentiate."""
-    if not (memory_free and records_autograd(spec, x, args, kwargs) and spec.blocks):
+    """Run the stack: memory-free when asked (the caller asks where autograd records the stack,
+    see `records_autograd`), with autograd or without it otherwise."""
+    if not (memory_free and spec.blocks):
         return run_forward(spec, x, args, kwargs)
     if any(_is_cache(v) for v in (*args, *kwargs.values())):
         warnings.warn(

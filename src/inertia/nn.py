@@ -355,10 +355,11 @@ class MomentumNet(nn.Module):
         _check_input(x)
         spec = self._spec(x.dtype)
         x = self._run_kept(spec, x, args, kwargs)
-        exact = isinstance(spec.arith, ExactArithmetic)
-        if exact and not integers and not records_autograd(spec, x, args, kwargs):
+        recording = records_autograd(spec, x, args, kwargs)
+        if isinstance(spec.arith, ExactArithmetic) and not integers and not recording:
             spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
-        memory_free = not self._use_backprop and self._gamma > 0  # gamma = 0: not invertible
+        # Memory-free where a backward will come and can invert (gamma = 0 cannot).
+        memory_free = recording and not self._use_backprop and self._gamma > 0
         state = momentum_forward(spec, x, args, kwargs, memory_free=memory_free)
         return state, spec
 
