@@ -25,11 +25,10 @@ experiment call it.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,7 +49,14 @@ from ._steps import (
     stack_at,
     variant_model,
 )
-from ._table import PeakConfig, PeakRow, run_true_peak, write_peak_csv, write_peak_markdown
+from ._table import (
+    PeakConfig,
+    PeakRow,
+    run_true_peak,
+    write_peak_csv,
+    write_peak_markdown,
+    write_rows,
+)
 
 __all__ = [
     "PAPER",
@@ -177,11 +183,8 @@ def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
 
 
 def write_csv(rows: Iterable[BenchRow], path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([f.name for f in fields(BenchRow)])
-        for r in rows:
-            writer.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in asdict(r).values()])
+    """One line per `BenchRow`, its fields as columns."""
+    write_rows(rows, BenchRow, path, ".4g")
 
 
 def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, description: str) -> None:

@@ -172,11 +172,17 @@ def _ratio(a: float, b: float) -> float:
 
 def write_peak_csv(rows: Iterable[PeakRow], path: Path) -> None:
     """One line per `PeakRow`, its fields as columns."""
+    write_rows(rows, PeakRow, path, ".6g")
+
+
+def write_rows(rows: Iterable[object], row_type: type, path: Path, fmt: str) -> None:
+    """One line per dataclass row, the fields of ``row_type`` as columns, floats in ``fmt``."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([f.name for f in fields(PeakRow)])
+        writer.writerow([f.name for f in fields(row_type)])
         for r in rows:
-            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in asdict(r).values()])
+            values = asdict(r).values()  # type: ignore[call-overload]
+            writer.writerow([format(v, fmt) if isinstance(v, float) else v for v in values])
 
 
 def machine(config: PeakConfig) -> str:
