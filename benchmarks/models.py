@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         f"torchvision ResNets (batch {config.image_batch}, {config.image_size}x"
         f"{config.image_size}, train mode) and nn.TransformerEncoder (d_model 256, 4 heads, "
         f"batch {config.seq_batch}, sequence {config.seq_len}, dropout 0.1), gamma "
-        f"{config.gamma}; checkpoint: every block of the converted stacks; momentum_free: "
-        "transform_to_momentumnet (ResNets keep the first block of each stage, "
-        "momentum_free_ckpt_stem_first checkpoints it and the stem); time: median of "
+        f"{config.gamma}; checkpoint: every block of the converted stacks; momentum_exact: "
+        "transform_to_momentumnet with its defaults (memory-free, exact arithmetic; ResNets keep "
+        "the first block of each stage, momentum_exact_ckpt_stem_first checkpoints it and the "
+        "stem); momentum_free: the same with exact=False (float arithmetic); time: median of "
         f"{config.repeats} interleaved steps [min-max]."
     )
     write_markdown(rows, args.out / f"{stem}.md", command, description)

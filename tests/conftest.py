@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from inertia import MomentumNet
+from inertia.testing import backprop_twin
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -71,11 +72,12 @@ class LoopNet(nn.Module):
 
 
 def twins(net: MomentumNet) -> tuple[MomentumNet, MomentumNet, LoopNet]:
-    """Independent copies: (backprop, memory-free, hand-written loop), same weights."""
-    backprop = copy.deepcopy(net)
-    backprop.use_backprop = True
+    """Independent copies: (backprop twin, memory-free, hand-written loop), same weights. The twin
+    has the memory-free copy's arithmetic (exact unless ``net`` pins ``exact=False``)."""
     free = copy.deepcopy(net)
     free.use_backprop = False
+    backprop = backprop_twin(free)
+    assert isinstance(backprop, MomentumNet)
     return backprop, free, LoopNet(copy.deepcopy(net))
 
 

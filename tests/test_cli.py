@@ -205,10 +205,17 @@ def test_train_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     from inertia import MomentumNet
     from inertia.training import TrainConfig, build_model
 
-    model = build_model(TrainConfig(exact=True), channels=1, num_classes=4)
-    stacks = [m for m in model.modules() if isinstance(m, MomentumNet)]
-    assert len(stacks) == 4
-    assert all(m.exact for m in stacks)
+    for exact, want in ((None, True), (True, True), (False, False)):  # None: exact when memory-free
+        model = build_model(TrainConfig(exact=exact), channels=1, num_classes=4)
+        stacks = [m for m in model.modules() if isinstance(m, MomentumNet)]
+        assert len(stacks) == 4
+        assert all(m.exact == want for m in stacks)
+    model = build_model(TrainConfig(memory_free=False), channels=1, num_classes=4)
+    assert not any(m.exact for m in model.modules() if isinstance(m, MomentumNet))
     out = tmp_path / "run"
     assert main([*TRAIN, "--exact", "--epochs", "1", "--batch-size", "32", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["exact"] is True
+    assert main([*TRAIN, "--float", "--epochs", "1", "--batch-size", "32", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["exact"] is False
+    with pytest.raises(SystemExit):
+        main([*TRAIN, "--float", "--exact"])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from conftest import MLP
 from inertia import InertiaError, InversionError, MomentumNet, transform_to_momentumnet
 from inertia import _exact as inertia_exact
-from inertia._exact import ExactArithmetic, bits_per_element, rational_gamma
+from inertia._exact import ExactArithmetic, _schedule, bits_per_element, rational_gamma
 from inertia._kernels import (
     _Compiled,
     _step,
@@ -413,7 +413,7 @@ def test_state_and_inverse_api() -> None:
         MomentumNet([MLP(d=4) for _ in range(5)], 0.99, exact=True).inverse(state)
     with pytest.raises(TypeError, match="ExactState"):
         net.inverse(state.position, state.velocity)
-    with pytest.raises(ValueError, match="needs exact=True"):
+    with pytest.raises(ValueError, match="needs exact mode"):
         MomentumNet([MLP(d=4)], 0.9)(x, return_state=True)
 
 
@@ -428,7 +428,13 @@ def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
                 out = net(x)
             held[depth, backprop] = meter.current
             out.sum().backward()
-    assert held[64, False] == held[4, False]  # no word plane below about 300 blocks at 0.9
+    # No word plane below about 300 blocks at 0.9; the buffer is kept in the smallest dtype that
+    # its bound allows: one byte per element after 4 blocks, four after 64.
+    kept = {depth: _schedule(9, 10, depth)[1] for depth in (4, 64)}
+    assert (kept[4], kept[64]) == (torch.uint8, torch.int32)
+    assert held[64, False] - held[4, False] == x.numel() * 3
+    # x, v and the buffer, and the 32-byte checksum of (x_0, v_0); no float copies.
+    assert held[4, False] == x.numel() * (8 + 8 + 1) + 32
     assert held[64, True] > 10 * held[4, False]
 
 
@@ -543,3 +549,38 @@ def test_strided_input_is_rebuilt_bit_for_bit() -> None:
     x = torch.randn(8, 16).t()  # not contiguous
     assert not x.is_contiguous()
     assert_gradients_match(twin, net, x.requires_grad_(), rtol=1e-6)
+
+
+def test_exact_by_default_when_memory_free() -> None:
+    """exact=None resolves at each forward: exact where the backward is memory-free (and gamma >
+    0), float otherwise; True and False pin it; slices and backprop twins keep what it was."""
+    from inertia import transform_to_momentumnet
+    from inertia.testing import backprop_twin
+
+    net = MomentumNet([MLP() for _ in range(3)], 0.9)  # momentumnet's default: backprop
+    assert not net.exact
+    assert "exact" not in repr(net)
+    net.use_backprop = False  # as momentumnet's users switch
+    assert net.exact
+    x = torch.randn(4, 8, requires_grad=True)
+    assert net(x, return_state=True).x.dtype == torch.int64
+    assert net[1:].exact
+    twin = backprop_twin(net)
+    assert isinstance(twin, MomentumNet)
+    assert twin.use_backprop
+    assert twin.exact
+    net.exact = False
+    assert not net.exact
+    assert "exact=False" in repr(net)
+    with pytest.raises(ValueError, match="needs exact mode"):
+        net(x, return_state=True)
+    net.exact = None
+    assert net.exact
+    with pytest.warns(UserWarning, match="dividing by gamma"):
+        net.gamma = 0.0  # gamma 0 trains with backprop: nothing to invert, float
+    assert not net.exact
+    with pytest.raises(TypeError, match="True, False or None"):
+        MomentumNet([MLP()], 0.9, exact=1)  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Sequential(MLP(), MLP(), MLP()))
+    stacks = [transform_to_momentumnet(model, "0", gamma=0.9, exact=e)[0] for e in (None, False)]
+    assert [s.exact for s in stacks] == [True, False]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from typing import Any
 
@@ -14,7 +13,7 @@ from torchvision import models as tvm
 from inertia import InertiaError, MomentumNet
 from inertia.models import _registry, create_model, list_models, register_model
 from inertia.models.resnet import MomentumBasicBlock, MomentumBottleneck
-from inertia.testing import assert_gradients_match
+from inertia.testing import assert_gradients_match, backprop_twin
 
 CIFAR = [f"momentum_resnet{depth}_cifar" for depth in (18, 34, 50, 101, 152)]
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -93,11 +92,12 @@ def test_arguments_reach_momentumnet_and_torchvision() -> None:
 
 def test_memory_free_gradients_match_backprop() -> None:
     free = create_model("momentum_resnet18_cifar").double().train()
-    backprop = copy.deepcopy(free)
+    backprop = backprop_twin(free)
     for stage in STAGES:
         layer = backprop.get_submodule(stage)
         assert isinstance(layer, MomentumNet)
-        layer.use_backprop = True
+        assert layer.use_backprop
+        assert layer.exact
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     errors = assert_gradients_match(backprop, free, x, steps=2)
     assert errors["buffer.layer4.1.bn2.num_batches_tracked"] == 0.0
@@ -172,14 +172,13 @@ def test_list_models_pattern() -> None:
 
 
 def test_init_speed_and_checkpointed_stem() -> None:
-    backprop = create_model("momentum_resnet18_cifar", init_speed=True, use_backprop=True)
-    backprop = backprop.double()
-    free = copy.deepcopy(backprop)
+    free = create_model("momentum_resnet18_cifar", init_speed=True).double()
+    backprop = backprop_twin(free)
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         net = free.get_submodule(stage)
         assert net.init_speed
         assert net.init_function is not None
-        net.use_backprop = False
+        assert not net.use_backprop
     assert "layer1.init.conv1.weight" in free.state_dict()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     errors = assert_gradients_match(backprop, free, x, steps=2)

@@ -1,8 +1,10 @@
 """Memory-free gradients against plain autograd on the same weights and inputs.
 
 Every comparison uses `inertia.testing.TOLERANCES` (relative error per tensor): float64 1e-10,
-float32 1e-5. Where float rounding is predicted to exceed a tenth of the tolerance
-(``eps * gamma**-depth``), the memory-free model must either match or report the drift.
+float32 1e-5. The memory-free model is compared with its backprop twin (`twins`), which has its
+arithmetic: exact, the default, unless a test pins ``exact=False``. In float mode, where rounding
+is predicted to exceed a tenth of the tolerance (``eps * gamma**-depth``), the memory-free model
+must either match or report the drift; exact mode must match everywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def predicted_drift(dtype: torch.dtype, gamma: float, depth: int) -> float:
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
 @pytest.mark.parametrize("depth", [1, 4, 16, 64])
 def test_grid(depth: int, gamma: float, dtype: torch.dtype) -> None:
-    net = MomentumNet([MLP() for _ in range(depth)], gamma).to(dtype)
+    net = MomentumNet([MLP() for _ in range(depth)], gamma, exact=False).to(dtype)
     backprop, free, loop = twins(net)
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
     tol = TOLERANCES[dtype]
@@ -46,13 +48,27 @@ def test_grid(depth: int, gamma: float, dtype: torch.dtype) -> None:
     # In between, the gradients are right and an alarm would be a cautious one.
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("depth", [1, 4, 16, 64])
+def test_grid_default_exact(depth: int, gamma: float, dtype: torch.dtype) -> None:
+    """The default (exact) memory-free mode matches its twin in every cell, float's hopeless ones
+    included, and its reconstruction check stays quiet."""
+    net = MomentumNet([MLP() for _ in range(depth)], gamma, check_inversion="raise").to(dtype)
+    backprop, free, _ = twins(net)
+    assert free.exact
+    assert backprop.exact
+    assert_gradients_match(backprop, free, torch.randn(5, 8, dtype=dtype, requires_grad=True))
+
+
 @pytest.mark.parametrize(
     ("dtype", "gamma", "depth"),
     [(torch.float32, 0.5, 16), (torch.float32, 0.9, 64), (torch.float64, 0.5, 64)],
 )
 def test_drift_is_reported(dtype: torch.dtype, gamma: float, depth: int) -> None:
-    """Cells where float inversion is hopeless: the gradients are wrong, and the default warns."""
-    net = MomentumNet([MLP() for _ in range(depth)], gamma).to(dtype)
+    """Cells where float inversion is hopeless: the gradients are wrong, and float mode's default
+    check warns."""
+    net = MomentumNet([MLP() for _ in range(depth)], gamma, exact=False).to(dtype)
     backprop, free, _ = twins(net)
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
     free.check_inversion = None
@@ -67,9 +83,10 @@ def test_drift_is_reported(dtype: torch.dtype, gamma: float, depth: int) -> None
         free(x).sum().backward()
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_residual", [True, False])
-def test_init_speed_and_is_residual(dtype: torch.dtype, is_residual: bool) -> None:
+def test_init_speed_and_is_residual(dtype: torch.dtype, is_residual: bool, exact: bool) -> None:
     init = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
     net = MomentumNet(
         [MLP() for _ in range(6)],
@@ -77,10 +94,12 @@ def test_init_speed_and_is_residual(dtype: torch.dtype, is_residual: bool) -> No
         init_speed=True,
         init_function=init,
         is_residual=is_residual,
+        exact=exact,
     ).to(dtype)
     backprop, free, loop = twins(net)
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
-    assert_gradients_match(loop, backprop, x, rtol=0.0)
+    # Float backprop is the hand-written loop to the last bit; exact's grid is within tolerance.
+    assert_gradients_match(loop, backprop, x, rtol=None if exact else 0.0)
     errors = assert_gradients_match(backprop, free, x)
     assert "grad.init.0.weight" in errors
 
@@ -178,15 +197,16 @@ def test_tied_blocks(dtype: torch.dtype) -> None:
     assert "grad.0.net.0.weight" in errors
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_extra_args_and_kwargs(dtype: torch.dtype) -> None:
-    net = MomentumNet([ArgBlock() for _ in range(5)], 0.9).to(dtype)
+def test_extra_args_and_kwargs(dtype: torch.dtype, exact: bool) -> None:
+    net = MomentumNet([ArgBlock() for _ in range(5)], 0.9, exact=exact).to(dtype)
     backprop, free, loop = twins(net)
     x = torch.randn(5, 8, dtype=dtype, requires_grad=True)
     scale = torch.rand(5, 1, dtype=dtype, requires_grad=True)
     shift = torch.randn(8, dtype=dtype, requires_grad=True)
     kwargs = {"shift": shift, "power": 2}
-    assert_gradients_match(loop, backprop, x, scale, rtol=0.0, **kwargs)
+    assert_gradients_match(loop, backprop, x, scale, rtol=None if exact else 0.0, **kwargs)
     errors = assert_gradients_match(backprop, free, x, scale, **kwargs)
     assert errors["input.1"] <= TOLERANCES[dtype]
     # Keyword tensors get their gradients, summed over blocks, too.
@@ -263,7 +283,7 @@ def test_is_loop_of_blocks_copy() -> None:
 
 def test_drift_is_reported_on_large_tensors() -> None:
     """Past 65,536 elements the sketch uses a strided subsample: it still sees the drift."""
-    net = MomentumNet([MLP(256, 64) for _ in range(24)], 0.5, check_inversion="raise")
+    net = MomentumNet([MLP(256, 64) for _ in range(24)], 0.5, check_inversion="raise", exact=False)
     backprop, free, _ = twins(net)
     free.check_inversion = "raise"
     x = torch.randn(512, 256, requires_grad=True)  # 131,072 elements
@@ -273,14 +293,16 @@ def test_drift_is_reported_on_large_tensors() -> None:
     with pytest.raises(InversionError):
         free(x).sum().backward()
     # And where the inversion is accurate, the subsampled check stays quiet.
-    fine = MomentumNet([MLP(256, 64) for _ in range(4)], 0.9, use_backprop=False)
+    fine = MomentumNet([MLP(256, 64) for _ in range(4)], 0.9, use_backprop=False, exact=False)
     fine.check_inversion = "raise"
     fine(x).sum().backward()
 
 
 def test_zero_input_is_not_reported_as_drift() -> None:
     # (x_0, v_0) = 0 leaves nothing to measure drift relative to; it is then measured absolutely.
-    net = MomentumNet([MLP() for _ in range(8)], 0.9, use_backprop=False, check_inversion="raise")
+    net = MomentumNet(
+        [MLP() for _ in range(8)], 0.9, use_backprop=False, check_inversion="raise", exact=False
+    )
     net(torch.zeros(4, 8, requires_grad=True)).sum().backward()
 
 

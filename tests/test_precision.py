@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import Tensor, nn
 
 from inertia import MomentumNet
-from inertia.testing import gradient_errors, relative_error
+from inertia.testing import backprop_twin, gradient_errors, relative_error
 
 
 class Recording(nn.Module):
@@ -85,15 +83,18 @@ def test_float64_never_downcast(use_backprop: bool) -> None:
     assert x.grad.dtype == torch.float64
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_training_steps_with_grad_scaler(dtype: torch.dtype) -> None:
+def test_autocast_training_steps_with_grad_scaler(dtype: torch.dtype, exact: bool) -> None:
     """Three optimizer steps under autocast (fp16 with a GradScaler): memory-free training follows
-    backprop training. Stated tolerance: 1e-4 relative on each parameter's update (measured: 0 in
-    bf16, 9e-6 in fp16), where the float inverse meets block outputs rounded to 8 or 11 bits."""
+    its backprop twin's. Stated tolerance: 1e-4 relative on each parameter's update (measured:
+    float mode 0 in bf16 and 9e-6 in fp16, where the float inverse meets block outputs rounded to
+    8 or 11 bits; exact mode, the default, 0 in both)."""
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(6)]
-    base = MomentumNet(blocks, 0.9)
-    models = [base, MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False)]
+    free = MomentumNet(blocks, 0.9, use_backprop=False, exact=exact)
+    base = backprop_twin(free)
+    models = [base, free]
     scalers = [torch.amp.GradScaler("cpu", enabled=dtype == torch.float16) for _ in models]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     xs = [torch.randn(32, 16) for _ in range(3)]

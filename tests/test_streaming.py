@@ -3,7 +3,6 @@ block, and each recomputation uses what its forward used."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from conftest import DTYPES, MLP, ArgBlock, twins
 from inertia import InertiaError, InversionError, MomentumNet
-from inertia.testing import assert_gradients_match
+from inertia.testing import assert_gradients_match, backprop_twin
 
 
 def events_of_a_step(net: MomentumNet, x: Tensor) -> tuple[list[Any], list[Any]]:
@@ -64,8 +63,7 @@ def test_gradient_accumulation_in_place(dtype: torch.dtype) -> None:
 
 def test_autograd_grad_returns_parameter_gradients() -> None:
     net = MomentumNet([MLP() for _ in range(4)], 0.9, use_backprop=False).double()
-    backprop = copy.deepcopy(net)
-    backprop.use_backprop = True
+    backprop = backprop_twin(net)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     got = torch.autograd.grad(net(x).square().sum(), [x, *net.parameters()])
     want = torch.autograd.grad(backprop(x).square().sum(), [x, *backprop.parameters()])
@@ -77,8 +75,7 @@ def test_autograd_grad_returns_parameter_gradients() -> None:
 def test_gradients_of_only_some_blocks() -> None:
     """autograd.grad for the last block's weight runs only the nodes above it."""
     net = MomentumNet([MLP() for _ in range(4)], 0.9, use_backprop=False).double()
-    backprop = copy.deepcopy(net)
-    backprop.use_backprop = True
+    backprop = backprop_twin(net)
     x = torch.randn(4, 8, dtype=torch.float64)
     runs: list[int] = []
     for n, block in enumerate(net):
@@ -189,8 +186,7 @@ def test_functional_call_substituted_weights(exact: bool) -> None:
     """torch.func.functional_call: gradients are those of the substituted tensors, in the
     forward that used them; the module's own weights get none."""
     net = MomentumNet([MLP() for _ in range(4)], 0.9, use_backprop=False, exact=exact).double()
-    backprop = copy.deepcopy(net)
-    backprop.use_backprop = True
+    backprop = backprop_twin(net)
     x = torch.randn(4, 8, dtype=torch.float64)
     new = {n: torch.randn_like(p, requires_grad=True) for n, p in net.named_parameters()}
     grads = []
@@ -316,8 +312,7 @@ def test_transformer_encoder_in_eval_mode() -> None:
     from inertia import transform_to_momentumnet
 
     free = transform_to_momentumnet(encoder, "layers", keep_first_layer=False, exact=True).eval()
-    backprop = copy.deepcopy(free)
-    backprop.get_submodule("layers").use_backprop = True
+    backprop = backprop_twin(free)
     x = torch.randn(2, 5, 16, requires_grad=True)
     assert_gradients_match(backprop, free, x)
 

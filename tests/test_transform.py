@@ -112,15 +112,39 @@ def test_gamma_point_nine_is_a_momentum_loop() -> None:
     assert torch.equal(converted(x), expected)
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_memory_free_gradients_match(name: str, dtype: torch.dtype) -> None:
+def test_memory_free_gradients_match(name: str, dtype: torch.dtype, exact: bool) -> None:
     model = small_resnet(name).to(dtype).train()
-    backprop = transform_to_momentumnet(model, gamma=0.9, use_backprop=True)
-    free = transform_to_momentumnet(model, gamma=0.9, use_backprop=False)
+    backprop = transform_to_momentumnet(model, gamma=0.9, use_backprop=True, exact=exact)
+    free = transform_to_momentumnet(model, gamma=0.9, use_backprop=False, exact=exact)
     x = torch.randn(4, 3, 32, 32, dtype=dtype, requires_grad=True)
     errors = assert_gradients_match(backprop, free, x, steps=2)
     assert errors["buffer.layer3.1.bn1.num_batches_tracked"] == 0.0
+
+
+def _gradients(model: nn.Module, x: Tensor) -> Tensor:
+    x = x.clone().requires_grad_()
+    for _ in range(2):
+        model(x).square().sum().backward()
+    return torch.cat(
+        [x.grad.double().flatten(), *(p.grad.double().flatten() for p in model.parameters())]
+    )  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_default_memory_free_is_as_accurate_as_backprop(name: str) -> None:
+    """With defaults (exact arithmetic), float32 memory-free gradients are as close to float64
+    truth as float32 backprop's (measured: 8.5e-6 against 8.3e-6 on ResNet-18, 3.2e-4 against
+    2.5e-4 on ResNet-50, whose BatchNorm on a batch of 4 amplifies rounding)."""
+    model = small_resnet(name).train()
+    x = torch.randn(4, 3, 32, 32)
+    truth = _gradients(transform_to_momentumnet(model, use_backprop=True).double(), x.double())
+    backprop = _gradients(transform_to_momentumnet(model, use_backprop=True), x)
+    free = transform_to_momentumnet(model)
+    assert all(m.exact for m in free.modules() if isinstance(m, MomentumNet))
+    assert relative_error(_gradients(free, x), truth) <= 2 * relative_error(backprop, truth)
 
 
 def test_checkpointed_first_blocks_keep_gradients_and_statistics() -> None:

@@ -72,8 +72,9 @@ def rational_gamma(gamma: float) -> Fraction:
 
 
 @lru_cache(maxsize=64)
-def _push_layers(p: int, q: int, depth: int) -> frozenset[int]:
-    """The layers at which the forward moves the buffer's low 32 bits to a new word plane."""
+def _schedule(p: int, q: int, depth: int) -> tuple[frozenset[int], torch.dtype]:
+    """The layers at which the forward moves the buffer's low 32 bits to a new word plane, and the
+    smallest integer dtype that holds the buffer after the last layer (what the backward keeps)."""
     bound, pushes = 0, set()  # bound: the largest value any element's buffer can hold
     for n in range(depth):
         bound //= p
@@ -81,7 +82,11 @@ def _push_layers(p: int, q: int, depth: int) -> frozenset[int]:
             pushes.add(n)
             bound >>= WORD
         bound = bound * q + q - 1
-    return frozenset(pushes)
+    kept = next(d for d in _SAVED_DTYPES if bound <= torch.iinfo(d).max)  # the buffer is >= 0
+    return frozenset(pushes), kept
+
+
+_SAVED_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,9 @@ class ExactArithmetic:
         self.relative = relative
         self.base_bits = fraction_bits
         self.depth = depth
-        self.pushes = _push_layers(self.p, self.q, depth) if self.p else frozenset()
+        self.pushes, self.kept_buffer = (
+            _schedule(self.p, self.q, depth) if self.p else (frozenset(), torch.int64)
+        )
         self._constants: dict[torch.device, tuple[Tensor, ...]]
         self._largest: list[Tensor] = []
         self._nonfinite = False  # a NaN or inf entered since `encode`
@@ -358,13 +365,17 @@ class ExactArithmetic:
         return (xf * math.nan, vf * math.nan, *ints)
 
     def saved(self, state: State) -> State:
-        """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow)."""
-        return state[2:]
+        """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow). The
+        buffer in the smallest dtype that its bound allows (one byte per element where fewer than
+        17 blocks have filled it at gamma 0.9; always for one block)."""
+        xi, vi, buffer, *words = state[2:]
+        return (xi, vi, buffer.to(self.kept_buffer), *words)
 
     def restore(self, saved: State) -> State:
         # `unstep_position` computes the position's float; the velocity's is read at block 0 only.
-        placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
-        return (placeholder, _LAZY, *saved)
+        xi, vi, buffer, *words = saved
+        placeholder = torch.empty(0, dtype=self.dtype, device=xi.device)
+        return (placeholder, _LAZY, xi, vi, buffer.long(), *words)
 
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state
@@ -438,8 +449,10 @@ def _recording(*tensors: Tensor) -> bool:
 
 
 def bits_per_element(gamma: float, depth: int) -> int:
-    """Bits per element that the buffer takes after ``depth`` layers (64 plus its word planes)."""
+    """Bits per element that the buffer takes after ``depth`` layers (64 plus its word planes), as
+    `ExactState` holds it; the memory-free backward keeps the int64 part in the smallest integer
+    dtype its bound allows."""
     ratio = rational_gamma(gamma)
     if ratio.numerator == 0:
         return 0
-    return 64 + WORD * len(_push_layers(ratio.numerator, ratio.denominator, depth))
+    return 64 + WORD * len(_schedule(ratio.numerator, ratio.denominator, depth)[0])

@@ -39,9 +39,13 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--checkpoint-kept", action="store_true",
                    help="checkpoint the first block of each ResNet stage")  # fmt: skip
     p.add_argument("--checkpoint-stem", action="store_true", help="checkpoint the ResNet stem")
-    p.add_argument("--exact", action="store_true",
-                   help="fixed-point momentum: the memory-free backward rebuilds every activation "
-                   "bit for bit")  # fmt: skip
+    arith = p.add_mutually_exclusive_group()
+    arith.add_argument("--exact", dest="exact", action="store_const", const=True, default=None,
+                       help="fixed-point momentum, whose memory-free backward rebuilds every "
+                       "activation bit for bit (the default when memory-free)")  # fmt: skip
+    arith.add_argument("--float", dest="exact", action="store_const", const=False,
+                       help="float momentum: faster, but its memory-free gradients drift with "
+                       "depth")  # fmt: skip
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype")
     p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda:0...")
     p.add_argument("--epochs", type=int, default=d.epochs)

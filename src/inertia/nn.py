@@ -66,15 +66,20 @@ class MomentumNet(nn.Module):
         exact: Hold ``x`` and ``v`` in fixed point (int64, step ``2**-fraction_bits``) with a
             buffer for the bits that multiplying by gamma destroys, so that the memory-free
             backward rebuilds every activation bit for bit, at any depth and gamma (float
-            reconstruction drifts like ``eps * gamma**-depth``). Blocks see the float value of the
-            fixed-point ``x``; rounding passes gradients straight through, so
-            ``use_backprop=True`` with ``exact=True`` is the memory-free mode's twin. The buffer
-            costs about ``log2(1 / gamma)`` bits per element per block. gamma is taken as the
-            closest fraction with denominator at most ``2**24`` (within 6e-8; equal for any
-            gamma with six decimals). A forward that autograd does not record (under
-            ``torch.no_grad()`` or ``inference_mode``, nothing requiring grad) runs the float
-            update instead, with that gamma: the integers serve the memory-free backward only,
-            and ``return_state=True`` still returns them.
+            reconstruction drifts like ``eps * gamma**-depth``). None (default): exact exactly
+            when the backward is memory-free (``use_backprop=False`` and ``gamma > 0``), decided
+            at each forward, so that switching ``use_backprop`` later switches the arithmetic
+            with it. True or False pins it: ``use_backprop=False, exact=False`` is the float
+            memory-free mode, and ``use_backprop=True, exact=True`` is the exact memory-free
+            mode's backprop twin (`inertia.testing.backprop_twin`).
+            Blocks see the float value of the fixed-point ``x``; rounding passes gradients
+            straight through. The buffer costs about ``log2(1 / gamma)`` bits per element per
+            block. gamma is taken as the closest fraction with denominator at most ``2**24``
+            (within 6e-8; equal for any gamma with six decimals). A forward that autograd does
+            not record (under ``torch.no_grad()`` or ``inference_mode``, nothing requiring grad)
+            runs the float update instead, with that gamma: the integers serve the memory-free
+            backward only, and ``return_state=True`` still returns them. Needs float64 on the
+            device (not Apple MPS: pass ``exact=False`` there).
         fraction_bits: Exact mode's grid. None (default): relative to the data's scale. At each
             forward the grid step is ``2**-(32 - e)`` (``2**-(40 - e)`` for float64 inputs), where
             ``2**e <= m < 2**(e + 1)`` and ``m`` is the stack input's largest magnitude: finer
@@ -108,7 +113,7 @@ class MomentumNet(nn.Module):
         inversion_tol: float | None = None,
         keep_first: int = 0,
         checkpoint_kept: bool = False,
-        exact: bool = False,
+        exact: bool | None = None,
         fraction_bits: int | None = None,
     ) -> None:
         super().__init__()
@@ -155,7 +160,7 @@ class MomentumNet(nn.Module):
                 "and values must stay below 2**(61 - fraction_bits))."
             )
         self.fraction_bits = fraction_bits
-        self._exact = bool(exact)
+        self.exact = exact
         self._gamma = _validate_gamma(gamma, use_backprop)
         self._use_backprop = bool(use_backprop)
 
@@ -180,12 +185,21 @@ class MomentumNet(nn.Module):
 
     @property
     def exact(self) -> bool:
-        """True for fixed-point arithmetic with a bit-exact inverse; may be switched at any time."""
+        """True where the stack runs fixed-point arithmetic with a bit-exact inverse: the value
+        set, or where it was left None, whether the backward is memory-free (``use_backprop``
+        False and ``gamma > 0``). Set True, False or None (the default) at any time."""
+        if self._exact is None:
+            return not self._use_backprop and self._gamma > 0
         return self._exact
 
     @exact.setter
-    def exact(self, value: bool) -> None:
-        self._exact = bool(value)
+    def exact(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(
+                f"exact must be True, False or None (exact when memory-free); got "
+                f"{type(value).__name__}."
+            )
+        self._exact = value
 
     @property
     def check_inversion(self) -> str | None:
@@ -282,7 +296,7 @@ class MomentumNet(nn.Module):
                 len(blocks),
                 relative=self.fraction_bits is None,
             )
-            if self._exact
+            if self.exact
             else FloatArithmetic(self._gamma)
         )
         return StackSpec(
@@ -336,8 +350,11 @@ class MomentumNet(nn.Module):
             ``x_N`` of shape ``(*)``, ``(x_N, v_N)`` with ``return_velocity=True``, or an
             `ExactState` with ``return_state=True``.
         """
-        if return_state and not self._exact:
-            raise ValueError("return_state=True needs exact=True; use return_velocity=True.")
+        if return_state and not self.exact:
+            raise ValueError(
+                "return_state=True needs exact mode (exact=True, or use_backprop=False with exact "
+                "left None); use return_velocity=True."
+            )
         state, spec = self._run(x, args, kwargs, integers=return_state)
         arith = spec.arith
         if return_state:
@@ -395,10 +412,11 @@ class MomentumNet(nn.Module):
                 raise TypeError("an ExactState comes from an exact MomentumNet; set exact=True.")
             state = inverse(spec, spec.arith.from_exact_state(x), args, kwargs)
             return spec.arith.to_exact_state(state)
-        if self._exact:
+        if self.exact:
             raise TypeError(
                 "an exact MomentumNet inverts the ExactState from forward(x, return_state=True); "
-                f"got {type(x).__name__}."
+                f"got {type(x).__name__}. For the float inverse of (x_N, v_N), set exact=False "
+                "(exact mode is the default of use_backprop=False)."
             )
         if not args:
             raise TypeError("inverse(x_N, v_N, *args, **kwargs) needs the velocity v_N.")
@@ -415,7 +433,7 @@ class MomentumNet(nn.Module):
             f"gamma={self._gamma}, use_backprop={self._use_backprop}, "
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
             + (f", keep_first={self.keep_first}" if self.keep_first else "")
-            + (", exact=True" if self._exact else "")
+            + (f", exact={self._exact}" if self._exact is not None else "")
             + (f", fraction_bits={self.fraction_bits}" if self.fraction_bits is not None else "")
         )
 

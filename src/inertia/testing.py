@@ -4,10 +4,13 @@
 - `relative_error` and `TOLERANCES`: the one definition of "equal" (``||a - b|| / ||b||``).
 - `gradient_errors` / `assert_gradients_match`: a model against a reference on the same weights and
   inputs: outputs, input gradients, every parameter's gradient and every buffer, by name.
+- `backprop_twin`: the reference for a memory-free model: a copy that backpropagates through the
+  same arithmetic.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -20,6 +23,7 @@ __all__ = [
     "TOLERANCES",
     "SavedTensorMeter",
     "assert_gradients_match",
+    "backprop_twin",
     "gradient_errors",
     "relative_error",
 ]
@@ -109,6 +113,29 @@ class SavedTensorMeter:
         tb: TracebackType | None,
     ) -> None:
         self._ctx.__exit__(exc_type, exc, tb)
+
+
+def backprop_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose momentum stacks use ordinary autograd (``use_backprop=True``)
+    with the arithmetic ``model``'s stacks have (exact mode pinned where it is on, as it is by
+    default when memory-free): the reference that `assert_gradients_match` compares a memory-free
+    model with. Weights, buffers and modes are copied; the two then evolve independently.
+
+    Example:
+        >>> from inertia import MomentumNet
+        >>> net = MomentumNet([nn.Linear(4, 4) for _ in range(3)], gamma=0.9, use_backprop=False)
+        >>> twin = backprop_twin(net)
+        >>> twin.use_backprop, twin.exact
+        (True, True)
+    """
+    from .nn import MomentumNet
+
+    twin = copy.deepcopy(model)
+    for stack in twin.modules():
+        if isinstance(stack, MomentumNet):
+            stack.exact = stack.exact  # pins what it resolves to now, before use_backprop flips
+            stack.use_backprop = True
+    return twin
 
 
 def _default_loss(out: Any) -> Tensor:

@@ -49,7 +49,7 @@ class TrainConfig:
     memory_free: bool = True
     checkpoint_kept: bool = False  # checkpoint the first block of each ResNet stage
     checkpoint_stem: bool = False  # checkpoint the ResNet stem
-    exact: bool = False  # fixed-point momentum, bit-exact memory-free backward
+    exact: bool | None = None  # fixed point (None: exactly when memory-free), bit-exact backward
     amp: str | None = None  # "bf16" or "fp16"
     device: str = "auto"  # "auto": cuda when available
     epochs: int = 10
@@ -134,8 +134,8 @@ def build_model(config: TrainConfig, channels: int, num_classes: int) -> nn.Modu
     options = {"checkpoint_kept": True} if config.checkpoint_kept else {}
     if config.checkpoint_stem:
         options["checkpoint_stem"] = True
-    if config.exact:
-        options["exact"] = True
+    if config.exact is not None:
+        options["exact"] = config.exact
     model = create_model(
         config.model, num_classes=num_classes, gamma=config.gamma,
         use_backprop=not config.memory_free, **options,

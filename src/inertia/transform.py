@@ -37,7 +37,7 @@ def transform_to_momentumnet(
     checkpoint_stem: bool = False,
     check_inversion: str | None = "warn",
     inversion_tol: float | None = None,
-    exact: bool = False,
+    exact: bool | None = None,
     fraction_bits: int | None = None,
 ) -> nn.Module:
     """Return ``model`` with each stack of blocks at ``residual_layers`` made a `MomentumNet`.
@@ -74,7 +74,9 @@ def transform_to_momentumnet(
             ``maxpool``), whose activations are the largest.
         check_inversion: As in `MomentumNet`.
         inversion_tol: As in `MomentumNet`.
-        exact: Fixed-point arithmetic with a bit-exact inverse, as in `MomentumNet`.
+        exact: Fixed-point arithmetic with a bit-exact inverse, as in `MomentumNet`: None (the
+            default) is exact whenever the backward is memory-free, decided by each stack at
+            each forward.
         fraction_bits: As in `MomentumNet`.
 
     Returns:

@@ -132,7 +132,8 @@ def collectives_per_step(use_backprop: bool) -> tuple[int, int]:
 def converted_resnet(rank: int, world: int) -> tuple[float, float]:
     """A torchvision ResNet-18, converted memory-free, each block sharded and then the model (the
     README's recipe), one training step in train mode (BatchNorm on each rank's batch): the
-    gradients and the BatchNorm buffers equal those of its backprop twin, sharded alike."""
+    gradients and the BatchNorm buffers equal those of its backprop twin (exact arithmetic, the
+    memory-free default, pinned), sharded alike."""
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
@@ -142,7 +143,7 @@ def converted_resnet(rank: int, world: int) -> tuple[float, float]:
     for use_backprop in (True, False):
         net = copy.deepcopy(base).double()
         for stack in [m for m in net.modules() if isinstance(m, MomentumNet)]:
-            stack.use_backprop = use_backprop
+            stack.use_backprop, stack.exact = use_backprop, True
         each_block_then_model(net)
         net(x).square().sum().backward()
         grads.append([full(p.grad, world) for p in net.parameters()])

@@ -5,8 +5,10 @@ Variants, all on the same blocks and inputs:
 - ``plain``: ``x = x + f(x)`` with ordinary autograd;
 - ``checkpoint``: the same with ``torch.utils.checkpoint`` around every block;
 - ``momentum_backprop``: `MomentumNet` with ``use_backprop=True``;
-- ``momentum_free``: `MomentumNet` with ``use_backprop=False`` (memory-free backward);
-- ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse).
+- ``momentum_free``: `MomentumNet` with ``use_backprop=False, exact=False`` (memory-free backward,
+  float arithmetic);
+- ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse: the default of
+  ``use_backprop=False``).
 
 Memory is counted as bytes saved for backward (`inertia.testing.SavedTensorMeter`, parameters
 excluded), after the forward and at the peak over forward and backward: exact and repeatable on any
@@ -263,7 +265,7 @@ def _builders(
 ) -> dict[str, Callable[[bool], nn.Module]]:
     from ..transform import transform_to_momentumnet
 
-    def momentum(checkpointed: bool, for_memory: bool) -> nn.Module:
+    def momentum(exact: bool | None, checkpointed: bool, for_memory: bool) -> nn.Module:
         return transform_to_momentumnet(
             model,
             paths,
@@ -271,15 +273,17 @@ def _builders(
             gamma=gamma,
             checkpoint_kept=checkpointed,
             checkpoint_stem=checkpointed,
+            exact=exact,
         )
 
     builders: dict[str, Callable[[bool], nn.Module]] = {
         "plain": lambda for_memory: model,
         "checkpoint": functools.partial(checkpoint_every_block, model, paths),
-        "momentum_free": functools.partial(momentum, False),
+        "momentum_free": functools.partial(momentum, False, False),
+        "momentum_exact": functools.partial(momentum, None, False),  # the default
     }
     if keep_first:
-        builders["momentum_free_ckpt_stem_first"] = functools.partial(momentum, True)
+        builders["momentum_exact_ckpt_stem_first"] = functools.partial(momentum, None, True)
     return builders
 
 

@@ -68,7 +68,7 @@ def variant_model(
     if variant == "momentum_backprop":
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
-        return MomentumNet(blocks, gamma, use_backprop=False)
+        return MomentumNet(blocks, gamma, use_backprop=False, exact=False)
     if variant == "momentum_exact":
         return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
     if variant == PAPER:

@@ -25,7 +25,7 @@ Args:
         ``state_dict`` keys, so torchvision's weights then load with ``strict=False``). Default
         False: ``v_0 = 0``.
     exact: Fixed-point momentum, whose memory-free backward rebuilds every activation bit for
-        bit (see `MomentumNet`). Default False.
+        bit (see `MomentumNet`). Default None: exact exactly when memory-free.
     **kwargs: Passed to torchvision's constructor (``zero_init_residual``, ``width_per_group``,
         ``groups``, ``norm_layer``...). Not ``weights``: load torchvision's weights afterwards with
         ``model.load_state_dict(weights.get_state_dict(), strict=True)`` (ImageNet stem).
@@ -114,7 +114,7 @@ def _build(
         )
     checkpoint_stem = bool(kwargs.pop("checkpoint_stem", False))
     init_speed = bool(kwargs.pop("init_speed", False))
-    exact = bool(kwargs.pop("exact", False))
+    exact = kwargs.pop("exact", None)
     model: nn.Module = getattr(tv, arch)(num_classes=num_classes, **kwargs)
     if cifar:
         conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
