@@ -8,7 +8,7 @@ from ._exact import ExactState
 from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
 from .nn import MomentumNet, from_momentumnet_state_dict
-from .transform import find_residual_stacks, transform_to_momentumnet
+from .transform import find_residual_stacks, from_pretrained, transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "create_model",
     "find_residual_stacks",
     "from_momentumnet_state_dict",
+    "from_pretrained",
     "list_models",
     "register_model",
     "transform_to_momentumnet",

@@ -15,7 +15,7 @@ from ._errors import InertiaError
 from ._layerlist import MomentumLayerList
 from .nn import MomentumNet
 
-__all__ = ["find_residual_stacks", "transform_to_momentumnet"]
+__all__ = ["find_residual_stacks", "from_pretrained", "transform_to_momentumnet"]
 
 _log = logging.getLogger("inertia")
 
@@ -141,7 +141,60 @@ def transform_to_momentumnet(
             # Its nested-tensor fast path (eval mode with a padding mask) hands the layers nested
             # tensors, which have no fixed shape to keep; the padded path computes the same.
             parent.use_nested_tensor = False
+    _record(
+        model,
+        {
+            "residual_layers": paths,
+            "keep_first_layer": keep_first_layer,
+            "gamma": gamma,
+            "use_backprop": use_backprop,
+            "is_residual": is_residual,
+            "checkpoint_kept": checkpoint_kept,
+            "check_inversion": check_inversion,
+            "inversion_tol": inversion_tol,
+            "exact": exact,
+            "fraction_bits": fraction_bits,
+        },
+    )
     return model
+
+
+def _record(model: nn.Module, settings: dict[str, Any]) -> None:
+    """Note the conversion in a HuggingFace model's config (``config.inertia``, a list of the
+    conversions applied), so that ``save_pretrained`` writes it to ``config.json`` and
+    `from_pretrained` can apply it again."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_json_string", None)):
+        return  # not a HuggingFace model
+    config.inertia = [*(getattr(config, "inertia", None) or []), settings]
+
+
+def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """Load a HuggingFace model saved after `transform_to_momentumnet`, converted again.
+
+    ``model_class.from_pretrained(path, *args, **kwargs)`` (``AutoModelForCausalLM``,
+    ``GPT2LMHeadModel``...) alone gives the original architecture back with the fine-tuned
+    weights, a different function: the conversion is not part of HuggingFace's model classes.
+    `transform_to_momentumnet` notes it in the config (``config.inertia``, written to
+    ``config.json`` by ``save_pretrained``), and this function applies it again, in place.
+
+    Raises:
+        InertiaError: The checkpoint's config records no conversion (it was saved from a model
+            that `transform_to_momentumnet` did not convert).
+    """
+    model = model_class.from_pretrained(path, *args, **kwargs)
+    conversions = getattr(getattr(model, "config", None), "inertia", None)
+    if not conversions:
+        raise InertiaError(
+            f"{path!s} records no inertia conversion in its config (no 'inertia' entry in "
+            "config.json): it was not saved from a converted model. Load it with "
+            f"{getattr(model_class, '__name__', 'its class')}.from_pretrained and convert it "
+            "with transform_to_momentumnet."
+        )
+    model.config.inertia = None  # the calls below record each conversion again
+    for settings in conversions:
+        transform_to_momentumnet(model, inplace=True, **settings)
+    return model  # type: ignore[no-any-return]
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:

@@ -1,0 +1,145 @@
+"""A converted HuggingFace model the way HuggingFace users train it: `Trainer` with its defaults,
+peft's LoRA, and `save_pretrained` / `from_pretrained`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from inertia import InertiaError, MomentumLayerList, from_pretrained, transform_to_momentumnet
+from inertia.testing import backprop_twin, relative_error
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=4, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.config.use_cache  # HuggingFace's default, which training turns off
+    return model
+
+
+def converted(model: nn.Module | None = None, **kwargs: Any) -> nn.Module:
+    """GPT-2 with its blocks converted memory-free, with inertia's defaults (exact arithmetic)."""
+    model = gpt2() if model is None else model
+    return transform_to_momentumnet(model, "transformer.h", keep_first_layer=False, **kwargs)
+
+
+def batches(n: int, size: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (size, length), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+class Rows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        self.rows = [
+            {k: v[i] for k, v in b.items()} for b in rows for i in range(len(b["input_ids"]))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def train_with_trainer(model: nn.Module, out: Path, steps: int) -> list[float]:
+    """HuggingFace's Trainer, its defaults but for the CPU, the step count and logging."""
+    pytest.importorskip("accelerate")
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, data_seed=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(batches(8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the cache warning, once per forward
+        trainer.train()
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def test_trainer_with_defaults_trains_as_backprop(tmp_path: Path) -> None:
+    """Trainer (gradient accumulation, dropout, AdamW, HF's default use_cache=True): the
+    memory-free model follows its backprop twin step for step: equal losses, and updates within
+    1e-5 (the tied embedding sums its two gradients in another order, and AdamW carries the last
+    bits on)."""
+    free = converted()
+    twin = backprop_twin(free)
+    losses = [train_with_trainer(m, tmp_path / name, 3) for m, name in ((free, "f"), (twin, "t"))]
+    assert len(losses[0]) == 3
+    assert losses[0] == losses[1]
+    # What training changed, globally: AdamW moves a weight whose gradient is rounding noise (the
+    # key bias of attention, analytically zero) by the learning rate whatever the noise's size,
+    # so single tensors of the two runs may differ where their gradients do not.
+    start = dict(converted().named_parameters())
+    updates = [
+        torch.cat([(p - start[n]).detach().flatten() for n, p in m.named_parameters()])
+        for m in (free, twin)
+    ]
+    assert relative_error(updates[0], updates[1]) <= 1e-5
+    assert float(updates[0].norm()) > 0
+
+
+# peft 0.21 calls an alias that transformers 5 deprecates.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_lora_memory_free_gradients() -> None:
+    """peft's LoRA on a converted model (frozen base weights, adapters inside the blocks):
+    gradients equal the backprop twin's, and only the adapters get any."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
+    free = peft.get_peft_model(converted(), config)
+    stack = free.get_submodule("base_model.model.transformer.h")
+    assert isinstance(stack, MomentumLayerList)
+    assert stack.exact
+    twin = backprop_twin(free)
+    batch = batches(1)[0]
+    grads = []
+    for model in (free, twin):
+        model.train()
+        torch.manual_seed(2)  # the same dropout masks
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # use_cache=True is dropped in training
+            model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert grads[0]
+    assert all("lora_" in name for name in grads[0])
+    for name, g in grads[0].items():
+        assert relative_error(g, grads[1][name]) <= 1e-6, name
+
+
+def test_save_pretrained_round_trip(tmp_path: Path) -> None:
+    """save_pretrained writes the conversion into config.json; from_pretrained applies it again
+    (HuggingFace's own from_pretrained gives the original architecture, another function)."""
+    model = converted(gamma=0.5).eval()
+    model.save_pretrained(tmp_path)
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        loaded = from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+        got = loaded(input_ids=ids).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits
+    stack = loaded.get_submodule("transformer.h")
+    assert isinstance(stack, MomentumLayerList)
+    assert (stack.gamma, stack.use_backprop, stack.exact) == (0.5, False, True)
+    assert torch.equal(got, want)
+    assert relative_error(plain, want) > 1e-2  # why the conversion must be applied again
+    assert len(loaded.config.inertia) == 1  # recorded once, not once per load
+    gpt2().save_pretrained(tmp_path / "plain")
+    with pytest.raises(InertiaError, match="records no inertia conversion"):
+        from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "plain")
