@@ -79,6 +79,26 @@ def test_true_peak_benchmark_script(tmp_path: Path) -> None:
     assert "| mlp 64, depth 4, batch 64 | momentum_free |" in table
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_llm_benchmark_script(tmp_path: Path) -> None:
+    """benchmarks/llm.py --quick: a 2-layer random Llama, full and LoRA, against HuggingFace's
+    checkpointing, each variant in a fresh process."""
+    pytest.importorskip("peft")
+    script = load(ROOT / "benchmarks" / "llm.py")
+    script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "llm_quick.csv").read_text().splitlines()))
+    assert {(r["case"], r["variant"]) for r in rows} == {
+        (f"llama-tiny, seq 32, batch 1, {kind}", variant)
+        for kind in ("full", "LoRA")
+        for variant in ("plain", "checkpoint", "momentum_exact")
+    }
+    saved = {(r["case"].rsplit(", ", 1)[1], r["variant"]): int(r["saved_bytes"]) for r in rows}
+    for kind in ("full", "LoRA"):
+        assert saved[kind, "momentum_exact"] < saved[kind, "plain"]
+        assert saved[kind, "checkpoint"] < saved[kind, "plain"]
+    assert all(not r["reason"] for r in rows)
+
+
 def test_compile_benchmark_script(tmp_path: Path) -> None:
     """benchmarks/compile.py at tiny size, with a backend that compiles quickly (aot_eager)."""
     script = load(ROOT / "benchmarks" / "compile.py")

@@ -79,7 +79,8 @@ def _measure_case(
         if variant == "checkpoint":
             # Reentrant checkpointing differentiates a block only when its input requires grad.
             twin, x = build(case, variant, device, for_memory=True)
-            saved = saved_bytes(twin, tuple(t.requires_grad_() for t in x))[1]
+            leaves = tuple(t.requires_grad_(t.is_floating_point()) for t in x)  # not token ids
+            saved = saved_bytes(twin, leaves)[1]
             del twin, x
         else:  # the step whose saved bytes are counted warms the model up
             saved = saved_bytes(model, inputs)[1]

@@ -124,9 +124,14 @@ class PeakCase:
 
     Args:
         model: ``"mlp"``: residual blocks Linear(width)-GELU-Linear(width), inputs of shape
-            ``(batch, width)``. ``"encoder"``: ``nn.TransformerEncoder`` of ``depth`` pre-norm
-            layers (``norm_first=True``, ``batch_first=True``, d_model ``width``, ``heads`` heads,
-            feed-forward ``4 * width``, no dropout) and a final LayerNorm, inputs of shape
+            ``(batch, width)``. ``"smollm2"``: the pretrained SmolLM2-135M-Instruct
+            (`inertia.models.smollm2`, 30 Llama layers, cache off), token ids of shape ``(batch,
+            seq_len)``; its ``checkpoint`` variant is HuggingFace's
+            ``activation_checkpointing_enable()``. ``"llama-tiny"``: the same architecture with
+            random weights, ``depth`` layers of width ``width`` (for smoke runs). ``"encoder"``:
+            ``nn.TransformerEncoder`` of ``depth`` pre-norm layers (``norm_first=True``,
+            ``batch_first=True``, d_model ``width``, ``heads`` heads, feed-forward ``4 * width``,
+            no dropout) and a final LayerNorm, inputs of shape
             ``(batch, seq_len, width)``. A torchvision ResNet's name (``"resnet50"``): inputs of
             shape ``(batch, 3, image_size, image_size)``, 1,000 classes, train mode.
         depth: Blocks of the mlp, layers of the encoder; a ResNet's is fixed by its name.
@@ -137,6 +142,8 @@ class PeakCase:
         image_size: The ResNet's input height and width.
         gamma: The momentum of the converted stacks.
         seed: Seeds the weights and inputs.
+        lora: Train peft LoRA adapters (rank 8 on the attention projections) instead of every
+            weight; ``"smollm2"`` only.
 
     Example:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
@@ -152,9 +159,14 @@ class PeakCase:
     image_size: int = 224
     gamma: float = 0.9
     seed: int = 0
+    lora: bool = False
 
     def label(self) -> str:
         """The case in a few words, for tables."""
+        if self.model in ("smollm2", "llama-tiny"):
+            return f"{self.model}, seq {self.seq_len}, batch {self.batch}" + (
+                ", LoRA" if self.lora else ", full"
+            )
         if self.model == "mlp":
             return f"mlp {self.width}, depth {self.depth}, batch {self.batch}"
         if self.model == "encoder":
@@ -197,9 +209,24 @@ def build(
         base = getattr(models, case.model)()
         x = torch.randn(case.batch, 3, case.image_size, case.image_size)
         paths, keep_first = _RESNET_STAGES, True
+    elif case.model in ("smollm2", "llama-tiny"):
+        from ..models.smollm2 import LAYERS, load_smollm2, tiny_llama
+
+        llm: Any = (
+            load_smollm2()[0] if case.model == "smollm2" else tiny_llama(case.depth, case.width)
+        )
+        llm.config.use_cache = False
+        vocab = llm.config.vocab_size
+        ids = torch.Generator().manual_seed(case.seed)
+        x = torch.randint(0, vocab, (case.batch, case.seq_len), generator=ids)
+        base, paths, keep_first = llm, LAYERS, False
     else:
-        raise ValueError(f"unknown case model {case.model!r}: mlp, encoder or resnet<N>")
+        raise ValueError(f"unknown case model {case.model!r}: mlp, encoder, resnet<N> or smollm2")
     if variant == "plain":
+        model = base
+    elif variant == "checkpoint" and case.model in ("smollm2", "llama-tiny"):
+        # HuggingFace's own, as its users turn it on (non-reentrant; reentrant to count bytes).
+        llm.activation_checkpointing_enable({"use_reentrant": for_memory})
         model = base
     elif variant == "checkpoint":
         stacks = [paths] if isinstance(paths, str) else paths
@@ -216,6 +243,13 @@ def build(
         )
     else:
         raise ValueError(f"variant {variant!r} is not measured on {case.model}")
+    if case.lora:
+        import peft
+
+        config = peft.LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        )
+        model = peft.get_peft_model(model, config)
     return model.to(device).train(), (x.to(device),)
 
 
