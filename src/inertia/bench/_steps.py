@@ -143,7 +143,7 @@ class PeakCase:
         gamma: The momentum of the converted stacks.
         seed: Seeds the weights and inputs.
         lora: Train peft LoRA adapters (rank 8 on the attention projections) instead of every
-            weight; ``"smollm2"`` only.
+            weight; ``"smollm2"`` and ``"llama-tiny"`` only.
 
     Example:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
@@ -221,7 +221,9 @@ def build(
         x = torch.randint(0, vocab, (case.batch, case.seq_len), generator=ids)
         base, paths, keep_first = llm, LAYERS, False
     else:
-        raise ValueError(f"unknown case model {case.model!r}: mlp, encoder, resnet<N> or smollm2")
+        raise ValueError(
+            f"unknown case model {case.model!r}: mlp, encoder, resnet<N>, smollm2 or llama-tiny"
+        )
     if variant == "plain":
         model = base
     elif variant == "checkpoint" and case.model in ("smollm2", "llama-tiny"):
