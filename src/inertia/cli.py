@@ -74,10 +74,8 @@ def _train(args: argparse.Namespace) -> int:
         memory = f"peak CUDA memory {result.peak_cuda_bytes / 2**20:,.0f} MiB"
     else:
         free, plain = result.saved_bytes["memory-free"], result.saved_bytes["backprop"]
-        memory = (
-            f"bytes saved for backward: memory-free {free:,} vs backprop {plain:,} "
-            f"({plain / free:.1f}x less)"
-        )
+        ratio = f"{plain / free:.2f}x less" if free < plain else f"{free / plain:.2f}x more"
+        memory = f"bytes saved for backward: memory-free {free:,} vs backprop {plain:,} ({ratio})"
     state = "interrupted, checkpoint kept; continue with --resume" if result.interrupted else "done"
     print(
         f"inertia train: {config.model} on {config.dataset}, {len(result.metrics)}/"
