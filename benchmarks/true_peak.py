@@ -17,18 +17,10 @@ Writes benchmarks/results/true_peak.{csv,md}. About 10 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
 from pathlib import Path
 
-from inertia.bench import (
-    PeakCase,
-    PeakConfig,
-    run_true_peak,
-    write_peak_csv,
-    write_peak_markdown,
-)
+from inertia.bench import PeakCase, PeakConfig, report_true_peak
 
 QUICK = PeakConfig(
     cases=(PeakCase("mlp", depth=4, batch=64, width=64),),
@@ -83,24 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         optimizer=args.optimizer,
     )
-    start = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
-
-    rows = run_true_peak(config, progress=progress)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "true_peak_quick" if args.quick else "true_peak"
-    write_peak_csv(rows, args.out / f"{stem}.csv")
-    flags = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if "--out" in flags:  # where it was written is not how it was measured
-        i = flags.index("--out")
-        del flags[i : i + 2]
-    command = shlex.join(["python", "benchmarks/true_peak.py", *flags])
-    minutes = (time.perf_counter() - start) / 60
-    description = describe(config) + f" The whole run took {minutes:.1f} minutes."
-    write_peak_markdown(rows, args.out / f"{stem}.md", command, config, description)
-    print((args.out / f"{stem}.md").read_text())
+    flags = sys.argv[1:] if argv is None else argv
+    print(report_true_peak(config, args.out, stem, "benchmarks/true_peak.py", flags, describe))
 
 
 if __name__ == "__main__":

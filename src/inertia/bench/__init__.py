@@ -54,6 +54,7 @@ from ._steps import (
 from ._table import (
     PeakConfig,
     PeakRow,
+    report_true_peak,
     run_true_peak,
     write_peak_csv,
     write_peak_markdown,
@@ -75,6 +76,7 @@ __all__ = [
     "environment",
     "measure",
     "measure_step_peaks",
+    "report_true_peak",
     "run",
     "run_models",
     "run_true_peak",

@@ -9,6 +9,9 @@ import csv
 import math
 import os
 import platform
+import shlex
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -232,3 +235,42 @@ def write_peak_markdown(
     if notes:
         lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def report_true_peak(
+    config: PeakConfig,
+    out: Path,
+    stem: str,
+    script: str,
+    argv: Sequence[str],
+    describe: Callable[[PeakConfig], str],
+) -> str:
+    """Run `run_true_peak` with progress on stderr, write ``out/stem.{csv,md}`` and return the
+    markdown: what a ``benchmarks/`` script of the true-peak kind does after parsing its flags.
+
+    Args:
+        config: What to measure.
+        out: The folder of the results (created if missing).
+        stem: The files' name without suffix.
+        script: The script's path from the repository root, for the command in the table.
+        argv: The script's flags; ``--out`` and its value are left out of the command (where
+            the results were written is not how they were measured).
+        describe: The table's description of ``config``; the run's duration is appended.
+    """
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = run_true_peak(config, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_peak_csv(rows, out / f"{stem}.csv")
+    flags = list(argv)
+    if "--out" in flags:
+        i = flags.index("--out")
+        del flags[i : i + 2]
+    command = shlex.join(["python", script, *flags])
+    minutes = (time.perf_counter() - start) / 60
+    description = describe(config) + f" The whole run took {minutes:.1f} minutes."
+    write_peak_markdown(rows, out / f"{stem}.md", command, config, description)
+    return (out / f"{stem}.md").read_text()
