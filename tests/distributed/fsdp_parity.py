@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from inertia import MomentumNet, transform_to_momentumnet
-from inertia.testing import relative_error
+from inertia.testing import backprop_twin, relative_error
 
 
 def model(exact: bool, use_backprop: bool = False) -> nn.Sequential:
@@ -140,10 +140,7 @@ def converted_resnet(rank: int, world: int) -> tuple[float, float]:
     base = transform_to_momentumnet(resnet18(num_classes=10), gamma=0.9, use_backprop=False)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64) + rank
     grads, buffers = [], []
-    for use_backprop in (True, False):
-        net = copy.deepcopy(base).double()
-        for stack in [m for m in net.modules() if isinstance(m, MomentumNet)]:
-            stack.use_backprop, stack.exact = use_backprop, True
+    for net in (backprop_twin(base).double(), copy.deepcopy(base).double()):
         each_block_then_model(net)
         net(x).square().sum().backward()
         grads.append([full(p.grad, world) for p in net.parameters()])
