@@ -143,3 +143,46 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
     gpt2().save_pretrained(tmp_path / "plain")
     with pytest.raises(InertiaError, match="records no inertia conversion"):
         from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "plain")
+
+
+def test_a_causal_lm_save_loads_as_its_base_model(tmp_path: Path) -> None:
+    """The record holds stack paths relative to the base model: a GPT2LMHeadModel's save loads
+    as GPT2Model (``AutoModel``), whose stack is ``h``, not ``transformer.h``, and back."""
+    model = converted(gamma=0.5).eval()
+    assert model.config.inertia[0]["residual_layers"] == ["h"]
+    model.save_pretrained(tmp_path / "lm")
+    ids = batches(1)[0]["input_ids"]
+    base = from_pretrained(transformers.AutoModel, tmp_path / "lm").eval()
+    assert isinstance(base.get_submodule("h"), MomentumLayerList)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).last_hidden_state, model.transformer(ids)[0])
+    base.save_pretrained(tmp_path / "base")
+    again = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "base")
+    assert isinstance(again.get_submodule("transformer.h"), MomentumLayerList)
+
+
+def test_huggingface_checkpointing_on_a_memory_free_stack_is_refused() -> None:
+    """HF's checkpointing inside a memory-free stack would recompute every block twice more for
+    no memory saved: training refuses it and names the switch; eval and backprop stacks run."""
+    model = converted(gamma=0.5)
+    model.config.use_cache = False
+    model.activation_checkpointing_enable()
+    ids = batches(1)[0]["input_ids"]
+    with pytest.raises(InertiaError, match=r"blocks 0 to 3 .*activation_checkpointing_disable"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model.eval()(input_ids=ids)  # no backward, nothing recomputed
+    model.activation_checkpointing_disable()
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_weights_the_record_cannot_rebuild_are_refused(tmp_path: Path) -> None:
+    """A stack given an init_function by hand saves its weights, which config.json cannot
+    describe: from_pretrained refuses instead of dropping them."""
+    model = converted(gamma=0.5)
+    stack = model.get_submodule("transformer.h")
+    stack.add_module("init", nn.Linear(32, 32))  # an init_function, set after the conversion
+    stack.init_speed = True
+    model.save_pretrained(tmp_path)
+    with pytest.raises(InertiaError, match=r"transformer\.h\.init\.weight.*init_function"):
+        from_pretrained(transformers.AutoModelForCausalLM, tmp_path)

@@ -786,6 +786,21 @@ def momentum_forward(
     see `records_autograd`), with autograd or without it otherwise."""
     if not (memory_free and spec.blocks):
         return run_forward(spec, x, args, kwargs)
+    checkpointed = [
+        n
+        for n, block in enumerate(spec.blocks)
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in block.modules())
+    ]
+    if checkpointed and any(block.training for block in spec.blocks):
+        raise InertiaError(
+            f"HuggingFace's activation checkpointing is on in blocks {checkpointed[0]} to "
+            f"{checkpointed[-1]} ({len(checkpointed)} of {len(spec.blocks)}) of "
+            "a memory-free MomentumNet: their backward would run each of them twice more (the "
+            "checkpoint's recomputation inside the stack's own), for no memory saved, since the "
+            "memory-free stack keeps no activations. Turn it off: "
+            "model.activation_checkpointing_disable() (gradient_checkpointing_disable() before "
+            "transformers 5; in a Trainer, TrainingArguments(gradient_checkpointing=False))."
+        )
     if any(_is_cache(v) for v in (*args, *kwargs.values())):
         warnings.warn(
             "a key/value cache was passed to a memory-free MomentumNet (use_cache=True, "

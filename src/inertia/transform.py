@@ -166,7 +166,21 @@ def _record(model: nn.Module, settings: dict[str, Any]) -> None:
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_json_string", None)):
         return  # not a HuggingFace model
+    # Paths relative to the base model, so that a causal LM's save loads as its base model
+    # (``AutoModel``: ``layers``, not ``model.layers``) and the other way round.
+    base = _base_prefix(model)
+    paths = settings["residual_layers"]
+    relative = [p.removeprefix(base) for p in ([paths] if isinstance(paths, str) else paths)]
+    settings = {**settings, "residual_layers": relative}
     config.inertia = [*(getattr(config, "inertia", None) or []), settings]
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """``"model."`` in a HuggingFace model with a head around its base model (the
+    ``base_model_prefix`` child), ``""`` in a base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    child = getattr(model, prefix, None) if prefix else None
+    return f"{prefix}." if isinstance(child, nn.Module) else ""
 
 
 def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
@@ -180,9 +194,10 @@ def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> n
 
     Raises:
         InertiaError: The checkpoint's config records no conversion (it was saved from a model
-            that `transform_to_momentumnet` did not convert).
+            that `transform_to_momentumnet` did not convert), or it holds weights inside a stack
+            that the recorded conversion does not rebuild (an ``init_function`` added by hand).
     """
-    model = model_class.from_pretrained(path, *args, **kwargs)
+    model, info = model_class.from_pretrained(path, *args, output_loading_info=True, **kwargs)
     conversions = getattr(getattr(model, "config", None), "inertia", None)
     if not conversions:
         raise InertiaError(
@@ -192,8 +207,26 @@ def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> n
             "with transform_to_momentumnet."
         )
     model.config.inertia = None  # the calls below record each conversion again
+    base = _base_prefix(model)
+    stacks = []
     for settings in conversions:
-        transform_to_momentumnet(model, inplace=True, **settings)
+        paths = [base + p for p in settings["residual_layers"]]
+        transform_to_momentumnet(model, inplace=True, **{**settings, "residual_layers": paths})
+        stacks += paths
+    # Weights saved inside a stack that the recorded conversion does not rebuild (a stack's
+    # init_function, set by hand): HuggingFace drops them with a log line; they are refused here.
+    lost = [
+        k for k in info.get("unexpected_keys", ()) if any(k.startswith(f"{p}.") for p in stacks)
+    ]
+    if lost:
+        raise InertiaError(
+            f"{path!s} holds weights inside its momentum stacks that the recorded conversion "
+            f"does not rebuild: {', '.join(sorted(lost)[:5])}{' ...' if len(lost) > 5 else ''}. "
+            "They come from a stack changed after transform_to_momentumnet (an init_function, "
+            "say), which config.json cannot describe; load the model with "
+            f"{getattr(model_class, '__name__', 'its class')}.from_pretrained, convert it, then "
+            "rebuild that part and load its weights yourself."
+        )
     return model  # type: ignore[no-any-return]
 
 
