@@ -62,8 +62,11 @@ def describe(config: PeakConfig) -> str:
         "`.grad unset` and `accumulation` (`.grad` already allocated) as in "
         "benchmarks/true_peak.py. Saved for backward: peak bytes saved for backward over the "
         "whole model's step, parameters excluded (reentrant checkpointing stands in for "
-        f"non-reentrant). Step: median of {config.repeats} steps, variants interleaved in one "
-        "more fresh process; time ratios are side by side."
+        "non-reentrant). Stack's saved, after forward: what the decoder stack alone saves for "
+        "backward and still holds when the model's forward returns "
+        "(`inertia.bench.stack_saved_bytes`), against checkpointing's: the part that grows with "
+        f"depth, without the logits' share. Step: median of {config.repeats} steps, variants "
+        "interleaved in one more fresh process; time ratios are side by side."
     )
 
 

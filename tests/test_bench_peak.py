@@ -19,6 +19,7 @@ from inertia.bench import (
     PeakCase,
     TruePeak,
     measure_step_peaks,
+    stack_saved_bytes,
     true_peak,
 )
 from inertia.bench import _peak as peak
@@ -188,3 +189,20 @@ def test_plain_peaks_above_checkpointing() -> None:
     assert plain.grad_unset.peak_bytes > 0.9 * plain.saved_bytes
     # Under accumulation the gradients were resident before the step: not in its peak.
     assert plain.grad_accumulated.before_bytes > plain.grad_unset.before_bytes
+
+
+def test_stack_saved_bytes_counts_the_stack_alone() -> None:
+    """An encoder's stack: plain grows with depth, checkpointing keeps each layer's input,
+    memory-free keeps its final state whatever the depth; the input projection and the final
+    LayerNorm outside the stack are not counted."""
+    found: dict[str, list[int]] = {}
+    for depth in (2, 4):
+        case = PeakCase("encoder", depth=depth, width=32, batch=2, seq_len=8, heads=4)
+        for variant in ("plain", "checkpoint", "momentum_free"):
+            model, (x,) = build(case, variant, torch.device("cpu"), for_memory=True)
+            held = stack_saved_bytes(model, (x.requires_grad_(),), model.get_submodule("layers"))
+            found.setdefault(variant, []).append(held)
+    state = 2 * 8 * 32 * 4  # one float32 (batch, seq, width) tensor
+    assert found["plain"][1] == 2 * found["plain"][0] > 10 * state
+    assert found["checkpoint"] == [2 * state, 4 * state]
+    assert found["momentum_free"][0] == found["momentum_free"][1] >= 2 * state  # x_N and v_N

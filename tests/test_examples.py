@@ -93,9 +93,16 @@ def test_llm_benchmark_script(tmp_path: Path) -> None:
         for variant in ("plain", "checkpoint", "momentum_exact")
     }
     saved = {(r["case"].rsplit(", ", 1)[1], r["variant"]): int(r["saved_bytes"]) for r in rows}
+    stack = {
+        (r["case"].rsplit(", ", 1)[1], r["variant"]): float(r["stack_saved_bytes"]) for r in rows
+    }
     for kind in ("full", "LoRA"):
         assert saved[kind, "momentum_exact"] < saved[kind, "plain"]
         assert saved[kind, "checkpoint"] < saved[kind, "plain"]
+        # The decoder stack alone (found inside peft's wrapper too): each layer's input against
+        # every activation.
+        assert 0 < 4 * stack[kind, "checkpoint"] < stack[kind, "plain"] < saved[kind, "plain"]
+        assert 0 < stack[kind, "momentum_exact"] < stack[kind, "plain"]
     assert all(not r["reason"] for r in rows)
 
 

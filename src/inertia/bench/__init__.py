@@ -49,6 +49,7 @@ from ._steps import (
     measure,
     mlp_blocks,
     stack_at,
+    stack_saved_bytes,
     variant_model,
 )
 from ._table import (
@@ -80,6 +81,7 @@ __all__ = [
     "run",
     "run_models",
     "run_true_peak",
+    "stack_saved_bytes",
     "time_variants",
     "true_peak",
     "write_csv",

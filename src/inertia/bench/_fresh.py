@@ -19,7 +19,7 @@ import torch
 
 from .._errors import InertiaError
 from ._peak import MALLOC_ENV, StepPeak, measure_step_peaks
-from ._steps import PeakCase, build, saved_bytes, step_times
+from ._steps import PeakCase, build, saved_bytes, stack_saved_bytes, step_times
 
 _MARK = "inertia-bench-child: "
 
@@ -38,6 +38,8 @@ class TruePeak:
         saved_bytes: Peak bytes saved for backward over the warm-up step (parameters excluded;
             reentrant checkpointing stands in for non-reentrant, whose inputs hooks cannot see).
         parameter_bytes: Bytes of the parameters.
+        stack_saved_bytes: Bytes the case's stack (`PeakCase.stack_of`) saves for backward and
+            still holds after the forward (`stack_saved_bytes`); None for cases without one.
         warnings: The warnings the process raised (an ``InversionWarning``, say), once each.
 
     Example:
@@ -54,6 +56,7 @@ class TruePeak:
     optimizer_step: StepPeak | None
     saved_bytes: int
     parameter_bytes: int
+    stack_saved_bytes: int | None = None
     warnings: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -76,14 +79,16 @@ def _measure_case(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, inputs = build(case, variant, device)
+        counted, leaves = model, inputs
         if variant == "checkpoint":
             # Reentrant checkpointing differentiates a block only when its input requires grad.
-            twin, x = build(case, variant, device, for_memory=True)
+            counted, x = build(case, variant, device, for_memory=True)
             leaves = tuple(t.requires_grad_(t.is_floating_point()) for t in x)  # not token ids
-            saved = saved_bytes(twin, leaves)[1]
-            del twin, x
-        else:  # the step whose saved bytes are counted warms the model up
-            saved = saved_bytes(model, inputs)[1]
+        blocks = case.stack_of(counted)
+        stack = None if blocks is None else stack_saved_bytes(counted, leaves, blocks)
+        # For the other variants, the step whose saved bytes are counted warms the model up.
+        saved = saved_bytes(counted, leaves)[1]
+        del counted, leaves
         unset, accumulated, opt_step = measure_step_peaks(
             model, inputs, optimizer=optimizer, warm_up=variant == "checkpoint"
         )
@@ -96,6 +101,7 @@ def _measure_case(
         optimizer_step=opt_step,
         saved_bytes=saved,
         parameter_bytes=sum(p.nbytes for p in model.parameters()),
+        stack_saved_bytes=stack,
         warnings=tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)),
     )
 

@@ -161,6 +161,21 @@ class PeakCase:
     seed: int = 0
     lora: bool = False
 
+    def stack_of(self, model: nn.Module) -> nn.Module | None:
+        """The model's one stack of blocks, whose saved bytes are counted apart
+        (`stack_saved_bytes`): the transformers' layers (wherever peft's wrapper put them); None
+        for the mlp (the model is its stack) and the ResNets (four stages)."""
+        if self.model not in ("smollm2", "llama-tiny", "encoder"):
+            return None
+        path = "layers" if self.model == "encoder" else "model.layers"
+        found = [
+            m for name, m in model.named_modules() if name == path or name.endswith("." + path)
+        ]
+        if found:
+            stack: nn.Module = found[0]
+            return stack
+        raise ValueError(f"{type(model).__name__} has no stack at {path!r}")
+
     def label(self) -> str:
         """The case in a few words, for tables."""
         if self.model in ("smollm2", "llama-tiny"):
@@ -301,6 +316,48 @@ def saved_bytes(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
         after_forward = meter.current
         loss.backward()  # type: ignore[no-untyped-call]
     return after_forward, meter.peak
+
+
+class _WindowMeter(SavedTensorMeter):
+    """A `SavedTensorMeter` that counts only while ``active``."""
+
+    active = False
+
+    def _pack(self, tensor: Tensor) -> Any:
+        return super()._pack(tensor) if self.active else tensor
+
+
+def stack_saved_bytes(model: nn.Module, inputs: tuple[Any, ...], stack: nn.Module) -> int:
+    """Bytes that ``stack`` (a submodule of ``model``) saves for backward and still holds when
+    ``model``'s forward returns, parameters excluded: what a stack of blocks keeps alive while the
+    rest of the model runs, without the embeddings' and the head's share.
+
+    Tensors are counted while code inside ``stack``'s modules runs: from a call of ``stack`` or of
+    one of its submodules to the next call of a module outside it (a parent's loop over its
+    layers counts, its final norm and head do not). The forward's graph is freed, no backward runs.
+
+    Example:
+        >>> body = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        >>> model = nn.Sequential(nn.Linear(4, 4), body, nn.Linear(4, 4))
+        >>> stack_saved_bytes(model, (torch.randn(2, 4),), body)  # Linear's input, Tanh's output
+        64
+    """
+    inside = {id(m) for m in stack.modules()}
+    meter = _WindowMeter(ignore=model.parameters())
+
+    def enter(module: nn.Module, args: Any) -> None:
+        meter.active = id(module) in inside
+
+    handle = nn.modules.module.register_module_forward_pre_hook(enter)
+    try:
+        with meter:
+            out = model(*inputs)
+            held = meter.current
+    finally:
+        handle.remove()
+        meter.active = False
+    del out
+    return held
 
 
 def step_times(

@@ -81,6 +81,7 @@ class PeakRow:
     saved_bytes: int  # peak bytes saved for backward, parameters excluded
     parameter_bytes: int
     step_ms: float  # median step time; nan when not timed
+    stack_saved_bytes: float = math.nan  # the stack's, held after the forward; nan: no stack
     time_ratio: float = math.nan  # step_ms / plain's
     memory_ratio: float = math.nan  # peak_bytes / plain's
     reason: str = ""  # why the peaks are nan
@@ -140,6 +141,9 @@ def run_true_peak(
                     saved_bytes=r.saved_bytes,
                     parameter_bytes=r.parameter_bytes,
                     step_ms=_median(t),
+                    stack_saved_bytes=math.nan
+                    if r.stack_saved_bytes is None
+                    else float(r.stack_saved_bytes),
                     reason=r.grad_unset.reason,
                     warnings="; ".join(r.warnings),
                 )
@@ -215,7 +219,11 @@ def write_peak_markdown(
     optimizer = any(math.isfinite(r.optimizer_peak_bytes) for r in rows)
     head = ["case", "variant", "true peak, .grad unset (MiB)", "true peak, accumulation (MiB)"]
     head += [f"{config.optimizer} step (MiB)"] * optimizer
-    head += ["saved for backward (MiB)", "parameters (MiB)", "step (ms)", "time / plain"]
+    head += ["saved for backward (MiB)"]
+    stacks = any(math.isfinite(r.stack_saved_bytes) for r in rows)
+    head += ["stack's saved, after forward (MiB)"] * stacks
+    head += ["parameters (MiB)", "step (ms)", "time / plain"]
+    base = {r.case: r.stack_saved_bytes for r in rows if r.variant == "checkpoint"}
     lines = [
         f"Produced by `{command}` ({machine(config)}).",
         "",
@@ -228,7 +236,11 @@ def write_peak_markdown(
         cells += [mib(r.optimizer_peak_bytes)] * optimizer
         step = f"{r.step_ms:,.0f}" if math.isfinite(r.step_ms) else "n/a"
         ratio = f"{r.time_ratio:.2f}x" if math.isfinite(r.time_ratio) else "n/a"
-        cells += [mib(r.saved_bytes), mib(r.parameter_bytes), step, ratio]
+        cells += [mib(r.saved_bytes)]
+        stack_ratio = r.stack_saved_bytes / base.get(r.case, math.nan)
+        against = f" ({stack_ratio:.2f}x checkpoint's)" if math.isfinite(stack_ratio) else ""
+        cells += [mib(r.stack_saved_bytes) + against] * stacks
+        cells += [mib(r.parameter_bytes), step, ratio]
         lines.append("| " + " | ".join(cells) + " |")
     notes = dict.fromkeys(f"{r.case}, {r.variant}: {r.reason}" for r in rows if r.reason)
     notes.update(dict.fromkeys(f"{r.case}, {r.variant}: {r.warnings}" for r in rows if r.warnings))
