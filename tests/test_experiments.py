@@ -16,6 +16,7 @@ from inertia.experiments import (
     ExperimentResult,
     linear_maps,
     list_experiments,
+    llm,
     memory,
     ode_limit,
     optimize,
@@ -37,7 +38,7 @@ def run(name: str) -> ExperimentResult:
 
 def test_registry_in_the_papers_order() -> None:
     assert list_experiments() == [
-        "crossing", "rings", "linear-maps", "optimize", "gamma", "memory", "ode-limit",
+        "crossing", "rings", "linear-maps", "optimize", "gamma", "memory", "ode-limit", "llm",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown experiment"):
         run_experiment("nope")
@@ -148,6 +149,54 @@ def test_ode_limit_error_falls_like_h() -> None:
 def test_ode_limit_rejects_negative_gamma() -> None:
     with pytest.raises(ValueError, match="gamma"):
         ode_limit.discretize(torch.nn.Identity(), 2, torch.zeros(1))
+
+
+def test_llm_corpus_is_pinned_and_split_by_module() -> None:
+    corpus = llm.load_corpus()
+    assert len(corpus) == 194  # the pinned snapshot
+    assert sum(map(len, corpus.values())) == 715_321
+    train, held = llm.split(list(corpus))
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == set(corpus)
+    assert len(held) == 19
+    assert "inspect" in held
+
+
+def test_llm_paired_ratio() -> None:
+    modules = [m for m in "abcdefgh" for _ in range(3)]
+    anchor = torch.rand(len(modules), dtype=torch.float64) + 2
+    ratio, low, high = llm.paired_ratio(anchor + 0.1, anchor, modules)
+    assert ratio == pytest.approx(math.exp(0.1))
+    assert high - low < 1e-12  # no spread, no width
+    shift = torch.tensor([0.05 * "abcdefgh".index(m) for m in modules], dtype=torch.float64)
+    ratio, low, high = llm.paired_ratio(anchor + shift, anchor, modules)
+    assert ratio == pytest.approx(math.exp(0.175))
+    assert math.exp(0.0) < low < ratio < high < math.exp(0.35)
+
+
+def test_llm_fine_tuning_matches_the_backprop_twin() -> None:
+    """The pipeline on a 2-layer random Llama: every arm trains, the memory-free arms' gradients
+    and losses match their backprop twin's, and the decoder stack's saved bytes order as
+    expected at every sequence length."""
+    pytest.importorskip("transformers")
+    result = run_experiment("llm", ExperimentConfig(quick=True, seeds=(0,)))
+    assert all(len(r) == len(result.columns) for r in result.rows)
+    d = result.data
+    assert d["twin_ok"]
+    for gamma in llm.TUNED:
+        twin = d["runs"][gamma]["twin"]
+        assert len(twin["loss"]) == 3
+        assert twin["loss"][0][0] == twin["loss"][0][1]
+        assert sorted(k for k in twin if k.startswith("grad")) == ["grad step 1", "grad step 8"]
+        assert all(twin[k][0] <= llm.TWIN_TOL for k in ("grad step 1", "grad step 8"))
+    for run in d["runs"].values():
+        assert len(run["steps"]) == 5
+        assert run["nll"][-1].mean() < run["nll"][0].mean()
+    memory = d["memory"]
+    for i, n in enumerate(d["memory_seqs"]):
+        assert memory["plain"][i] > 4 * memory["checkpoint"][i] > 0
+        assert memory["momentum_exact"][i] > memory["momentum_free"][i] > 0
+        assert memory["plain"][i] == memory["plain"][0] * n // d["memory_seqs"][0]
 
 
 def test_write_results(tmp_path: Path) -> None:

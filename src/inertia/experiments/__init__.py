@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from . import flows, gamma, linear_maps, memory, ode_limit, optimize  # noqa: F401 (registers)
+from . import flows, gamma, linear_maps, llm, memory, ode_limit, optimize  # noqa: F401 (registers)
 from ._core import (
     EXPERIMENTS,
     Experiment,
