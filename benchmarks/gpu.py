@@ -2,7 +2,7 @@
 
 For each workload, in float32 and under bf16 autocast, with PyTorch's default TF32 settings: plain
 autograd, checkpointing every block (``torch.utils.checkpoint``; HuggingFace's
-``gradient_checkpointing_enable`` for the decoder), and the memory-free momentum model (gamma 0.9)
+``activation_checkpointing_enable`` for the decoder), and the memory-free momentum model (gamma 0.9)
 in exact and in float arithmetic. Each row reports the step time (forward + backward, median of
 synchronized steps), ``torch.cuda.max_memory_allocated`` over the step (gradients included; also
 above the weights and the batch), and for the momentum rows the gradient error against the
@@ -76,9 +76,7 @@ class Workload:
             return model
         if variant == "checkpoint":
             if self.hf:
-                model.gradient_checkpointing_enable(  # type: ignore[operator]
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+                model.activation_checkpointing_enable({"use_reentrant": False})  # type: ignore[operator]
                 return model
             return checkpoint_every_block(model, self.paths)
         return transform_to_momentumnet(
