@@ -289,9 +289,8 @@ def _memory(s: _Setting) -> dict[str, list[int]]:
         case = PeakCase(s.model, depth=2, width=64, batch=1, seq_len=n)
         for variant in MEMORY_VARIANTS:
             with warnings.catch_warnings():
-                warnings.simplefilter(
-                    "ignore"
-                )  # HF's checkpointing notes that it turns the cache off
+                # HF's checkpointing says that it turns the cache off; peft's deprecations.
+                warnings.simplefilter("ignore")
                 model, inputs = build(case, variant, torch.device("cpu"), for_memory=True)
             stack = case.stack_of(model)
             assert stack is not None
