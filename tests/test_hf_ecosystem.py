@@ -186,3 +186,20 @@ def test_weights_the_record_cannot_rebuild_are_refused(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     with pytest.raises(InertiaError, match=r"transformer\.h\.init\.weight.*init_function"):
         from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+
+
+def test_settings_changed_after_the_conversion_are_saved(tmp_path: Path) -> None:
+    """The record follows the settings a stack may change after the conversion, so the save
+    reloads as the model was, and a deep copy (the backprop twin) keeps a record of its own."""
+    model = converted(gamma=0.5)
+    stack = model.get_submodule("transformer.h")
+    stack.gamma, stack.exact, stack.check_inversion, stack.inversion_tol = 0.7, True, "raise", 1e-3
+    twin = backprop_twin(model)
+    assert twin.config.inertia[0]["use_backprop"] is True
+    assert model.config.inertia[0]["use_backprop"] is False
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(transformers.AutoModelForCausalLM, tmp_path).get_submodule(
+        "transformer.h"
+    )
+    assert (loaded.gamma, loaded.use_backprop, loaded.exact) == (0.7, False, True)
+    assert (loaded.check_inversion, loaded.inversion_tol) == ("raise", 1e-3)

@@ -172,6 +172,7 @@ class MomentumNet(nn.Module):
     @gamma.setter
     def gamma(self, value: float) -> None:
         self._gamma = _validate_gamma(value, self._use_backprop)
+        self._note(gamma=self._gamma)
 
     @property
     def use_backprop(self) -> bool:
@@ -182,6 +183,7 @@ class MomentumNet(nn.Module):
     def use_backprop(self, value: bool) -> None:
         _validate_gamma(self._gamma, value)
         self._use_backprop = bool(value)
+        self._note(use_backprop=self._use_backprop)
 
     @property
     def exact(self) -> bool:
@@ -200,6 +202,7 @@ class MomentumNet(nn.Module):
                 f"{type(value).__name__}."
             )
         self._exact = value
+        self._note(exact=value)
 
     @property
     def check_inversion(self) -> str | None:
@@ -211,6 +214,7 @@ class MomentumNet(nn.Module):
         if value not in _CHECK_INVERSION:
             raise ValueError(f"check_inversion={value!r}; use 'warn', 'raise' or None (no check).")
         self._check_inversion = value
+        self._note(check_inversion=value)
 
     @property
     def inversion_tol(self) -> float | None:
@@ -222,6 +226,13 @@ class MomentumNet(nn.Module):
         if value is not None and not value > 0:
             raise ValueError(f"inversion_tol={value!r}; it must be a positive number or None.")
         self._inversion_tol = value
+        self._note(inversion_tol=value)
+
+    def _note(self, **changes: Any) -> None:
+        """Keep the conversion record of a HuggingFace model's config (``config.inertia``, written
+        by ``save_pretrained``) in step with a setting changed after the conversion."""
+        if self._inertia_record is not None:
+            self._inertia_record.update(changes)
 
     @property
     def functions(self) -> list[nn.Module]:
@@ -281,6 +292,8 @@ class MomentumNet(nn.Module):
         return [self._block(i) for i in range(self._depth)]
 
     _unpack_tuples = False  # see MomentumLayerList
+    # This stack's entry in a HuggingFace model's conversion record (`transform_to_momentumnet`).
+    _inertia_record: dict[str, Any] | None = None
 
     def _fraction_bits(self, dtype: torch.dtype) -> int:
         if self.fraction_bits is not None:

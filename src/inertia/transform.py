@@ -117,6 +117,7 @@ def transform_to_momentumnet(
         from .models.resnet import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
 
         checkpoint_resnet_stem(model)
+    converted_stacks: list[MomentumNet] = []
     for path in paths:
         stack = _resolve(model, path)
         # A ModuleList has no forward: its parent loops over it, and needs MomentumLayerList.
@@ -134,6 +135,7 @@ def transform_to_momentumnet(
             checkpoint_kept=checkpoint_kept,
         )
         converted.train(stack.training)
+        converted_stacks.append(converted)
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, name, converted)
@@ -143,6 +145,7 @@ def transform_to_momentumnet(
             parent.use_nested_tensor = False
     _record(
         model,
+        converted_stacks,
         {
             "residual_layers": paths,
             "keep_first_layer": keep_first_layer,
@@ -159,20 +162,23 @@ def transform_to_momentumnet(
     return model
 
 
-def _record(model: nn.Module, settings: dict[str, Any]) -> None:
-    """Note the conversion in a HuggingFace model's config (``config.inertia``, a list of the
-    conversions applied), so that ``save_pretrained`` writes it to ``config.json`` and
-    `from_pretrained` can apply it again."""
+def _record(model: nn.Module, stacks: list[MomentumNet], settings: dict[str, Any]) -> None:
+    """Note the conversion in a HuggingFace model's config (``config.inertia``, one entry per
+    stack), so that ``save_pretrained`` writes it to ``config.json`` and `from_pretrained` can
+    apply it again. Each stack keeps its entry and updates it when a setting that may change
+    after construction (gamma, use_backprop, exact, check_inversion, inversion_tol) is set."""
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_json_string", None)):
         return  # not a HuggingFace model
     # Paths relative to the base model, so that a causal LM's save loads as its base model
     # (``AutoModel``: ``layers``, not ``model.layers``) and the other way round.
     base = _base_prefix(model)
-    paths = settings["residual_layers"]
-    relative = [p.removeprefix(base) for p in ([paths] if isinstance(paths, str) else paths)]
-    settings = {**settings, "residual_layers": relative}
-    config.inertia = [*(getattr(config, "inertia", None) or []), settings]
+    entries = []
+    for path, stack in zip(settings["residual_layers"], stacks, strict=True):
+        entry = {**settings, "residual_layers": [path.removeprefix(base)]}
+        stack._inertia_record = entry
+        entries.append(entry)
+    config.inertia = [*(getattr(config, "inertia", None) or []), *entries]
 
 
 def _base_prefix(model: nn.Module) -> str:
