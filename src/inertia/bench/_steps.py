@@ -165,9 +165,11 @@ class PeakCase:
         """The model's one stack of blocks, whose saved bytes are counted apart
         (`stack_saved_bytes`): the transformers' layers (wherever peft's wrapper put them); None
         for the mlp (the model is its stack) and the ResNets (four stages)."""
+        from ..models.smollm2 import LAYERS
+
         if self.model not in ("smollm2", "llama-tiny", "encoder"):
             return None
-        path = "layers" if self.model == "encoder" else "model.layers"
+        path = "layers" if self.model == "encoder" else LAYERS
         found = [
             m for name, m in model.named_modules() if name == path or name.endswith("." + path)
         ]

@@ -256,7 +256,8 @@ def _finetune(
         opt.zero_grad(set_to_none=True)
         if twin_checks and step in (0, s.steps - 1):
             twin = backprop_twin(model)  # the same weights, before this step's update
-            twin_opt, twin_schedule = _optimizer(twin, s)
+            if step == 0:  # only the first twin trains; the last one just compares
+                twin_opt, twin_schedule = _optimizer(twin, s)
         loss = _loss(model, ids)
         loss.backward()  # type: ignore[no-untyped-call]
         out["losses"].append(loss.item())
