@@ -31,6 +31,7 @@ FULL = PeakConfig(
         for n in (256, 512, 1024)
     ),
     variants=VARIANTS,
+    timed=(),
     repeats=3,
     timeout=1200,
 )
@@ -40,6 +41,7 @@ QUICK = PeakConfig(
         for lora in (False, True)
     ),
     variants=("plain", "checkpoint", "momentum_exact"),
+    timed=(),
     repeats=1,
 )
 
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     config = PeakConfig(
         cases=base.cases,
         variants=base.variants,
+        timed=base.timed,
         repeats=base.repeats,
         threads=args.threads,
         timeout=base.timeout,

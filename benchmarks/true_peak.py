@@ -1,13 +1,14 @@
 """True peak of a training step, as users measure it, beside bytes saved for backward and time.
 
-Plain autograd, checkpointing every block, memory-free float and exact, on four cases: residual MLP
+Plain autograd, checkpointing every block, memory-free float and exact, on five cases: residual MLP
 blocks where parameters dominate and where activations dominate, a 12-layer pre-norm
-nn.TransformerEncoder and a torchvision ResNet-50, gamma 0.9. Each case and variant is measured in
-a fresh process (`inertia.bench.true_peak`): on the CPU the resident high-water mark over one step,
-after a warm-up step, with .grad unset and under gradient accumulation; times in one more process
-per case, variants interleaved.
+nn.TransformerEncoder and torchvision's ResNet-50 and ResNet-101, gamma 0.9. Each case and variant
+is measured in a fresh process (`inertia.bench.true_peak`): on the CPU the resident high-water mark
+over one step, after a warm-up step, with .grad unset and under gradient accumulation; times in one
+more process per case, variants interleaved, with the time floor of the exact memory-free stack
+(`floor`: checkpointing plus the integer update, `inertia.bench.IntegerFloor`).
 
-Writes benchmarks/results/true_peak.{csv,md}. About 10 minutes on 2 CPU cores.
+Writes benchmarks/results/true_peak.{csv,md}. About 20 minutes on 2 CPU cores.
 
     python benchmarks/true_peak.py              # the committed results
     python benchmarks/true_peak.py --quick      # seconds: a tiny stack (the tests run it)
@@ -39,7 +40,11 @@ def describe(config: PeakConfig) -> str:
         f"`transform_to_momentumnet(model, 'layers', keep_first_layer=False, gamma={gamma})`; "
         "`resnetN`: torchvision's, 1,000 classes, train mode, converted with "
         f"`transform_to_momentumnet(resnet, gamma={gamma})` (the first block of each stage stays "
-        "an ordinary layer). Float32; the loss is the output's mean square.\n\n"
+        "an ordinary layer). Float32; the loss is the output's mean square. `floor` (timed only): "
+        "`checkpoint` plus exact mode's integer kernels at each block's output size, the update "
+        "in the forward and its inverse in the backward (`inertia.bench.IntegerFloor`): what a "
+        "memory-free exact stack cannot avoid (one more forward per block and the integer "
+        "update), without the rest, so its time bounds momentum_exact's from below.\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
         "process held just before it, each case and variant in a fresh process. On the CPU, "
         "resident memory: the process is launched with `MALLOC_MMAP_THRESHOLD_=65536` (freed "
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     config = PeakConfig(
         cases=config.cases,
         variants=config.variants,
+        timed=config.timed,
         repeats=config.repeats if args.repeats is None else args.repeats,
         threads=args.threads,
         device=args.device,

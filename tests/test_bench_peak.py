@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from inertia.bench import (
     VARIANTS,
+    IntegerFloor,
     PeakCase,
     TruePeak,
     measure_step_peaks,
@@ -206,3 +207,24 @@ def test_stack_saved_bytes_counts_the_stack_alone() -> None:
     assert found["plain"][1] == 2 * found["plain"][0] > 10 * state
     assert found["checkpoint"] == [2 * state, 4 * state]
     assert found["momentum_free"][0] == found["momentum_free"][1] >= 2 * state  # x_N and v_N
+
+
+@pytest.mark.parametrize("model", ["mlp", "encoder"])
+def test_floor_runs_the_integer_update_and_its_inverse(model: str) -> None:
+    """The floor variant is checkpointing (same gradients) plus the integer kernels, whose
+    inverse in the backward brings the stack's shared integers back to where they started."""
+    if model == "mlp":
+        case = PeakCase("mlp", depth=3, batch=64, width=128)  # 8,192 elements: compiled
+    else:
+        case = PeakCase("encoder", depth=2, batch=2, width=16, seq_len=8, heads=2)
+    floor, (x,) = build(case, "floor", torch.device("cpu"))
+    checkpointed, _ = build(case, "checkpoint", torch.device("cpu"))
+    floor(x).square().mean().backward()
+    checkpointed(x).square().mean().backward()
+    blocks = [m for m in floor.modules() if isinstance(m, IntegerFloor)]
+    assert len(blocks) == case.depth
+    (ints,) = blocks[0].integers.values()  # one state, shared by the stack's blocks
+    assert all(b.integers is blocks[0].integers for b in blocks)
+    assert not any(bool(t.any()) for t in ints)  # x, v and the buffer: back to zero
+    for p, q in zip(floor.parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)

@@ -26,6 +26,8 @@ from inertia._kernels import (
     _step,
     _step_push,
     _unstep_position,
+    _unstep_velocity,
+    _unstep_velocity_pop,
     step,
     step_push,
     unstep_velocity,
@@ -417,6 +419,35 @@ def test_state_and_inverse_api() -> None:
         MomentumNet([MLP(d=4)], 0.9)(x, return_state=True)
 
 
+def test_inverse_leaves_the_state_it_is_given() -> None:
+    """The kernels update integers in place: inverse works on copies of the caller's state."""
+    net = MomentumNet([MLP(d=64) for _ in range(3)], gamma=0.9, exact=True).eval()
+    state = net(torch.randn(80, 64), return_state=True)  # 5,120 elements: compiled kernels
+    before = [t.clone() for t in (state.x, state.v, state.buffer)]
+    first, again = net.inverse(state), net.inverse(state)
+    for t, b in zip((state.x, state.v, state.buffer), before, strict=True):
+        assert torch.equal(t, b)
+    assert torch.equal(first.x, again.x)
+    assert torch.equal(first.v, again.v)
+
+
+@pytest.mark.parametrize("n", [100, 5_000])  # eager and compiled kernels
+def test_integer_update_is_in_place(n: int) -> None:
+    """A layer's update and its inverse write x, v and the buffer where they are: the only
+    tensor of the state's size that they allocate is the next block's float input."""
+    arith = ExactArithmetic(0.9, 32, 3)
+    state = arith.encode(torch.randn(n), None)
+    where = [t.data_ptr() for t in state[2:5]]
+    fs = [torch.randn(n) for _ in range(3)]
+    for i, f in enumerate(fs):
+        state = arith.step(state, f, i)
+        assert [t.data_ptr() for t in state[2:5]] == where
+    for i in reversed(range(3)):
+        state = arith.unstep_velocity(arith.unstep_position(state), fs[i], i)
+        assert [t.data_ptr() for t in state[2:5]] == where
+    assert not state[4].any()
+
+
 def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
     x = torch.randn(16, 8, requires_grad=True)
     held = {}
@@ -479,10 +510,15 @@ def test_compiled_and_eager_kernels_agree() -> None:
         floats = ((q - p) / q * 2.0**32, 2.0**-32)
         consts = (torch.tensor(p), torch.tensor(q), *torch.tensor(floats, dtype=torch.float64))
         for push, eager_fn, compiled_fn in [(False, _step, step), (True, _step_push, step_push)]:
-            eager = eager_fn(x, v, buffer, f, *consts, torch.float32)
-            compiled = compiled_fn(x, v, buffer, f, *consts, torch.float32)
-            for a, b in zip(eager, compiled, strict=True):
+            # The kernels write x, v and the buffer in place: each gets its own copies.
+            eager_ints = [t.clone() for t in (x, v, buffer)]
+            compiled_ints = [t.clone() for t in (x, v, buffer)]
+            eager = eager_fn(*eager_ints, f, *consts, torch.float32)
+            compiled = compiled_fn(*compiled_ints, f, *consts, torch.float32)
+            for a, b in zip([*eager_ints, *eager], [*compiled_ints, *compiled], strict=True):
                 assert (a is None and b is None) or torch.equal(a, b)
+            new_x, new_v, new_buffer = eager_ints
+            word, _, position = eager
             # Against Python's integers, on a few elements.
             c = float(consts[2])
             for i in range(0, n, 997):
@@ -491,16 +527,22 @@ def test_compiled_and_eager_kernels_agree() -> None:
                     k >>= 32
                 t = (int(v[i]) % q) * p + s
                 expected = (int(v[i]) // q) * p + t // q + round(float(f[i].double() * c))
-                assert int(eager[1][i]) == expected
-                assert int(eager[2][i]) == k * q + t % q
-                assert float(eager[5][i]) == float(torch.tensor(int(eager[0][i]) * 2.0**-32))
+                assert int(new_v[i]) == expected
+                assert int(new_x[i]) == int(x[i]) + expected
+                assert int(new_buffer[i]) == k * q + t % q
+                assert float(position[i]) == float(torch.tensor(int(new_x[i]) * 2.0**-32))
             # The inverse, given x_n: v_n, the buffer, and one step ahead x_{n-1} = x_n - v_n.
-            back = (unstep_velocity_pop if push else unstep_velocity)(
-                x, eager[1], eager[2], f, *consts, torch.float32, *([eager[3]] if push else [])
+            pair = (
+                [_unstep_velocity_pop, unstep_velocity_pop]
+                if push
+                else [_unstep_velocity, unstep_velocity]
             )
-            assert torch.equal(back[0], v)
-            assert torch.equal(back[1], buffer)
-            assert torch.equal(back[2], x - v)
+            for fn in pair:
+                back = [t.clone() for t in (new_x, new_v, new_buffer)]
+                fn(*back, f, *consts, torch.float32, *([word] if push else []))
+                assert torch.equal(back[1], v)
+                assert torch.equal(back[2], buffer)
+                assert torch.equal(back[0], new_x - v)
 
 
 def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -512,11 +554,13 @@ def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPat
     kernel = _Compiled(_unstep_position)
     n = 5000  # compiled kernels serve tensors of 4096 elements and more
     inv = torch.tensor(2.0**-32, dtype=torch.float64)
-    args = (torch.arange(-n, n), torch.arange(2 * n), inv, torch.float32)
+    x, v = torch.arange(-n, n), torch.arange(2 * n)
+    expected_x = x.clone()
+    expected = _unstep_position(expected_x, v, inv, torch.float32)
     with pytest.warns(RuntimeWarning, match="runs eagerly, with identical results"):
-        out = kernel(*args)
-    expected = _unstep_position(*args)
-    assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
+        out = kernel(x, v, inv, torch.float32)
+    assert torch.equal(out, expected)
+    assert torch.equal(x, expected_x)
 
 
 def test_twin_records_from_a_trainable_block_after_frozen_ones() -> None:

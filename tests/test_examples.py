@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -70,13 +71,19 @@ def test_true_peak_benchmark_script(tmp_path: Path) -> None:
     script = load(ROOT / "benchmarks" / "true_peak.py")
     script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "true_peak_quick.csv").read_text().splitlines()))
-    assert [r["variant"] for r in rows] == ["plain", "momentum_free"]
-    assert all(int(r["saved_bytes"]) > 0 and float(r["step_ms"]) > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["plain", "momentum_free", "floor"]
+    assert all(float(r["step_ms"]) > 0 for r in rows)
+    assert all(int(r["saved_bytes"]) > 0 for r in rows[:2])
     assert float(rows[0]["time_ratio"]) == 1.0
+    floor = rows[2]  # timed only: checkpointing plus the integer kernels
+    assert math.isnan(float(floor["saved_bytes"]))
+    assert math.isnan(float(floor["peak_bytes"]))
+    assert float(floor["time_ratio"]) > 0
     table = (tmp_path / "true_peak_quick.md").read_text()
     assert table.startswith("Produced by `python benchmarks/true_peak.py --quick --threads 1`")
     assert f"torch {torch.__version__}" in table
     assert "| mlp 64, depth 4, batch 64 | momentum_free |" in table
+    assert "| mlp 64, depth 4, batch 64 | floor | n/a | n/a | n/a |" in table
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

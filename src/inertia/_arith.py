@@ -29,10 +29,6 @@ class Arithmetic(Protocol):
     """
 
     gamma: float
-    # Whether the backward may undo the velocity update before the block's pullback, as soon as f
-    # is known: it then holds v_n instead of f and v_{n+1} through it. Not where `unstep_velocity`
-    # allocates its outputs beside its inputs, as that would add to the peak, reached there.
-    unstep_before_pullback: bool
 
     def on_grid(self, x: Tensor) -> Tensor:
         """``x`` as the blocks (and the init function) see it."""
@@ -104,8 +100,6 @@ class FloatArithmetic:
     like ``eps * gamma ** -depth``; `verify` compares random-projection sketches to detect when
     it matters.
     """
-
-    unstep_before_pullback = True
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma

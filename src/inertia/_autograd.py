@@ -498,10 +498,9 @@ class _Block(torch.autograd.Function):
         owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
         state = arith.unstep_position(state)
         evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
-        early = arith.unstep_before_pullback
-        if early:  # v_n now: neither f nor the block's output then lives through the pullback
-            state = arith.unstep_velocity(state, evaluation.f(), n)
-            evaluation.release()
+        # v_n now: neither f nor the block's output then lives through the pullback.
+        state = arith.unstep_velocity(state, evaluation.f(), n)
+        evaluation.release()
         # a = dL/dx_{n+1} + dL/dv_{n+1}. The block's output enters v_{n+1} times 1 - gamma, which
         # autograd applies after casting the gradient to the output's dtype: so does this, in
         # place where it may (a then holds (1 - gamma) a, and no second tensor of the state's
@@ -516,8 +515,6 @@ class _Block(torch.autograd.Function):
             else:
                 grad_f = a.to(evaluation.dtype).mul(1 - arith.gamma)
         dx, grads = evaluation.pull(grad_f)
-        if not early:
-            state = arith.unstep_velocity(state, evaluation.f(), n)
         subtract = evaluation.subtract and record.need_x
         del evaluation
         run.state = state

@@ -53,6 +53,7 @@ __all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
+_CHUNK = 1 << 16  # elements per chunk of `fingerprint`, at least
 
 
 def rational_gamma(gamma: float) -> Fraction:
@@ -147,8 +148,6 @@ class ExactArithmetic:
     empty placeholder (`velocity` computes it from ``v`` if asked).
     """
 
-    unstep_before_pullback = False  # its kernels write new integers beside the old ones
-
     # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
     # under torch.compile it runs eagerly.
     @eager
@@ -171,8 +170,8 @@ class ExactArithmetic:
         self._largest: list[Tensor] = []
         self._nonfinite = False  # a NaN or inf entered since `encode`
         self.finite = True  # what the last `check_range` found
-        # (v_n, x_{n-1}, its float): computed by `unstep_velocity` for the next `unstep_position`.
-        self._ahead: tuple[Tensor, Tensor, Tensor] | None = None
+        # (v_n, the float of x_{n-1}): from `unstep_velocity`, for the next `unstep_position`.
+        self._ahead: tuple[Tensor, Tensor] | None = None
         self.dtype = torch.float32  # of the floats, set by `encode`
 
     def _on(self, device: torch.device) -> tuple[Tensor, ...]:
@@ -219,7 +218,8 @@ class ExactArithmetic:
                     raise self._range_error(what, t)
                 self._nonfinite = True
                 scaled = scaled.nan_to_num(0.0, 0.0, 0.0)
-        return scaled.round_().long()
+        # Contiguous: the kernels write into flat views of the integers.
+        return scaled.round_().to(torch.int64, memory_format=torch.contiguous_format)
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return to_float(t, self._on(t.device)[3], dtype)
@@ -293,7 +293,10 @@ class ExactArithmetic:
         _check_device(state.x.device)
         dtype = state.position.dtype
         xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
-        return (xf, vf, state.x, state.v, state.buffer, *state.words)
+        # Copies, contiguous: the kernels write into the integers (and not into the caller's).
+        contiguous = torch.contiguous_format
+        ints = (t.clone(memory_format=contiguous) for t in (state.x, state.v, state.buffer))
+        return (xf, vf, *ints, *state.words)
 
     def velocity(self, state: State) -> Tensor:
         vf, vi = state[1], state[3]
@@ -306,6 +309,9 @@ class ExactArithmetic:
         p, q, c, inv = self._on(xi.device)
         shape, dtype = xi.shape, xf.dtype
         recording = _recording(vf, f, xf)
+        # v_n's float, read before the kernel moves the integers on (a placeholder if the stack's
+        # first blocks did not record).
+        vf = self.velocity(state) if recording else vf
         if xi.numel() == 0:  # an empty batch: nothing moves (and no reduction over nothing)
             largest = torch.zeros((), dtype=torch.float64, device=xi.device)
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
@@ -317,9 +323,9 @@ class ExactArithmetic:
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
         else:
             kernel = step_push if n in self.pushes else step
-            flat = [t.reshape(-1) for t in (xi, vi, buffer, f.detach())]
-            xi, vi, buffer, word, largest, new_xf = kernel(*flat, p, q, c, inv, dtype)
-            xi, vi, buffer, new_xf = (t.view(shape) for t in (xi, vi, buffer, new_xf))
+            flat = [t.view(-1) for t in (xi, vi, buffer)]  # the state's own integers: in place
+            word, largest, new_xf = kernel(*flat, f.detach().reshape(-1), p, q, c, inv, dtype)
+            new_xf = new_xf.view(shape)
             if word is not None:
                 words.append(word.view(shape))
             last = n == self.depth - 1
@@ -329,7 +335,6 @@ class ExactArithmetic:
         # the backward recomputes the same values, which the detector verifies.
         self._largest.append(largest)
         if recording:
-            vf = self.velocity(state)  # a placeholder if the stack's first blocks did not record
             ghost_v = self.gamma * vf + (1 - self.gamma) * f
             new_vf = _StraightThrough.apply(ghost_v, new_vf)
             new_xf = _StraightThrough.apply(xf + new_vf, new_xf)
@@ -373,45 +378,55 @@ class ExactArithmetic:
 
     def restore(self, saved: State) -> State:
         # `unstep_position` computes the position's float; the velocity's is read at block 0 only.
-        xi, vi, buffer, *words = saved
-        placeholder = torch.empty(0, dtype=self.dtype, device=xi.device)
-        return (placeholder, _LAZY, xi, vi, buffer.long(), *words)
+        # Copies: the kernels write into the integers, and the saved ones serve every backward.
+        words = saved[3:]
+        placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
+        contiguous = torch.contiguous_format
+        ints = (t.to(torch.int64, copy=True, memory_format=contiguous) for t in saved[:3])
+        return (placeholder, _LAZY, *ints, *words)
 
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] is vi:
-            return (ahead[2], vf, ahead[1], vi, *rest)
-        flat = (t.reshape(-1) for t in (xi, vi))
-        x, new_xf = unstep_position(*flat, self._on(xi.device)[3], xf.dtype)
-        return (new_xf.view(xi.shape), vf, x.view(xi.shape), vi, *rest)
+        if ahead is not None and ahead[0] is vi:  # `unstep_velocity` has moved x already
+            return (ahead[1], vf, xi, vi, *rest)
+        new_xf = unstep_position(xi.view(-1), vi.view(-1), self._on(xi.device)[3], xf.dtype)
+        return (new_xf.view(xi.shape), vf, xi, vi, *rest)
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
+        """In place, and one step ahead: below block 0, the state's ``x`` already holds
+        ``x_{n-1}``, which the next `unstep_position` returns with its float."""
         xf, _, xi, vi, buffer, *words = state
         if self.p == 0:
             raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
-        flat = [t.reshape(-1) for t in (xi, vi, buffer, f.detach())]
-        args = (*flat, *self._on(xi.device), xf.dtype)
+        flat = [t.view(-1) for t in (xi, vi, buffer)]
+        args = (*flat, f.detach().reshape(-1), *self._on(xi.device), xf.dtype)
         if n in self.pushes:
-            v, buffer, x_prev, xf_prev = unstep_velocity_pop(*args, words.pop().reshape(-1))
+            xf_prev = unstep_velocity_pop(*args, words.pop().reshape(-1))
         else:
-            v, buffer, x_prev, xf_prev = unstep_velocity(*args)
-        v = v.view(xi.shape)
+            xf_prev = unstep_velocity(*args)
         if n > 0:
-            self._ahead = (v, x_prev.view(xi.shape), xf_prev.view(xi.shape))
-        vf = self._to_float(v, xf.dtype) if n == 0 else _LAZY
-        return (xf, vf, xi, v, buffer.view(xi.shape), *words)
+            self._ahead = (vi, xf_prev.view(xi.shape))
+        else:
+            xi.add_(vi)  # x_0 again: the kernel moved it one step ahead
+        return (xf, _LAZY, xi, vi, buffer, *words)
 
     # -- the detector ----------------------------------------------------------------------------
     def fingerprint(self, state: State) -> Tensor:
         """A checksum of the fixed-point ``(x, v)``: the sums of their low 31 bits and of the
         rest (neither sum can overflow below 2**32 elements). A block that computes something else
         when run again changes the values, which moves the sums; the emptied buffer, also checked,
-        catches what they might miss."""
-        sums = []
-        for t in (state[2], state[3]):
-            sums += [(t & ((1 << 31) - 1)).sum(), (t >> 31).sum()]
-        return torch.stack(sums)
+        catches what they might miss. Summed in at most 64 chunks, so that the temporaries stay
+        small beside the state: the backward checks at block 0, where its peak can be."""
+        sums = torch.zeros(4, dtype=torch.int64, device=state[2].device)
+        for i, t in enumerate((state[2], state[3])):
+            flat = t.view(-1)
+            size = max(_CHUNK, -(-flat.numel() // 64))
+            for start in range(0, flat.numel(), size):
+                chunk = flat[start : start + size]
+                sums[2 * i] += (chunk & ((1 << 31) - 1)).sum()
+                sums[2 * i + 1] += (chunk >> 31).sum()
+        return sums
 
     def verify(self, start: Tensor, state: State, check: Check) -> None:
         """Raise unless the backward rebuilt the forward's ``(x_0, v_0)`` and emptied the buffer."""

@@ -4,10 +4,13 @@ Integer division is the costly part of exact mode: eager PyTorch (and inductor, 
 division instruction per element) spend about 1.5 ns per element on each. Here every floor division
 by ``d <= 2**24`` is an estimate in float64 followed by an integer correction, which vectorizes, and
 the whole update of one layer, float conversions included, is one compiled kernel: about 12 times
-faster than eager on a CPU. The
-results are exact integers whichever way they are computed, so the compiled and the eager kernels
-agree bit for bit and may even be mixed between a forward and its backward. When compilation is not
-possible (no C++ compiler, an unsupported device), the kernels run eagerly after one warning.
+faster than eager on a CPU. The results are exact integers whichever way they are computed, so the
+compiled and the eager kernels agree bit for bit and may even be mixed between a forward and its
+backward. When compilation is not possible (no C++ compiler, an unsupported device), the kernels
+run eagerly after one warning.
+
+The kernels write the new integers into the tensors they are given (``x``, ``v``, the buffer), so
+that a layer's update allocates only its float output: callers pass integers that they own.
 """
 
 from __future__ import annotations
@@ -96,15 +99,19 @@ def _step(
     dtype: torch.dtype,
     push: bool = False,
 ) -> tuple[Any, ...]:
-    """One layer: ``scaled = c f`` is ``(1 - gamma) f`` in grid units. Returns ``x, v, buffer``,
-    the word plane pushed (None unless ``push``), the largest of ``|x|``, ``|v|``, ``|scaled|``
-    (float64; NaN if ``f`` has a NaN), and ``x`` as a float of ``dtype`` (the next block's input;
-    ``v``'s float is needed only at the end)."""
+    """One layer, written into ``x``, ``v`` and ``buffer``: ``scaled = c f`` is
+    ``(1 - gamma) f`` in grid units. Returns the word plane pushed (None unless ``push``), the
+    largest of ``|x|``, ``|v|``, ``|scaled|`` (float64; NaN if ``f`` has a NaN), and ``x`` as a
+    float of ``dtype`` (the next block's input; ``v``'s float is needed only at the end)."""
     scaled = f.double() * c
-    x, v, buffer, word = _mul_gamma(x, v, buffer, scaled, p, q, push)
-    largest = torch.maximum(v.abs().amax(), x.abs().amax()).double()
+    new_x, new_v, new_buffer, word = _mul_gamma(x, v, buffer, scaled, p, q, push)
+    largest = torch.maximum(new_v.abs(), new_x.abs()).amax().double()
     largest = torch.maximum(largest, scaled.abs().amax())
-    return x, v, buffer, word, largest, to_float(x, inv, dtype)
+    position = to_float(new_x, inv, dtype)
+    x.copy_(new_x)
+    v.copy_(new_v)
+    buffer.copy_(new_buffer)
+    return word, largest, position
 
 
 def _step_push(
@@ -123,10 +130,10 @@ def _step_push(
     return _step(x, v, buffer, f, p, q, c, inv, dtype, push=True)
 
 
-def _unstep_position(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """``x <- x - v``, and its float."""
-    x = x - v
-    return x, to_float(x, inv, dtype)
+def _unstep_position(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x <- x - v`` in place; returns its float."""
+    x.sub_(v)
+    return to_float(x, inv, dtype)
 
 
 def _unstep_velocity(
@@ -140,19 +147,23 @@ def _unstep_velocity(
     inv: Tensor,
     dtype: torch.dtype,
     word: Tensor | None = None,
-) -> tuple[Tensor, ...]:
-    """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n``, given ``x = x_n``;
-    returns ``v_n``, the buffer, and (one step ahead, saving a kernel) ``x_{n-1} = x_n - v_n``
-    and its float."""
+) -> Tensor:
+    """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n`` given ``x = x_n``,
+    written into ``v`` and ``buffer``; and, one step ahead (saving a kernel), ``x_{n-1} = x_n -
+    v_n`` written into ``x``. Returns the float of ``x_{n-1}``."""
     d = (f.double() * c).round().long()
-    buffer, r = _divmod(buffer, q, small=True)
+    new_buffer, r = _divmod(buffer, q, small=True)
     if word is not None:
-        buffer = (buffer << WORD) + (word.long() + _WORD_OFFSET)
+        new_buffer = (new_buffer << WORD) + (word.long() + _WORD_OFFSET)
     a, t = _divmod(v - d, p, small=False)
     high, s = _divmod(t * q + r, p, small=True)
-    v = a * q + high
-    x = x - v
-    return v, buffer * p + s, x, to_float(x, inv, dtype)
+    new_v = a * q + high
+    new_x = x - new_v
+    position = to_float(new_x, inv, dtype)
+    v.copy_(new_v)
+    buffer.copy_(new_buffer * p + s)
+    x.copy_(new_x)
+    return position
 
 
 def _unstep_velocity_pop(
@@ -166,7 +177,7 @@ def _unstep_velocity_pop(
     inv: Tensor,
     dtype: torch.dtype,
     word: Tensor,
-) -> tuple[Tensor, ...]:
+) -> Tensor:
     """`_unstep_velocity` at a layer that pops a word plane."""
     return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
 

@@ -8,7 +8,9 @@ Variants, all on the same blocks and inputs:
 - ``momentum_free``: `MomentumNet` with ``use_backprop=False, exact=False`` (memory-free backward,
   float arithmetic);
 - ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse: the default of
-  ``use_backprop=False``).
+  ``use_backprop=False``);
+- ``floor``, timed only: ``checkpoint`` plus exact mode's integer update and its inverse
+  (`IntegerFloor`), the least time that a memory-free exact stack can take.
 
 Memory is counted as bytes saved for backward (`inertia.testing.SavedTensorMeter`, parameters
 excluded), after the forward and at the peak over forward and backward: exact and repeatable on any
@@ -40,8 +42,10 @@ from .._errors import InertiaError
 from ._fresh import TruePeak, time_variants, true_peak
 from ._peak import StepPeak, measure_step_peaks
 from ._steps import (
+    FLOOR,
     PAPER,
     VARIANTS,
+    IntegerFloor,
     PeakCase,
     checkpoint_every_block,
     default_variants,
@@ -63,10 +67,12 @@ from ._table import (
 )
 
 __all__ = [
+    "FLOOR",
     "PAPER",
     "VARIANTS",
     "BenchConfig",
     "BenchRow",
+    "IntegerFloor",
     "ModelBenchConfig",
     "PeakCase",
     "PeakConfig",

@@ -20,10 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import _kernels as kernels
+from .._exact import rational_gamma
 from ..nn import MomentumNet
 from ..testing import SavedTensorMeter
 
 VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
+#: Timed only: checkpointing plus exact mode's integer update and its inverse (`IntegerFloor`).
+FLOOR = "floor"
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
 PAPER = "momentumnet_0.10"
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
@@ -63,8 +67,9 @@ def variant_model(
     """
     if variant == "plain":
         return Residual(blocks)
-    if variant == "checkpoint":
-        return checkpoint_every_block(Residual(blocks), ["blocks"], reentrant=for_memory)
+    if variant in ("checkpoint", FLOOR):
+        floor = gamma if variant == FLOOR else None
+        return checkpoint_every_block(Residual(blocks), ["blocks"], for_memory, floor)
     if variant == "momentum_backprop":
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
@@ -76,7 +81,8 @@ def variant_model(
 
         net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
         return net
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join((*VARIANTS, PAPER))}")
+    known = ", ".join((*VARIANTS, FLOOR, PAPER))
+    raise ValueError(f"unknown variant {variant!r}; choose from {known}")
 
 
 class Checkpointed(nn.Module):
@@ -98,16 +104,76 @@ class Checkpointed(nn.Module):
         )
 
 
+class IntegerFloor(Checkpointed):
+    """A block under non-reentrant checkpoint that also runs exact mode's integer kernels at its
+    output's size: the update in the forward and its inverse in the backward, in place on
+    integers that the stack's blocks share, as a memory-free exact stack does.
+
+    Its step time is the floor of the memory-free exact stack's: what no implementation of it
+    can skip (one more forward per block, the integer update and its inverse) without the rest
+    (records of what the forward used, generator replay, the inversion check, autograd nodes of
+    its own). It is timed only: it keeps each block's output for the inverse.
+    """
+
+    def __init__(
+        self, block: nn.Module, gamma: float, integers: dict[int, list[Tensor]], where: str
+    ) -> None:
+        super().__init__(block, reentrant=False)
+        self.ratio = rational_gamma(gamma)
+        self.integers = integers  # x, v and the buffer by element count, shared by the stack
+        self.where = where  # "first", "last", "only" or "" (in between) in the stack
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(x, *args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        f = first.detach().reshape(-1)
+        if f.numel() not in self.integers:
+            self.integers[f.numel()] = [f.new_zeros(f.numel(), dtype=torch.int64) for _ in "xvb"]
+        ints = self.integers[f.numel()]
+        p, q = self.ratio.numerator, self.ratio.denominator
+        consts = (
+            torch.tensor(p, device=f.device),
+            torch.tensor(q, device=f.device),
+            torch.tensor((q - p) / q * 2.0**32, dtype=torch.float64, device=f.device),
+            torch.tensor(2.0**-32, dtype=torch.float64, device=f.device),
+        )
+        kernels.step(*ints, f, *consts, f.dtype)
+
+        def inverse(grad: Tensor) -> None:
+            if self.where in ("last", "only"):  # x_n from x_{n+1}; below, the kernel reads ahead
+                kernels.unstep_position(ints[0], ints[1], consts[3], f.dtype)
+            kernels.unstep_velocity(*ints, f, *consts, f.dtype)
+            if self.where in ("first", "only"):
+                ints[0].add_(ints[1])  # x_0 again: the kernel moved it one step ahead
+
+        if first.requires_grad:
+            first.register_hook(inverse)
+        return out
+
+
 def checkpoint_every_block(
-    model: nn.Module, paths: Sequence[str], reentrant: bool = False
+    model: nn.Module,
+    paths: Sequence[str],
+    reentrant: bool = False,
+    floor: float | None = None,
+    keep_first: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
-    baseline that the memory-free stacks are compared with."""
+    baseline that the memory-free stacks are compared with. ``floor``: a gamma, for blocks that
+    also run exact mode's integer update (`IntegerFloor`), but the first of each stack where
+    ``keep_first`` (as `transform_to_momentumnet` keeps it an ordinary layer)."""
     model = copy.deepcopy(model)
     for path in paths:
         stack = stack_at(model, path)
+        integers: dict[int, list[Tensor]] = {}
+        first, last = int(keep_first), len(stack) - 1
+        ends = {first: "first", last: "last"} if last > first else {first: "only"}
         for i, block in enumerate(list(stack)):
-            stack[i] = Checkpointed(block, reentrant)
+            stack[i] = (
+                Checkpointed(block, reentrant)
+                if floor is None or i < first
+                else IntegerFloor(block, floor, integers, ends.get(i, ""))
+            )
     return model
 
 
@@ -247,9 +313,10 @@ def build(
         # HuggingFace's own, as its users turn it on (non-reentrant; reentrant to count bytes).
         llm.activation_checkpointing_enable({"use_reentrant": for_memory})
         model = base
-    elif variant == "checkpoint":
+    elif variant in ("checkpoint", FLOOR):
         stacks = [paths] if isinstance(paths, str) else paths
-        model = checkpoint_every_block(base, stacks, reentrant=for_memory)
+        floor = case.gamma if variant == FLOOR else None
+        model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
     elif variant in ("momentum_backprop", "momentum_free", "momentum_exact"):
         model = transform_to_momentumnet(
             base,

@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 from ._fresh import time_variants, true_peak
-from ._steps import PeakCase
+from ._steps import FLOOR, PeakCase
 
 #: The cases of ``benchmarks/true_peak.py``: parameters dominate, activations dominate, an encoder,
-#: a ResNet.
+#: two ResNets.
 DEFAULT_CASES = (
     PeakCase("mlp", depth=64, batch=256, width=512),
     PeakCase("mlp", depth=32, batch=4096, width=512),
     PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512, heads=8),
     PeakCase("resnet50", batch=16, image_size=224),
+    PeakCase("resnet101", batch=16, image_size=224),
 )
 #: The variants of the true-peak table.
 PEAK_VARIANTS = ("plain", "checkpoint", "momentum_free", "momentum_exact")
@@ -40,6 +41,8 @@ class PeakConfig:
     Args:
         cases: The models and their sizes.
         variants: Variants of each case (see `inertia.bench`); ``plain`` is the ratios' base.
+        timed: Variants that are timed only, with the others (``floor``: the memory-free exact
+            stack's floor, `IntegerFloor`).
         repeats: Timed steps of each variant (the median is reported), interleaved in one process
             per case after a round that warms up; 0: no timing.
         threads: ``torch.set_num_threads`` in every process; None leaves torch's default.
@@ -54,6 +57,7 @@ class PeakConfig:
 
     cases: tuple[PeakCase, ...] = DEFAULT_CASES
     variants: tuple[str, ...] = PEAK_VARIANTS
+    timed: tuple[str, ...] = (FLOOR,)
     repeats: int = 3
     threads: int | None = 2
     device: str = "cpu"
@@ -78,7 +82,7 @@ class PeakRow:
     peak_bytes: float  # .grad unset before the step
     accumulate_peak_bytes: float  # .grad allocated before the step
     optimizer_peak_bytes: float  # the optimizer's step alone; nan when not measured
-    saved_bytes: int  # peak bytes saved for backward, parameters excluded
+    saved_bytes: float  # peak bytes saved for backward, parameters excluded; nan: timed only
     parameter_bytes: int
     step_ms: float  # median step time; nan when not timed
     stack_saved_bytes: float = math.nan  # the stack's, held after the forward; nan: no stack
@@ -119,7 +123,7 @@ def run_true_peak(
         if config.repeats:
             times = time_variants(
                 case,
-                config.variants,
+                config.variants + config.timed,
                 config.repeats,
                 device=config.device,
                 threads=config.threads,
@@ -148,6 +152,13 @@ def run_true_peak(
                     warnings="; ".join(r.warnings),
                 )
             )
+        if times and case_rows:
+            nan = math.nan
+            parameters = case_rows[0].parameter_bytes  # the same model, run otherwise
+            for variant in config.timed:
+                step = _median(sorted(times[variant]))
+                row = PeakRow(variant, case_rows[0].case, nan, nan, nan, nan, parameters, step)
+                case_rows.append(row)
         rows += _ratios(case_rows)
     return rows
 
