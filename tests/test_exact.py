@@ -419,6 +419,21 @@ def test_state_and_inverse_api() -> None:
         MomentumNet([MLP(d=4)], 0.9)(x, return_state=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grid_values_are_the_integers_floats(dtype: torch.dtype) -> None:
+    """The forward's first input, read off the rounding in float64, is bit for bit what the
+    backward rebuilds from the integers (`to_float`): signed zeros and magnitudes past 2**53
+    grid steps included."""
+    arith = ExactArithmetic(0.9, 32, 1, relative=False)
+    x = torch.tensor([-1e-12, -0.0, 0.0, 3e-10, -2.5, 1.0 + 2**-20, 2.0**26, -(2.0**28) + 1])
+    x = torch.cat([x, torch.randn(1000) * 1e3]).to(dtype)
+    ints, value = arith._to_grid(x, "the input")
+    expected = arith._to_float(ints, dtype)
+    assert torch.equal(value, expected)
+    assert torch.equal(torch.signbit(value), torch.signbit(expected))  # no -0.0 where 0.0 is
+    assert int(ints.abs().max()) > 2**53  # past float64's integers: still equal
+
+
 def test_inverse_leaves_the_state_it_is_given() -> None:
     """The kernels update integers in place: inverse works on copies of the caller's state."""
     net = MomentumNet([MLP(d=64) for _ in range(3)], gamma=0.9, exact=True).eval()

@@ -203,23 +203,29 @@ class ExactArithmetic:
         return factor
 
     # -- conversions ------------------------------------------------------------------------------
-    def _to_grid(self, t: Tensor, what: str) -> Tensor:
-        """Round ``t`` onto the grid, raising now if a finite value does not fit. A NaN or inf
-        marks the forward non-finite instead (see `check_range`)."""
-        scaled = t.detach().double() * self.scale
+    def _to_grid(self, t: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """Round ``t`` onto the grid, raising now if a finite value does not fit (a NaN or inf
+        marks the forward non-finite instead, see `check_range`). Returns the integers,
+        contiguous (the kernels write into flat views of them), and their value as floats of
+        ``t``'s dtype: through float64, equal to `to_float` of the integers, since the rounded
+        float64 values are the integers themselves and scaling by a power of two is exact."""
+        contiguous = torch.contiguous_format
+        scaled = t.detach().to(torch.float64, copy=True, memory_format=contiguous)
+        scaled.mul_(self.scale)
         if scaled.numel():
-            largest = float(scaled.abs().amax())  # the one device sync
+            largest = float(torch.linalg.vector_norm(scaled, math.inf))  # the one device sync
             if self.relative:
                 factor = self._calibrate(largest)
                 if factor != 1.0:  # exact: a power of two
-                    scaled, largest = scaled * factor, largest * factor
+                    scaled.mul_(factor)
+                    largest *= factor
             if not largest < _LIMIT:  # NaN included
                 if math.isfinite(largest):
                     raise self._range_error(what, t)
                 self._nonfinite = True
-                scaled = scaled.nan_to_num(0.0, 0.0, 0.0)
-        # Contiguous: the kernels write into flat views of the integers.
-        return scaled.round_().to(torch.int64, memory_format=torch.contiguous_format)
+                scaled.nan_to_num_(0.0, 0.0, 0.0)
+        ints = scaled.round_().add_(0.0).to(torch.int64)  # + 0.0: -0.0 is 0.0, as `to_float` gives
+        return ints, scaled.mul_(1 / self.scale).to(t.dtype)
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return to_float(t, self._on(t.device)[3], dtype)
@@ -241,16 +247,17 @@ class ExactArithmetic:
 
     def on_grid(self, x: Tensor) -> Tensor:
         """``x`` as the blocks see it: the float value of its fixed-point rounding."""
-        value = self._to_float(self._to_grid(x, "the input"), x.dtype)
+        value = self._to_grid(x, "the input")[1]
         return _StraightThrough.apply(x, value) if _recording(x) else value
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
         _check_device(x.device)
         self._nonfinite = False
-        xi = self._to_grid(x, "the input")
-        vi = torch.zeros_like(xi) if v is None else self._to_grid(v, "v_0 = init_function(x_0)")
-        xf = self._to_float(xi, x.dtype)
-        vf = self._to_float(vi, x.dtype)
+        xi, xf = self._to_grid(x, "the input")
+        if v is None:
+            vi, vf = torch.zeros_like(xi), torch.zeros_like(xf)
+        else:
+            vi, vf = self._to_grid(v, "v_0 = init_function(x_0)")
         if _recording(x):
             xf = _StraightThrough.apply(x, xf)
         if v is not None and _recording(v):
@@ -377,8 +384,9 @@ class ExactArithmetic:
         return (xi, vi, buffer.to(self.kept_buffer), *words)
 
     def restore(self, saved: State) -> State:
-        # `unstep_position` computes the position's float; the velocity's is read at block 0 only.
-        # Copies: the kernels write into the integers, and the saved ones serve every backward.
+        # `unstep_position` computes the position's float; the velocity's only if asked
+        # (`velocity`). Copies: the kernels write into the integers, and the saved ones serve
+        # every backward (retain_graph).
         words = saved[3:]
         placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
         contiguous = torch.contiguous_format
