@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import _kernels as kernels
-from .._exact import rational_gamma
+from .._exact import ExactArithmetic
 from ..nn import MomentumNet
 from ..testing import SavedTensorMeter
 
@@ -119,7 +119,7 @@ class IntegerFloor(Checkpointed):
         self, block: nn.Module, gamma: float, integers: dict[int, list[Tensor]], where: str
     ) -> None:
         super().__init__(block, reentrant=False)
-        self.ratio = rational_gamma(gamma)
+        self.arith = ExactArithmetic(gamma, fraction_bits=32, depth=1)  # its kernels' constants
         self.integers = integers  # x, v and the buffer by element count, shared by the stack
         self.where = where  # "first", "last", "only" or "" (in between) in the stack
 
@@ -130,13 +130,7 @@ class IntegerFloor(Checkpointed):
         if f.numel() not in self.integers:
             self.integers[f.numel()] = [f.new_zeros(f.numel(), dtype=torch.int64) for _ in "xvb"]
         ints = self.integers[f.numel()]
-        p, q = self.ratio.numerator, self.ratio.denominator
-        consts = (
-            torch.tensor(p, device=f.device),
-            torch.tensor(q, device=f.device),
-            torch.tensor((q - p) / q * 2.0**32, dtype=torch.float64, device=f.device),
-            torch.tensor(2.0**-32, dtype=torch.float64, device=f.device),
-        )
+        consts = self.arith._on(f.device)  # p, q, (1 - gamma) * 2**32, 2**-32
         kernels.step(*ints, f, *consts, f.dtype)
 
         def inverse(grad: Tensor) -> None:
