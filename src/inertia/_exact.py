@@ -396,7 +396,9 @@ class ExactArithmetic:
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] is vi:  # `unstep_velocity` has moved x already
+        # `unstep_velocity` has moved x already; `is` rejects a stale one from a backward that
+        # stopped midway (a new walk starts on new integers, `restore`'s or `from_exact_state`'s).
+        if ahead is not None and ahead[0] is vi:
             return (ahead[1], vf, xi, vi, *rest)
         new_xf = unstep_position(xi.view(-1), vi.view(-1), self._on(xi.device)[3], xf.dtype)
         return (new_xf.view(xi.shape), vf, xi, vi, *rest)
