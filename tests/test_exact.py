@@ -36,6 +36,7 @@ from inertia._kernels import (
 from inertia.testing import (
     SavedTensorMeter,
     assert_gradients_match,
+    backprop_twin,
     gradient_errors,
     relative_error,
 )
@@ -463,6 +464,60 @@ def test_integer_update_is_in_place(n: int) -> None:
     assert not state[4].any()
 
 
+def test_backward_writes_into_the_saved_integers_unless_the_graph_is_kept() -> None:
+    """The last node's backward walks on the saved x and v themselves (no copy of the state's
+    size) when nothing reads them again; under retain_graph it copies them, and the caller of
+    ``return_state=True`` gets integers of its own."""
+    torch.manual_seed(0)
+    net = MomentumNet([MLP() for _ in range(4)], 0.9, use_backprop=False)
+    x = torch.randn(16, 8, requires_grad=True)
+    saved: list[tuple[Tensor, Tensor]] = []
+
+    def pack(t: Tensor) -> Tensor:
+        if t.dtype == torch.int64 and t.shape == x.shape:  # x and v (the buffer: one byte)
+            saved.append((t, t.clone()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    assert len(saved) == 2
+    out.sum().backward(retain_graph=True)
+    assert all(torch.equal(t, kept) for t, kept in saved)  # there for the second backward
+    first = x.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+    assert not any(torch.equal(t, kept) for t, kept in saved)  # walked in place
+    state = net(x, return_state=True)
+    ints = (state.x, state.v, state.buffer)
+    held = [t.clone() for t in ints]
+    state.position.sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(ints, held, strict=True))
+
+
+def test_velocity_converted_only_when_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory-free forward converts v_N from its integers only for a caller who reads it
+    (return_velocity); then it equals the backprop twin's."""
+    converted: list[int] = []
+    to_float = ExactArithmetic._to_float
+
+    def counting(self: ExactArithmetic, t: Tensor, dtype: torch.dtype) -> Tensor:
+        converted.append(t.numel())
+        return to_float(self, t, dtype)
+
+    monkeypatch.setattr(ExactArithmetic, "_to_float", counting)
+    torch.manual_seed(0)
+    net = MomentumNet([MLP() for _ in range(3)], 0.9, use_backprop=False)
+    x = torch.randn(16, 8, requires_grad=True)
+    out = net(x)
+    assert converted == []
+    out.sum().backward()
+    x_n, v_n = net(x, return_velocity=True)
+    assert converted == [x.numel()]
+    x_t, v_t = backprop_twin(net)(x, return_velocity=True)
+    assert torch.equal(x_n, x_t)
+    assert torch.equal(v_n, v_t)
+
+
 def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
     x = torch.randn(16, 8, requires_grad=True)
     held = {}
@@ -614,7 +669,6 @@ def test_exact_by_default_when_memory_free() -> None:
     """exact=None resolves at each forward: exact where the backward is memory-free (and gamma >
     0), float otherwise; True and False pin it; slices and backprop twins keep what it was."""
     from inertia import transform_to_momentumnet
-    from inertia.testing import backprop_twin
 
     net = MomentumNet([MLP() for _ in range(3)], 0.9)  # momentumnet's default: backprop
     assert not net.exact

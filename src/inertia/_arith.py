@@ -63,8 +63,10 @@ class Arithmetic(Protocol):
         """The tensors that determine the final ``state``, saved for the backward."""
         ...
 
-    def restore(self, saved: State) -> State:
-        """The state from `saved`'s tensors, for `unstep_position`."""
+    def restore(self, saved: State, owned: bool) -> State:
+        """The state from `saved`'s tensors, for `unstep_position`. ``owned``: nothing reads them
+        after this backward (no ``retain_graph``, no caller holds them), so it may write into
+        them."""
         ...
 
     def unstep_position(self, state: State) -> State:
@@ -131,7 +133,7 @@ class FloatArithmetic:
     def saved(self, state: State) -> State:
         return state
 
-    def restore(self, saved: State) -> State:
+    def restore(self, saved: State, owned: bool) -> State:
         return tuple(saved)
 
     def unstep_position(self, state: State) -> State:

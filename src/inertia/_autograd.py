@@ -347,8 +347,10 @@ class _Run:
         leaves: tuple[Any, ...],
         arg_tensors: Sequence[Tensor],
         device: torch.device,
+        velocity: bool = True,
     ) -> None:
         self.spec = spec
+        self.velocity = velocity  # the caller reads v_N (else the last node returns a placeholder)
         self.treespec = treespec
         self.leaves = leaves  # the extra arguments' leaves, _TENSOR where a tensor goes
         self.n_args = len(arg_tensors)
@@ -390,6 +392,13 @@ class _Run:
         return state
 
 
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``), so that its saved
+    tensors serve another; True where this torch cannot say (a private API, read defensively)."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keeps is None else bool(keeps())
+
+
 def _placeholder(like: Tensor) -> Tensor:
     """A tensor with ``like``'s shape, dtype and device and one element of storage."""
     return like.new_empty(()).expand(like.shape)
@@ -424,7 +433,7 @@ class _Start(torch.autograd.Function):
         ctx.record, init_tensors = run.records.pop(_INIT, (None, ()))
         ctx.save_for_backward(*init_tensors)
         ctx.set_materialize_grads(False)
-        return _placeholder(arith.position(state)), _placeholder(arith.velocity(state))
+        return _placeholder(arith.position(state)), _placeholder(arith.position(state))
 
     @staticmethod
     def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
@@ -466,7 +475,8 @@ class _Block(torch.autograd.Function):
         ctx.n_final, ctx.has_sketch = len(final), bool(sketch)
         ctx.set_materialize_grads(False)
         if last:
-            out = arith.position(run.final), arith.velocity(run.final)
+            x_n = arith.position(run.final)
+            out = x_n, arith.velocity(run.final) if run.velocity else _placeholder(x_n)
             run.sketch = None
             return out
         return _placeholder(x), _placeholder(v)
@@ -494,7 +504,7 @@ class _Block(torch.autograd.Function):
         # The last node starts from the saved final state; the others from the node above, whose
         # gradients it may then overwrite (the last node's come from the caller's graph).
         last = ctx.n_final > 0
-        state = arith.restore(rest[: ctx.n_final]) if last else run.take(n)
+        state = arith.restore(rest[: ctx.n_final], not _keeps_graph()) if last else run.take(n)
         owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
         state = arith.unstep_position(state)
         evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
@@ -778,9 +788,14 @@ def momentum_forward(
     kwargs: dict[str, Any],
     *,
     memory_free: bool,
+    integers: bool = False,
+    velocity: bool = True,
 ) -> State:
     """Run the stack: memory-free when asked (the caller asks where autograd records the stack,
-    see `records_autograd`), with autograd or without it otherwise."""
+    see `records_autograd`), with autograd or without it otherwise. ``integers``: the caller keeps
+    the final state's integers (``return_state=True``); else the backward may write into them.
+    ``velocity``: the caller reads ``v_N``; else the memory-free stack returns a placeholder of its
+    shape, which exact mode does not convert from its integers."""
     if not (memory_free and spec.blocks):
         return run_forward(spec, x, args, kwargs)
     checkpointed = [
@@ -818,8 +833,9 @@ def momentum_forward(
         tuple(_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in leaves),
         arg_tensors,
         x.device,
+        velocity or integers,
     )
-    return _apply(run, x, arg_tensors)
+    return _apply(run, x, arg_tensors, integers)
 
 
 # The memory-free nodes keep generator states and an inversion sketch, which dynamo cannot trace,
@@ -827,7 +843,7 @@ def momentum_forward(
 # model stops here (one graph break) and compiles the layers around the stack; blocks compiled
 # themselves (`block.compile()`) still run compiled inside it.
 @eager
-def _apply(run: _Run, x: Tensor, arg_tensors: list[Tensor]) -> State:
+def _apply(run: _Run, x: Tensor, arg_tensors: list[Tensor], integers: bool) -> State:
     spec = run.spec
     # An anchor that requires grad keeps every node in the graph, so that the backward reaches
     # block 0 (and checks the reconstruction there) even below frozen blocks.
@@ -843,4 +859,7 @@ def _apply(run: _Run, x: Tensor, arg_tensors: list[Tensor]) -> State:
         trainable = [params[name] for name in record.trainable]
         tx, tv = _Block.apply(run, n, tx, tv, *trainable, *arg_tensors)
     run.final = ()
-    return (tx, tv, *final[2:])
+    # The last node saved these integers, and its backward writes into them unless it must keep
+    # them: the caller gets copies.
+    ints = tuple(t.clone() for t in final[2:]) if integers else final[2:]
+    return (tx, tv, *ints)

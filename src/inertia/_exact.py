@@ -144,8 +144,8 @@ class ExactArithmetic:
     A state is ``(x_float, v_float, x, v, buffer, *word_planes)``. ``step`` is exact in the
     integers; where autograd records, the float tensors carry the gradient of the float update
     (rounding passes gradients straight through), so ``use_backprop=True`` is the memory-free
-    mode's twin. Between the first and the last block, where nothing reads it, ``v_float`` is an
-    empty placeholder (`velocity` computes it from ``v`` if asked).
+    mode's twin. Where autograd does not record, ``v_float`` is an empty placeholder (`velocity`
+    computes it from ``v`` if asked).
     """
 
     # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
@@ -335,8 +335,7 @@ class ExactArithmetic:
             new_xf = new_xf.view(shape)
             if word is not None:
                 words.append(word.view(shape))
-            last = n == self.depth - 1
-            new_vf = self._to_float(vi, dtype) if last or recording else _LAZY
+            new_vf = self._to_float(vi, dtype) if recording else _LAZY
         # |(1 - gamma) f|, |v| and |x| below 2**61 at every layer keep every sum below 2**63 (by
         # induction). Checked once per forward by `check_range`, not with a device sync per layer;
         # the backward recomputes the same values, which the detector verifies.
@@ -383,14 +382,14 @@ class ExactArithmetic:
         xi, vi, buffer, *words = state[2:]
         return (xi, vi, buffer.to(self.kept_buffer), *words)
 
-    def restore(self, saved: State) -> State:
+    def restore(self, saved: State, owned: bool) -> State:
         # `unstep_position` computes the position's float; the velocity's only if asked
-        # (`velocity`). Copies: the kernels write into the integers, and the saved ones serve
-        # every backward (retain_graph).
+        # (`velocity`). The kernels write into the integers: into the saved ones where they are
+        # owned, else into copies (under retain_graph, the saved ones serve every backward).
         words = saved[3:]
         placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
         contiguous = torch.contiguous_format
-        ints = (t.to(torch.int64, copy=True, memory_format=contiguous) for t in saved[:3])
+        ints = (t.to(torch.int64, copy=not owned, memory_format=contiguous) for t in saved[:3])
         return (placeholder, _LAZY, *ints, *words)
 
     def unstep_position(self, state: State) -> State:

@@ -35,7 +35,7 @@ class MomentumLayerList(MomentumNet):
 
     def forward(self, x: Tensor, *args: Any, return_velocity: bool = False, **kwargs: Any) -> Any:
         """As `MomentumNet.forward`; a 1-tuple ``(x_N,)`` when the blocks return tuples."""
-        state, spec = self._run(x, args, kwargs)
+        state, spec = self._run(x, args, kwargs, velocity=return_velocity)
         x_n = spec.arith.position(state)
         if return_velocity:
             return x_n, spec.arith.velocity(state)

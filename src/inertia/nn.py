@@ -368,7 +368,7 @@ class MomentumNet(nn.Module):
                 "return_state=True needs exact mode (exact=True, or use_backprop=False with exact "
                 "left None); use return_velocity=True."
             )
-        state, spec = self._run(x, args, kwargs, integers=return_state)
+        state, spec = self._run(x, args, kwargs, return_state, return_velocity)
         arith = spec.arith
         if return_state:
             assert isinstance(arith, ExactArithmetic)
@@ -377,11 +377,16 @@ class MomentumNet(nn.Module):
         return (x_n, arith.velocity(state)) if return_velocity else x_n
 
     def _run(
-        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], integers: bool = False
+        self,
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        integers: bool = False,
+        velocity: bool = True,
     ) -> tuple[State, StackSpec]:
         """The stack's final state, and its spec. Exact mode runs the float update, with its
         rational gamma, where autograd does not record (no backward will invert it) unless
-        ``integers`` asks for the fixed-point state."""
+        ``integers`` asks for the fixed-point state. ``velocity``: the caller reads ``v_N``."""
         _check_input(x)
         spec = self._spec(x.dtype)
         x = self._run_kept(spec, x, args, kwargs)
@@ -390,7 +395,9 @@ class MomentumNet(nn.Module):
             spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
         # Memory-free where a backward will come and can invert (gamma = 0 cannot).
         memory_free = recording and not self._use_backprop and self._gamma > 0
-        state = momentum_forward(spec, x, args, kwargs, memory_free=memory_free)
+        state = momentum_forward(
+            spec, x, args, kwargs, memory_free=memory_free, integers=integers, velocity=velocity
+        )
         return state, spec
 
     def inverse(self, x: Tensor | ExactState, *args: Any, **kwargs: Any) -> Any:
