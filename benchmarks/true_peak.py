@@ -2,13 +2,14 @@
 
 Plain autograd, checkpointing every block, memory-free float and exact, on five cases: residual MLP
 blocks where parameters dominate and where activations dominate, a 12-layer pre-norm
-nn.TransformerEncoder and torchvision's ResNet-50 and ResNet-101, gamma 0.9. Each case and variant
+nn.TransformerEncoder and torchvision's ResNet-50 and ResNet-101, gamma 0.9; on the ResNets also
+memory-free with the stem and each stage's first block checkpointed. Each case and variant
 is measured in a fresh process (`inertia.bench.true_peak`): on the CPU the resident high-water mark
 over one step, after a warm-up step, with .grad unset and under gradient accumulation; times in one
 more process per case, variants interleaved, with the time floor of the exact memory-free stack
 (`floor`: checkpointing plus the integer update, `inertia.bench.IntegerFloor`).
 
-Writes benchmarks/results/true_peak.{csv,md}. About 20 minutes on 2 CPU cores.
+Writes benchmarks/results/true_peak.{csv,md}. About 25 minutes on 2 CPU cores.
 
     python benchmarks/true_peak.py              # the committed results
     python benchmarks/true_peak.py --quick      # seconds: a tiny stack (the tests run it)
@@ -40,7 +41,11 @@ def describe(config: PeakConfig) -> str:
         f"`transform_to_momentumnet(model, 'layers', keep_first_layer=False, gamma={gamma})`; "
         "`resnetN`: torchvision's, 1,000 classes, train mode, converted with "
         f"`transform_to_momentumnet(resnet, gamma={gamma})` (the first block of each stage stays "
-        "an ordinary layer). Float32; the loss is the output's mean square. `floor` (timed only): "
+        "an ordinary layer); `momentum_free_ckpt_stem_first` and `momentum_exact_ckpt_stem_first` "
+        "(ResNets only) pass `checkpoint_stem=True, checkpoint_kept=True` too, so that the stem "
+        "and those first blocks keep only their inputs (non-reentrant checkpointing: the saved "
+        "bytes leave these inputs out, the true peak counts them). Float32; the loss is the "
+        "output's mean square. `floor` (timed only): "
         "`checkpoint` plus exact mode's integer kernels at each block's output size, the update "
         "in the forward and its inverse in the backward (`inertia.bench.IntegerFloor`): what a "
         "memory-free exact stack cannot avoid (one more forward per block and the integer "

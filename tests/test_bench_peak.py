@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from inertia.bench import (
+    LEAN_RESNET,
     VARIANTS,
     IntegerFloor,
     PeakCase,
@@ -175,6 +176,33 @@ def test_every_case_builds_and_trains(
     if case.model != "mlp":
         with pytest.raises(ValueError, match=f"not measured on {case.model}"):
             build(case, "momentumnet_0.10", torch.device("cpu"))
+    if not case.model.startswith("resnet"):
+        for variant in LEAN_RESNET:
+            assert not case.runs(variant)
+            with pytest.raises(ValueError, match=f"not measured on {case.model}"):
+                build(case, variant, torch.device("cpu"))
+
+
+def test_lean_resnet_checkpoints_the_stem_and_first_blocks(one_thread: None) -> None:
+    """momentum_free_ckpt_stem_first: the memory-free ResNet with its stem and each stage's first
+    block checkpointed, which changes what is kept, not the gradients."""
+    from inertia import MomentumNet
+    from inertia.models.resnet import CheckpointedStemResNet
+
+    case = PeakCase("resnet18", batch=2, image_size=32)
+    assert case.runs("momentum_free_ckpt_stem_first")
+    grads = {}
+    for variant in ("momentum_free", "momentum_free_ckpt_stem_first"):
+        model, (x,) = build(case, variant, torch.device("cpu"))
+        stages = [m for m in model.modules() if isinstance(m, MomentumNet)]
+        assert len(stages) == 4
+        lean = variant != "momentum_free"
+        assert isinstance(model, CheckpointedStemResNet) == lean
+        assert all(stage.checkpoint_kept == lean and stage.keep_first == 1 for stage in stages)
+        model(x).square().mean().backward()
+        grads[variant] = [p.grad for p in model.parameters()]
+    for a, b in zip(*grads.values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not clear_refs_works(), reason="needs Linux's /proc/self/clear_refs")

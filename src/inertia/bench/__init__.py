@@ -10,7 +10,10 @@ Variants, all on the same blocks and inputs:
 - ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse: the default of
   ``use_backprop=False``);
 - ``floor``, timed only: ``checkpoint`` plus exact mode's integer update and its inverse
-  (`IntegerFloor`), the least time that a memory-free exact stack can take.
+  (`IntegerFloor`), the least time that a memory-free exact stack can take;
+- on torchvision ResNets in `true_peak`, ``momentum_free_ckpt_stem_first`` and
+  ``momentum_exact_ckpt_stem_first`` (`LEAN_RESNET`): the memory-free ones with the stem and each
+  stage's first block checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
 
 Memory is counted as bytes saved for backward (`inertia.testing.SavedTensorMeter`, parameters
 excluded), after the forward and at the peak over forward and backward: exact and repeatable on any
@@ -43,6 +46,7 @@ from ._fresh import TruePeak, time_variants, true_peak
 from ._peak import StepPeak, measure_step_peaks
 from ._steps import (
     FLOOR,
+    LEAN_RESNET,
     PAPER,
     VARIANTS,
     IntegerFloor,
@@ -68,6 +72,7 @@ from ._table import (
 
 __all__ = [
     "FLOOR",
+    "LEAN_RESNET",
     "PAPER",
     "VARIANTS",
     "BenchConfig",

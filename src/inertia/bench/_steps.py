@@ -30,6 +30,9 @@ VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "moment
 FLOOR = "floor"
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
 PAPER = "momentumnet_0.10"
+#: ResNets only: memory-free (float or exact) with the stem and each stage's first block
+#: checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
+LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first")
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -238,6 +241,10 @@ class PeakCase:
             return stack
         raise ValueError(f"{type(model).__name__} has no stack at {path!r}")
 
+    def runs(self, variant: str) -> bool:
+        """Whether ``variant`` applies to this case (`LEAN_RESNET` only to the ResNets)."""
+        return variant not in LEAN_RESNET or self.model.startswith("resnet")
+
     def label(self) -> str:
         """The case in a few words, for tables."""
         if self.model in ("smollm2", "llama-tiny"):
@@ -264,6 +271,8 @@ def build(
     """
     from ..transform import transform_to_momentumnet  # it imports nn, as this module does
 
+    if not case.runs(variant):
+        raise ValueError(f"variant {variant!r} is not measured on {case.model}: ResNets only")
     torch.manual_seed(case.seed)
     if case.model == "mlp":
         blocks = mlp_blocks(case.width, case.depth)
@@ -311,14 +320,19 @@ def build(
         stacks = [paths] if isinstance(paths, str) else paths
         floor = case.gamma if variant == FLOOR else None
         model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
-    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact"):
+    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact") or (
+        variant in LEAN_RESNET and case.model.startswith("resnet")
+    ):
+        lean = variant in LEAN_RESNET
         model = transform_to_momentumnet(
             base,
             paths,
             keep_first_layer=keep_first,
             gamma=case.gamma,
             use_backprop=variant == "momentum_backprop",
-            exact=variant == "momentum_exact",
+            exact=variant.startswith("momentum_exact"),
+            checkpoint_kept=lean,
+            checkpoint_stem=lean,
             inplace=True,
         )
     else:

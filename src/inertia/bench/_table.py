@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ._fresh import time_variants, true_peak
-from ._steps import FLOOR, PeakCase
+from ._steps import FLOOR, LEAN_RESNET, PeakCase
 
 #: The cases of ``benchmarks/true_peak.py``: parameters dominate, activations dominate, an encoder,
 #: two ResNets.
@@ -30,8 +30,8 @@ DEFAULT_CASES = (
     PeakCase("resnet50", batch=16, image_size=224),
     PeakCase("resnet101", batch=16, image_size=224),
 )
-#: The variants of the true-peak table.
-PEAK_VARIANTS = ("plain", "checkpoint", "momentum_free", "momentum_exact")
+#: The variants of the true-peak table (`LEAN_RESNET` on the ResNets only).
+PEAK_VARIANTS = ("plain", "checkpoint", "momentum_free", "momentum_exact", *LEAN_RESNET)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class PeakConfig:
 
     Args:
         cases: The models and their sizes.
-        variants: Variants of each case (see `inertia.bench`); ``plain`` is the ratios' base.
+        variants: Variants of each case (see `inertia.bench`), those that apply to it
+            (`PeakCase.runs`); ``plain`` is the ratios' base.
         timed: Variants that are timed only, with the others (``floor``: the memory-free exact
             stack's floor, `IntegerFloor`).
         repeats: Timed steps of each variant (the median is reported), interleaved in one process
@@ -108,7 +109,8 @@ def run_true_peak(
     rows = []
     for case in config.cases:
         found = {}
-        for variant in config.variants:
+        variants = tuple(v for v in config.variants if case.runs(v))
+        for variant in variants:
             found[variant] = true_peak(
                 case,
                 variant,
@@ -123,7 +125,7 @@ def run_true_peak(
         if config.repeats:
             times = time_variants(
                 case,
-                config.variants + config.timed,
+                variants + config.timed,
                 config.repeats,
                 device=config.device,
                 threads=config.threads,
