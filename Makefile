@@ -41,8 +41,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# Two test processes (pytest-xdist) share the cores, each with its share of torch's threads
+# (tests/conftest.py): most tests are bound by Python, not by the kernels.
 unit: $(STAMP)
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n auto --maxprocesses 2 --dist worksteal --durations=15
 
 test: lint typecheck unit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -13,6 +14,16 @@ from inertia import MomentumNet
 from inertia.testing import backprop_twin
 
 DTYPES = [torch.float32, torch.float64]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each test process takes its share of the cores for torch's threads,
+    so that the processes do not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux
+        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 class MLP(nn.Module):
