@@ -320,9 +320,7 @@ def build(
         stacks = [paths] if isinstance(paths, str) else paths
         floor = case.gamma if variant == FLOOR else None
         model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
-    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact") or (
-        variant in LEAN_RESNET and case.model.startswith("resnet")
-    ):
+    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact", *LEAN_RESNET):
         lean = variant in LEAN_RESNET
         model = transform_to_momentumnet(
             base,
