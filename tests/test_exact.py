@@ -22,12 +22,14 @@ from inertia import InertiaError, InversionError, MomentumNet, transform_to_mome
 from inertia import _exact as inertia_exact
 from inertia._exact import ExactArithmetic, _schedule, bits_per_element, rational_gamma
 from inertia._kernels import (
+    _checksum_chunked,
     _Compiled,
     _step,
     _step_push,
     _unstep_position,
     _unstep_velocity,
     _unstep_velocity_pop,
+    checksum,
     step,
     step_push,
     unstep_velocity,
@@ -613,6 +615,21 @@ def test_compiled_and_eager_kernels_agree() -> None:
                 assert torch.equal(back[1], v)
                 assert torch.equal(back[2], buffer)
                 assert torch.equal(back[0], new_x - v)
+    # The inversion check's checksum: compiled (one reduction), chunked (eager) and Python's
+    # integers agree, over several chunks.
+    x, v = (torch.randint(-(2**61), 2**61, (300_000,), generator=gen) for _ in "xv")
+    compiled_sums, chunked = checksum(x, v), _checksum_chunked(x, v)
+    assert torch.equal(compiled_sums, chunked)
+    expected = [f(t) for t in (x.tolist(), v.tolist()) for f in (_low_sum, _high_sum)]
+    assert compiled_sums.tolist() == expected
+
+
+def _low_sum(values: list[int]) -> int:
+    return sum(a & ((1 << 31) - 1) for a in values)
+
+
+def _high_sum(values: list[int]) -> int:
+    return sum(a >> 31 for a in values)
 
 
 def test_compile_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:

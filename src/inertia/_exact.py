@@ -39,6 +39,7 @@ from ._arith import Check, State
 from ._errors import InertiaError, InversionError
 from ._kernels import (
     WORD,
+    checksum,
     eager,
     step,
     step_push,
@@ -53,7 +54,6 @@ __all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
-_CHUNK = 1 << 16  # elements per chunk of `fingerprint`, at least
 
 
 def rational_gamma(gamma: float) -> Fraction:
@@ -425,17 +425,10 @@ class ExactArithmetic:
         """A checksum of the fixed-point ``(x, v)``: the sums of their low 31 bits and of the
         rest (neither sum can overflow below 2**32 elements). A block that computes something else
         when run again changes the values, which moves the sums; the emptied buffer, also checked,
-        catches what they might miss. Summed in at most 64 chunks, so that the temporaries stay
-        small beside the state: the backward checks at block 0, where its peak can be."""
-        sums = torch.zeros(4, dtype=torch.int64, device=state[2].device)
-        for i, t in enumerate((state[2], state[3])):
-            flat = t.view(-1)
-            size = max(_CHUNK, -(-flat.numel() // 64))
-            for start in range(0, flat.numel(), size):
-                chunk = flat[start : start + size]
-                sums[2 * i] += (chunk & ((1 << 31) - 1)).sum()
-                sums[2 * i + 1] += (chunk >> 31).sum()
-        return sums
+        catches what they might miss. One compiled reduction without temporaries (eagerly, in
+        chunks): the backward checks at block 0, where its peak can be."""
+        result: Tensor = checksum(state[2].view(-1), state[3].view(-1))
+        return result
 
     def verify(self, start: Tensor, state: State, check: Check) -> None:
         """Raise unless the backward rebuilt the forward's ``(x_0, v_0)`` and emptied the buffer."""

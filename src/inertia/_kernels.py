@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "WORD",
+    "checksum",
     "eager",
     "step",
     "step_push",
@@ -182,6 +183,30 @@ def _unstep_velocity_pop(
     return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
 
 
+_LOW31 = (1 << 31) - 1
+_CHUNK = 1 << 16  # elements per chunk of the eager checksum, at least
+
+
+def _checksum(x: Tensor, v: Tensor) -> Tensor:
+    """The sums of the low 31 bits and of the rest of flat int64 ``x`` and ``v`` (no sum can
+    overflow below 2**32 elements): one fused reduction when compiled, no temporaries."""
+    parts = [(x & _LOW31).sum(), (x >> 31).sum(), (v & _LOW31).sum(), (v >> 31).sum()]
+    return torch.stack(parts)
+
+
+def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
+    """`_checksum` eagerly, in at most 64 chunks, so that its temporaries stay small beside the
+    state (the backward checks at block 0, where its peak can be)."""
+    sums = torch.zeros(4, dtype=torch.int64, device=x.device)
+    for i, flat in enumerate((x, v)):
+        size = max(_CHUNK, -(-flat.numel() // 64))
+        for start in range(0, flat.numel(), size):
+            chunk = flat[start : start + size]
+            sums[2 * i] += (chunk & _LOW31).sum()
+            sums[2 * i + 1] += (chunk >> 31).sum()
+    return sums
+
+
 _MIN_COMPILED = 4096  # below this many elements, launching a kernel costs more than it saves
 
 
@@ -200,14 +225,15 @@ class _Compiled:
 
     failed = False  # shared: one failure means the compiler is unavailable
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], fallback: Callable[..., Any] | None = None) -> None:
         self.fn = fn
+        self.fallback = fn if fallback is None else fallback  # uncompiled: the same results
         self.compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
         small = args[0].numel() < _MIN_COMPILED
         if small or _Compiled.failed or torch.compiler.is_compiling():
-            return self.fn(*args)
+            return self.fallback(*args)
         # Plain tensors (a view would make dynamo guard on its base's shape) and no autograd
         # state in the guards: one compiled kernel per function, dtype and device.
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
@@ -225,9 +251,10 @@ class _Compiled:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return self.fn(*args)
+            return self.fallback(*args)
 
 
+checksum = _Compiled(_checksum, _checksum_chunked)
 step = _Compiled(_step)
 step_push = _Compiled(_step_push)
 unstep_position = _Compiled(_unstep_position)
