@@ -198,12 +198,9 @@ def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
     """`_checksum` eagerly, in at most 64 chunks, so that its temporaries stay small beside the
     state (the backward checks at block 0, where its peak can be)."""
     sums = torch.zeros(4, dtype=torch.int64, device=x.device)
-    for i, flat in enumerate((x, v)):
-        size = max(_CHUNK, -(-flat.numel() // 64))
-        for start in range(0, flat.numel(), size):
-            chunk = flat[start : start + size]
-            sums[2 * i] += (chunk & _LOW31).sum()
-            sums[2 * i + 1] += (chunk >> 31).sum()
+    size = max(_CHUNK, -(-x.numel() // 64))  # x and v have the same size
+    for start in range(0, x.numel(), size):
+        sums += _checksum(x[start : start + size], v[start : start + size])
     return sums
 
 
