@@ -1,6 +1,7 @@
 """Bytes saved for backward and step time against depth: plain, checkpointing, momentum.
 
-Writes benchmarks/results/memory_vs_depth.{csv,md}. Full run on 2 CPU threads: about 8 minutes.
+Writes benchmarks/results/memory_vs_depth.{csv,md,png,pdf}. Full run on 2 CPU threads: about
+8 minutes.
 
     python benchmarks/memory_vs_depth.py            # the committed results
     python benchmarks/memory_vs_depth.py --quick    # a one-minute smoke run
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from inertia.bench import BenchConfig, describe, run, write_csv, write_markdown
+from inertia.plots import plot_bench
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/memory_vs_depth.py" + (" --quick" if args.quick else "")
     command += " --true-peak" if args.true_peak else ""
     write_markdown(rows, args.out / f"{stem}.md", command, describe(config))
+    plot_bench(args.out / f"{stem}.csv")  # the README's figure
     print((args.out / f"{stem}.md").read_text())
 
 

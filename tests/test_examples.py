@@ -38,6 +38,7 @@ def test_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     script = load(ROOT / "benchmarks" / "memory_vs_depth.py")
     script.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "memory_vs_depth_quick.csv").read_text().startswith("variant,case,depth")
+    assert (tmp_path / "memory_vs_depth_quick.png").stat().st_size > 10_000
     assert "| depth | plain | checkpoint |" in capsys.readouterr().out
 
 

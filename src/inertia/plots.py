@@ -28,8 +28,11 @@ _LABELS = {
     "plain": "plain",
     "checkpoint": "checkpoint every block",
     "momentum_backprop": "momentum, backprop",
-    "momentum_free": "momentum, memory-free",
-    "momentum_free_ckpt_stem_first": "momentum, memory-free + checkpointed stem, first block",
+    "momentum_free": "momentum, memory-free, float",
+    "momentum_exact": "momentum, memory-free, exact",
+    "momentum_free_ckpt_stem_first": "memory-free, float + checkpointed stem, first blocks",
+    "momentum_exact_ckpt_stem_first": "memory-free, exact + checkpointed stem, first blocks",
+    "momentumnet_0.10": "momentumnet 0.10 (the paper's package)",
 }
 _MARKERS = "osD^vP*X"
 _METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
@@ -233,7 +236,7 @@ def _bench_figure(rows: Sequence[BenchRow], sweep: bool) -> Figure:
     time.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     time.set(ylabel="training step time / plain (×)", title="time" if timed else "time: not timed")
     handles, labels = axes[0].get_legend_handles_labels()
-    ncols = len(labels) if sum(map(len, labels)) <= 100 else math.ceil(len(labels) / 2)
+    ncols = len(labels) if sum(map(len, labels)) <= 100 else 3  # longer rows fall off the figure
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
     what = "Residual MLP stack, against depth" if sweep else "Converted models"
     fig.suptitle(f"{what}: memory saved for backward and training step time")
