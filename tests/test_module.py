@@ -12,7 +12,7 @@ from torch import nn
 
 import inertia._autograd
 from conftest import MLP, twins
-from inertia import MomentumNet, from_momentumnet_state_dict
+from inertia import InertiaError, MomentumNet, from_momentumnet_state_dict
 from inertia.testing import relative_error
 
 
@@ -142,6 +142,27 @@ def test_gamma_one_warns() -> None:
 
 def test_repr_names_settings() -> None:
     assert "gamma=0.9, use_backprop=False" in repr(MomentumNet([MLP()], 0.9, use_backprop=False))
+
+
+@pytest.mark.parametrize("keep_first_layer", [True, False])
+def test_from_momentumnet_transformed_resnet(keep_first_layer: bool) -> None:
+    """A ResNet converted by momentumnet's own transform_to_momentumnet, saved, loads into
+    inertia's conversion of the same ResNet (strict) and computes the same outputs."""
+    momentumnet = pytest.importorskip("momentumnet")
+    resnet18 = pytest.importorskip("torchvision.models").resnet18
+    from inertia import transform_to_momentumnet
+
+    # Without keep_first_layer, only layer1 keeps its shape through its first block.
+    layers = ["layer1", "layer2", "layer3", "layer4"] if keep_first_layer else ["layer1"]
+    torch.manual_seed(0)
+    old = momentumnet.transform_to_momentumnet(resnet18(num_classes=10), layers, keep_first_layer)
+    new = transform_to_momentumnet(resnet18(num_classes=10), layers, keep_first_layer)
+    new.load_state_dict(from_momentumnet_state_dict(old.state_dict(), layers, keep_first_layer))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(images), old.eval()(images))
+    with pytest.raises(InertiaError, match="check sub_layers and keep_first_layer"):
+        from_momentumnet_state_dict(old.state_dict(), layers, not keep_first_layer)
 
 
 def test_from_momentumnet_state_dict() -> None:

@@ -29,10 +29,10 @@ class MomentumNet(nn.Module):
 
     Iterates, over the blocks ``f_0 ... f_{N-1}``,
 
-    .. code-block:: text
-
-        v_{n+1} = gamma * v_n + (1 - gamma) * f_n(x_n)
-        x_{n+1} = x_n + v_{n+1}
+    ```text
+    v_{n+1} = gamma * v_n + (1 - gamma) * f_n(x_n)
+    x_{n+1} = x_n + v_{n+1}
+    ```
 
     from ``v_0 = init_function(x_0)`` (or zero). The map inverts in closed form, so with
     ``use_backprop=False`` training keeps no activations: backward rebuilds ``x_n, v_n`` block by
@@ -88,7 +88,7 @@ class MomentumNet(nn.Module):
             2**e``). An integer: a fixed grid of step ``2**-fraction_bits``, values below
             ``2**(61 - fraction_bits)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from inertia import MomentumNet
@@ -412,7 +412,7 @@ class MomentumNet(nn.Module):
         must be deterministic (eval mode for dropout) and stateless for the inverse to match the
         forward.
 
-        Example:
+        Examples:
             >>> net = MomentumNet([nn.Linear(3, 3) for _ in range(4)], gamma=0.9).eval()
             >>> x = torch.randn(2, 3)
             >>> x0, v0 = net.inverse(*net(x, return_velocity=True))
@@ -498,19 +498,61 @@ def _check_input(x: Any) -> None:
 _MOMENTUMNET_KEY = re.compile(r"(^|\.)network\.(?=(\d+|init)\.)")
 
 
-def from_momentumnet_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def from_momentumnet_state_dict(
+    state_dict: Mapping[str, Any],
+    sub_layers: Iterable[str] | None = None,
+    keep_first_layer: bool = True,
+) -> dict[str, Any]:
     """Rename the keys of a state_dict saved by ``momentumnet`` 0.10 to inertia's.
 
-    ``momentumnet`` nests the blocks under ``network`` (``network.0.weight``, ``network.init.*``);
-    inertia registers them directly (``0.weight``, ``init.*``). Keys of enclosing models keep their
-    prefix (``layer1.network.0.conv1.weight`` becomes ``layer1.0.conv1.weight``).
+    ``momentumnet`` nests the blocks of a ``MomentumNet`` under ``network`` (``network.0.weight``,
+    ``network.init.*``); inertia registers them directly (``0.weight``, ``init.*``). Keys of
+    enclosing models keep their prefix (``encoder.network.0.weight`` becomes ``encoder.0.weight``).
 
-    Example:
+    ``momentumnet``'s ``transform_to_momentumnet`` also wraps each stack it converts in
+    ``nn.Sequential``: with ``keep_first_layer``, block ``N + 1`` of ``layer1`` is saved as
+    ``layer1.1.0.network.N.*``, without it block ``N`` as ``layer1.0.network.N.*``. Name those
+    stacks in ``sub_layers`` and the keys become those of the original model, which inertia's
+    `transform_to_momentumnet` keeps (``layer1.2.conv1.weight``).
+
+    Args:
+        state_dict: The state_dict that ``momentumnet`` saved.
+        sub_layers: The stacks that ``momentumnet``'s ``transform_to_momentumnet`` converted, as
+            passed to it (its default is ``["layer1", "layer2", "layer3", "layer4"]``); None
+            for ``MomentumNet`` modules built by hand.
+        keep_first_layer: As passed to ``momentumnet``'s ``transform_to_momentumnet``.
+
+    Returns:
+        A new state_dict with inertia's keys and the same values.
+
+    Raises:
+        InertiaError: A stack of ``sub_layers`` has no key in the layout that
+            ``keep_first_layer`` gives, or two keys would become one.
+
+    Examples:
         >>> old = {"network.0.weight": torch.ones(3, 3), "network.0.bias": torch.zeros(3)}
         >>> sorted(from_momentumnet_state_dict(old))
         ['0.bias', '0.weight']
+        >>> converted = {"layer1.0.conv1.weight": 0, "layer1.1.0.network.0.conv1.weight": 1}
+        >>> sorted(from_momentumnet_state_dict(converted, ["layer1"]))
+        ['layer1.0.conv1.weight', 'layer1.1.conv1.weight']
     """
-    out = {_MOMENTUMNET_KEY.sub(r"\1", key): value for key, value in state_dict.items()}
+    shift, nest = (1, "1.0.network") if keep_first_layer else (0, "0.network")
+    renamed: dict[str, Any] = dict(state_dict)
+    for stack in sub_layers or ():
+        pattern = re.compile(rf"^{re.escape(stack)}\.{re.escape(nest)}\.(\d+)\.")
+        found = {key: pattern.match(key) for key in renamed}
+        if not any(found.values()):
+            raise InertiaError(
+                f"no key of {stack!r} starts with '{stack}.{nest}.', where momentumnet's "
+                f"transform_to_momentumnet with keep_first_layer={keep_first_layer} saves its "
+                "blocks: check sub_layers and keep_first_layer."
+            )
+        renamed = {
+            (f"{stack}.{int(m[1]) + shift}.{key[m.end() :]}" if m else key): value
+            for (key, value), m in zip(renamed.items(), found.values(), strict=True)
+        }
+    out = {_MOMENTUMNET_KEY.sub(r"\1", key): value for key, value in renamed.items()}
     if len(out) != len(state_dict):
         raise InertiaError("renaming momentumnet keys made two keys equal; load them by hand.")
     return out
