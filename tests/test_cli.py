@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,18 @@ def test_missing_data_dir_names_the_layout(
     err = capsys.readouterr().err
     assert "inertia train: error:" in err
     assert "cifar-10-batches-py" in err
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """A resumed run trains on with the checkpoint's optimizer and schedule: other settings would
+    silently make it a different run."""
+    config = TrainConfig(dataset="synthetic", epochs=1, batch_size=32, exact=False,
+                         out=str(tmp_path), progress=False)  # fmt: skip
+    fit(config)
+    for other in ({"epochs": 2}, {"exact": None}, {"lr": 0.1}):
+        with pytest.raises(InertiaError, match=f"{next(iter(other))} .*Repeat the first run's"):
+            fit(replace(config, resume=True, **other))
+    assert fit(replace(config, resume=True, progress=True)).metrics  # nothing left to train
 
 
 def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

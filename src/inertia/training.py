@@ -239,6 +239,25 @@ def fit(config: TrainConfig) -> TrainResult:
         ranks.close()
 
 
+#: Settings that a resumed run may change: they do not alter what it computes.
+_RESUMABLE = frozenset({"resume", "progress", "out", "device"})
+
+
+def _check_resumed(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """Refuses to resume a run with settings other than those its checkpoint was trained with."""
+    changed = {
+        name: (saved[name], value)
+        for name, value in asdict(config).items()
+        if name not in _RESUMABLE and name in saved and saved[name] != value
+    }
+    if changed:
+        diff = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
+        raise InertiaError(
+            f"--resume: {path} was trained with other settings: {diff}. Repeat the first run's "
+            f"flags (they are in {path.parent / 'config.json'}), or train into a new --out."
+        )
+
+
 def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +282,7 @@ def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
         if not ckpt_path.exists():
             raise InertiaError(f"--resume: no checkpoint at {ckpt_path}; run without --resume.")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _check_resumed(config, state["config"], ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
