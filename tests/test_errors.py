@@ -100,6 +100,17 @@ def test_double_backward_names_alternative() -> None:
     assert torch.allclose(g, g2, atol=1e-6)
 
 
+def test_loss_through_a_blocks_captured_output_names_the_fix() -> None:
+    """A block's output captured by a hook (as HuggingFace's output_hidden_states does) carries the
+    memory-free forward's throwaway graph, which saved nothing."""
+    net = MomentumNet([MLP() for _ in range(3)], gamma=0.9, use_backprop=False)
+    captured: list[Tensor] = []
+    net[1].register_forward_hook(lambda module, args, out: captured.append(out))
+    net(torch.randn(4, 8, requires_grad=True))
+    with pytest.raises(InertiaError, match="use_backprop=True"):
+        captured[0].sum().backward()
+
+
 def test_init_speed_without_function() -> None:
     with pytest.raises(ValueError, match="init_speed=True needs an init_function"):
         MomentumNet([MLP()], 0.9, init_speed=True)

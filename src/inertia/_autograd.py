@@ -259,7 +259,14 @@ def _discard(tensor: Tensor) -> None:
 
 
 def _unreachable(packed: None) -> Tensor:
-    raise AssertionError("the memory-free forward's own graph is never differentiated")
+    """Unpack hook of the forward's throwaway graphs: reached only through a block's own output,
+    captured before the stack detached it (a forward hook, HuggingFace's hidden states)."""
+    raise InertiaError(
+        "a loss was differentiated through a tensor that a block of a memory-free stack produced "
+        "in the forward (captured by a forward hook, or HuggingFace's output_hidden_states or "
+        "output_attentions): the stack keeps no graph through its blocks. Compute the loss from "
+        "the stack's output, or train this stack with use_backprop=True."
+    )
 
 
 def _sharded(module: nn.Module) -> bool:
