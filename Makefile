@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.inertia-installed
 
-.PHONY: demo test lint typecheck unit bench experiments llm clean
+.PHONY: demo test lint typecheck docs unit bench experiments llm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -n auto --maxprocesses 2 --dist worksteal --durations=15
 
-test: lint typecheck unit
+# The documentation site, in strict mode: a warning, a broken link or anchor, or an API reference
+# that does not resolve fails the build. tests/test_docs.py runs the pages' code blocks.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+test: lint typecheck docs unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/memory_vs_depth.py
@@ -59,4 +64,4 @@ experiments: $(STAMP)
 	for name in $(EXPERIMENTS); do $(PY) -m inertia experiment $$name --out docs/experiments || exit 1; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

@@ -40,7 +40,7 @@ def find_residual_stacks(
     output, and that keep the shape of their input (all but the first with ``keep_first_layer``).
     Stacks nested inside a stack that was found are skipped.
 
-    Example:
+    Examples:
         >>> from torchvision.models import resnet18
         >>> find_residual_stacks(resnet18(), torch.randn(1, 3, 32, 32))
         ['layer1', 'layer2', 'layer3', 'layer4']

@@ -14,4 +14,4 @@ class InversionError(InertiaError):
 
 
 class InversionWarning(UserWarning):
-    """Like :class:`InversionError`, issued instead when ``check_inversion="warn"``."""
+    """Like `InversionError`, issued instead when ``check_inversion="warn"``."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ._errors import InertiaError
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
 
 
 def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -220,8 +220,8 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0 if result.holds else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``inertia`` and ``python -m inertia``; returns the exit status."""
+def parser() -> argparse.ArgumentParser:
+    """The parser of ``inertia``; the documentation's tests check its pages' commands with it."""
     parser = argparse.ArgumentParser(
         prog="inertia",
         description="Momentum residual networks: train, benchmark, plot, reproduce experiments.",
@@ -231,7 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _bench_parser(sub)
     _plot_parser(sub)
     _experiment_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``inertia`` and ``python -m inertia``; returns the exit status."""
+    args = parser().parse_args(argv)
     commands = {"train": _train, "bench": _bench, "plot": _plot, "experiment": _experiment}
     command = commands[args.command]
     try:

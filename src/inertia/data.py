@@ -55,7 +55,7 @@ class DatasetSplit:
     ``(channels, size, size)``, normalized per channel, and an int64 scalar tensor in
     ``[0, num_classes)``.
 
-    Example:
+    Examples:
         >>> split = load_dataset("synthetic", synthetic_size=64)
         >>> image, label = split.train[0]
         >>> image.shape, label.dtype, len(split.train), len(split.test)
@@ -272,7 +272,7 @@ def load_dataset(
         InertiaError: Files missing (the message gives the expected layout) or an optional
             dependency missing (it gives the ``pip install``).
 
-    Example:
+    Examples:
         >>> split = load_dataset("synthetic", seed=1)
         >>> split.num_classes, split.channels, split.size, len(split.train) + len(split.test)
         (4, 3, 8, 512)

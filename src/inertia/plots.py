@@ -76,7 +76,7 @@ def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
         InertiaError: ``metrics.csv`` is missing, has no rows or lacks a column; or matplotlib
             is not installed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> header = "epoch,train_loss,train_accuracy,test_loss,test_accuracy"
         >>> with tempfile.TemporaryDirectory() as run_dir:
@@ -140,7 +140,7 @@ def plot_bench(csv_path: str | Path, out_dir: str | Path | None = None) -> list[
         InertiaError: The file is missing, empty, or lacks a column of `inertia.bench.BenchRow`;
             or matplotlib is not installed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from inertia import bench
         >>> config = bench.BenchConfig(

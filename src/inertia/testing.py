@@ -61,7 +61,7 @@ class SavedTensorMeter:
     is then the most bytes held at once, forward and backward together. Storages of ``ignore``
     (typically the model's parameters, which exist anyway) are not counted.
 
-    Example:
+    Examples:
         >>> lin = nn.Linear(4, 4)
         >>> with SavedTensorMeter(ignore=lin.parameters()) as meter:
         ...     lin(torch.randn(2, 4, requires_grad=True)).sum().backward()
@@ -121,7 +121,7 @@ def backprop_twin(model: nn.Module) -> nn.Module:
     default when memory-free): the reference that `assert_gradients_match` compares a memory-free
     model with. Weights, buffers and modes are copied; the two then evolve independently.
 
-    Example:
+    Examples:
         >>> from inertia import MomentumNet
         >>> net = MomentumNet([nn.Linear(4, 4) for _ in range(3)], gamma=0.9, use_backprop=False)
         >>> twin = backprop_twin(net)

@@ -82,7 +82,7 @@ def transform_to_momentumnet(
     Returns:
         The converted model (``model`` itself when ``inplace``).
 
-    Example:
+    Examples:
         >>> from torchvision.models import resnet18
         >>> mresnet = transform_to_momentumnet(resnet18(), gamma=0.9)
         >>> type(mresnet.layer1).__name__, len(mresnet.layer1)

@@ -42,7 +42,7 @@ class TruePeak:
             still holds after the forward (`stack_saved_bytes`); None for cases without one.
         warnings: The warnings the process raised (an ``InversionWarning``, say), once each.
 
-    Example:
+    Examples:
         >>> step = StepPeak(2.0**20, 2.0**30, 0, "rss")
         >>> TruePeak("mlp", "plain", "cpu", step, step, None, 0, 0).grad_unset.method
         'rss'
@@ -183,7 +183,7 @@ def true_peak(
     Raises:
         InertiaError: The process failed (its error output is quoted) or timed out.
 
-    Example:
+    Examples:
         >>> result = true_peak(PeakCase("mlp", depth=2, batch=4, width=8), "momentum_free")
         >>> result.grad_unset.grad_bytes, result.grad_accumulated.grad_bytes
         (0, 1152)
@@ -213,7 +213,7 @@ def time_variants(
     warms up (`.grad` unset before each step), so that a noisy machine's drift touches all alike.
     No memory is measured in that process.
 
-    Example:
+    Examples:
         >>> times = time_variants(PeakCase("mlp", depth=2, batch=4, width=8), ["plain"], 2)
         >>> len(times["plain"])
         2

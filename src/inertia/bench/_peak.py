@@ -59,7 +59,7 @@ class StepPeak:
         method: ``"rss"`` (``/proc/self`` resident set) or ``"cuda"`` (CUDA allocator).
         reason: Why the peak is nan; empty when it was read.
 
-    Example:
+    Examples:
         >>> StepPeak(2.0**20, 2.0**30, 0, "rss").peak_bytes / 2**20
         1.0
     """
@@ -74,7 +74,7 @@ class StepPeak:
 def peak_method(device: torch.device) -> str:
     """How the peak is read on ``device``: ``"cuda"`` on a CUDA device, else ``"rss"``.
 
-    Example:
+    Examples:
         >>> peak_method(torch.device("cpu"))
         'rss'
     """
@@ -84,7 +84,7 @@ def peak_method(device: torch.device) -> str:
 def rss_unavailable() -> str:
     """Why this process cannot measure a step's resident peak; empty when it can.
 
-    Example:
+    Examples:
         >>> isinstance(rss_unavailable(), str)
         True
     """
@@ -173,7 +173,7 @@ def measure_step_peaks(
     Returns:
         (``.grad`` unset, gradient accumulation, the optimizer's step or None).
 
-    Example:
+    Examples:
         >>> unset, accumulated, _ = measure_step_peaks(nn.Linear(8, 8), (torch.randn(4, 8),))
         >>> unset.grad_bytes, accumulated.grad_bytes
         (0, 288)

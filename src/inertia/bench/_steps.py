@@ -208,7 +208,7 @@ class PeakCase:
         lora: Train peft LoRA adapters (rank 8 on the attention projections) instead of every
             weight; ``"smollm2"`` and ``"llama-tiny"`` only.
 
-    Example:
+    Examples:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
         'encoder, 12 layers, d 256, batch 16, seq 512'
     """
@@ -411,7 +411,7 @@ def stack_saved_bytes(model: nn.Module, inputs: tuple[Any, ...], stack: nn.Modul
     one of its submodules to the next call of a module outside it (a parent's loop over its
     layers counts, its final norm and head do not). The forward's graph is freed, no backward runs.
 
-    Example:
+    Examples:
         >>> body = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
         >>> model = nn.Sequential(nn.Linear(4, 4), body, nn.Linear(4, 4))
         >>> stack_saved_bytes(model, (torch.randn(2, 4),), body)  # Linear's input, Tanh's output

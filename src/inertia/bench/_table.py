@@ -51,7 +51,7 @@ class PeakConfig:
         optimizer: ``"sgd"`` or ``"adam"``: measure its step as well, reported apart.
         timeout: Seconds allowed to each process.
 
-    Example:
+    Examples:
         >>> PeakConfig(cases=(PeakCase("mlp", depth=4),), repeats=0).variants[:2]
         ('plain', 'checkpoint')
     """
@@ -73,7 +73,7 @@ class PeakRow:
     Peaks are bytes beyond what the process held just before the step; nan where they could not
     be read (``reason``). Ratios are against ``plain`` of the same case.
 
-    Example:
+    Examples:
         >>> PeakRow("plain", "mlp", 2.0**20, 2.0**20, math.nan, 0, 0, 1.0).step_ms
         1.0
     """
@@ -99,7 +99,7 @@ def run_true_peak(
     """Every case and variant of ``config``: one fresh process each for memory, one per case for
     time.
 
-    Example:
+    Examples:
         >>> config = PeakConfig(
         ...     cases=(PeakCase("mlp", depth=2, batch=4, width=8),), variants=("plain",), repeats=0
         ... )

@@ -6,7 +6,7 @@ steps and optimizer), checks the paper's claim on every seed with a stated margi
 Figures need matplotlib (``pip install 'inertia[plot]'``); ``ode-limit`` needs torchdiffeq
 (``pip install 'inertia[science]'``).
 
-Example:
+Examples:
     >>> from inertia.experiments import list_experiments
     >>> list_experiments()[:2]
     ['crossing', 'rings']

@@ -4,9 +4,9 @@ The mapping, with step ``h = T / N``: blocks output ``h f(x)``, ``gamma = 1 - h 
 initial velocity is ``v_0 = h x'(0)``. Then the network's velocity is ``v_n = h u_n`` with ``u_n
 ~ x'(t_n)``, and its update
 
-.. code-block:: text
-
-    v_{n+1} = gamma v_n + (1 - gamma) h f(x_n),   x_{n+1} = x_n + v_{n+1}
+```text
+v_{n+1} = gamma v_n + (1 - gamma) h f(x_n),   x_{n+1} = x_n + v_{n+1}
+```
 
 reads, divided by ``h``, ``u_{n+1} = u_n + (h / eps) (f(x_n) - u_n)`` and ``x_{n+1} = x_n + h
 u_{n+1}``: the semi-implicit Euler step of ``x' = u, eps u' = f(x) - u``. It is consistent of

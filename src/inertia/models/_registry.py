@@ -72,7 +72,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Raises:
         InertiaError: No model of that name; the message lists close matches.
 
-    Example:
+    Examples:
         >>> model = create_model("momentum_resnet18_cifar", num_classes=100)
         >>> type(model.layer1).__name__, model.fc.out_features
         ('MomentumNet', 100)
@@ -99,7 +99,7 @@ def list_models(pattern: str = "*") -> list[str]:
     Returns:
         The matching names, in alphabetical order.
 
-    Example:
+    Examples:
         >>> list_models("momentum_resnet5*")
         ['momentum_resnet50', 'momentum_resnet50_cifar']
     """
