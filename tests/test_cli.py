@@ -175,6 +175,16 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="resident peaks need Linux's /proc")
+def test_bench_table_names_what_it_measured(tmp_path: Path) -> None:
+    """bench.md's command and description are those of the run, batch sweep included."""
+    args = ["bench", "--depths", "2", "--batches", "4", "8", "--variants", "plain",
+            "momentum_free", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "`inertia bench --depths 2 --batches 4 8 --variants plain momentum_free`" in table
+    assert "batches 4, 8," in table
+
+
 def test_bench_true_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--true-peak: one fresh process per depth and variant, beside the bytes saved."""
     args = ["bench", "--quick", "--depths", "4", "--variants", "plain", "momentum_free"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -120,9 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "bench.csv")
-    command = "inertia bench" + (" --quick" if args.quick else "")
-    command += " --true-peak" if args.true_peak else ""
-    write_markdown(rows, out / "bench.md", command, describe(config))
+    write_markdown(rows, out / "bench.md", _bench_command(args), describe(config))
     plots = _try_plots(lambda: plot_bench(out / "bench.csv"))
     deepest = max(config.depths)
     cell = {r.variant: r for r in rows if r.depth == deepest}  # the last batch size
@@ -139,6 +138,17 @@ def _bench(args: argparse.Namespace) -> int:
         f"{free.time_ratio:.2f}x plain's step | {out / 'bench.md'}{plots}"
     )
     return 0
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a bench run's table (its ``--out`` aside)."""
+    words = ["inertia", "bench", *(["--quick"] if args.quick else [])]
+    for flag, values in (("--depths", args.depths), ("--batches", args.batches),
+                         ("--variants", args.variants)):  # fmt: skip
+        words += [flag, *map(str, values)] if values else []
+    words += ["--true-peak"] if args.true_peak else []
+    words += ["--device", args.device] if args.device != "cpu" else []
+    return shlex.join(words)
 
 
 def _try_plots(make: Callable[[], list[Path]]) -> str:
