@@ -11,7 +11,8 @@ Every fenced block of the README and of ``docs/`` declares its language:
   page's Python prints, and must appear in its output as written.
 
 Every figure of the prose (a number in MiB, GiB, ms, x or %, or in scientific notation) must be
-found, to its shown precision, in a results file that the page links to: the committed files of
+found, to its shown precision, in a results file that the page links to and whose command (its
+script, or ``inertia experiment NAME``) the page names: the committed files of
 ``benchmarks/results/`` and ``docs/experiments/``. Settings and constants are written as code
 (```1e-5```), which this check skips. The site itself is built by ``make docs`` in strict mode.
 """
@@ -220,22 +221,36 @@ def matches(shown: str, measured: list[float]) -> bool:
     return any(math.isclose(round(m, decimals), value, abs_tol=1e-12) for m in measured)
 
 
+def producer(source: Path) -> str:
+    """The command that wrote a results file, as the page must name it: its script, or
+    ``inertia experiment NAME``."""
+    found = re.search(r"(?:Produced by|Command:) `([^`]*)`", source.read_text())
+    assert found, f"{source} does not say which command produced it"
+    words = found[1].split()
+    return next((w for w in words if w.endswith(".py")), " ".join(words[:3]))
+
+
 def unmeasured(page: Path, text: str | None = None) -> list[str]:
-    """The figures of ``page`` (or of ``text`` in its place) found in none of its sources."""
+    """The figures of ``page`` (or of ``text`` in its place) that no linked results file whose
+    command the page names holds."""
     text = page.read_text() if text is None else text
-    measured = [float(n.replace(",", "")) for src in sources(page, text)
-                for n in NUMBER.findall(src.read_text())]  # fmt: skip
+    measured = [
+        [float(n.replace(",", "")) for n in NUMBER.findall(src.read_text())]
+        for src in dict.fromkeys(sources(page, text))
+        if producer(src) in text
+    ]
     figures = FIGURE.finditer(prose(text))
-    return [f[0] for f in figures if not matches(f[1] + (f[3] or ""), measured)]
+    return [f[0] for f in figures if not any(matches(f[1] + (f[3] or ""), m) for m in measured)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_figures_come_from_linked_results(page: Path) -> None:
     missing = unmeasured(page)
+    linked = {str(s.relative_to(ROOT)): producer(s) for s in sources(page, page.read_text())}
     assert not missing, (
-        f"{page_id(page)}: figures found in none of the results files it links to "
-        f"({[str(s.relative_to(ROOT)) for s in sources(page, page.read_text())]}): {missing}. "
-        "Quote the file, link it, or write a setting as code."
+        f"{page_id(page)}: figures found in no results file that the page both links to and "
+        f"names the command of ({linked}): {missing}. Quote the file, link it and name its "
+        "command, or write a setting as code."
     )
 
 
@@ -246,3 +261,5 @@ def test_an_invented_figure_is_caught() -> None:
     for invented in ("12,345.6 MiB", "0.123x", "4.56e-7", "12.3%"):
         assert unmeasured(page, f"{text}\n\nWe measured {invented}.\n") == [invented]
     assert not unmeasured(page, f"{text}\n\nA tolerance of `4.56e-7`.\n")
+    unnamed = text.replace("benchmarks/true_peak.py", "the benchmark")
+    assert "1,220.2 MiB" in unmeasured(page, unnamed)  # its file's command is no longer named
