@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InertiaError
-from .bench import VARIANTS, BenchRow
+from .bench import LEAN_RESNET, PAPER, VARIANTS, BenchRow
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,9 +30,9 @@ _LABELS = {
     "momentum_backprop": "momentum, backprop",
     "momentum_free": "momentum, memory-free, float",
     "momentum_exact": "momentum, memory-free, exact",
-    "momentum_free_ckpt_stem_first": "memory-free, float + checkpointed stem, first blocks",
-    "momentum_exact_ckpt_stem_first": "memory-free, exact + checkpointed stem, first blocks",
-    "momentumnet_0.10": "momentumnet 0.10 (the paper's package)",
+    LEAN_RESNET[0]: "memory-free, float + checkpointed stem, first blocks",
+    LEAN_RESNET[1]: "memory-free, exact + checkpointed stem, first blocks",
+    PAPER: "momentumnet 0.10 (the paper's package)",
 }
 _MARKERS = "osD^vP*X"
 _METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")

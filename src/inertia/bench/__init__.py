@@ -300,7 +300,7 @@ def _builders(
         "momentum_exact": functools.partial(momentum, None, False),  # the default
     }
     if keep_first:
-        builders["momentum_exact_ckpt_stem_first"] = functools.partial(momentum, None, True)
+        builders[LEAN_RESNET[1]] = functools.partial(momentum, None, True)
     return builders
 
 
