@@ -13,8 +13,9 @@ Every fenced block of the README and of ``docs/`` declares its language:
 Every figure of the prose (a number in MiB, GiB, ms, x or %, or in scientific notation) must be
 found, to its shown precision, in a results file that the page links to and whose command (its
 script, or ``inertia experiment NAME``) the page names: the committed files of
-``benchmarks/results/`` and ``docs/experiments/``. Settings and constants are written as code
-(```1e-5```), which this check skips. The site itself is built by ``make docs`` in strict mode.
+``benchmarks/results/`` and ``docs/experiments/``. Settings and constants are written as inline
+code (a tolerance of `1e-5` in backticks), which this check skips. The site itself is built
+by ``make docs`` in strict mode.
 """
 
 from __future__ import annotations
@@ -42,10 +43,8 @@ FENCE = re.compile(
     r"^(?P=indent)(?P=fence)[ \t]*$",
     re.M | re.S,
 )
-LANGUAGES = {"python", "bash", "console", "text", "bibtex", 'text title="Output"'}
-
-
 OUTPUT = 'text title="Output"'
+LANGUAGES = {"python", "bash", "console", "text", "bibtex", OUTPUT}
 
 
 def blocks(page: Path) -> list[tuple[str, str]]:
