@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from inertia import cli
 
@@ -91,7 +92,7 @@ def test_code_blocks_run(page: Path, tmp_path: Path) -> None:
     if any("init_process_group" in code for _, code in found):
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))  # fmt: skip
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # this worker's share
     shell = "".join(code for lang, code in found if lang == "bash")
     python = "\n".join(code for lang, code in found if lang == "python")
     for command, code in ((["bash", "-euo", "pipefail"], shell), ([sys.executable], python)):

@@ -541,8 +541,8 @@ def from_momentumnet_state_dict(
     renamed: dict[str, Any] = dict(state_dict)
     for stack in sub_layers or ():
         pattern = re.compile(rf"^{re.escape(stack)}\.{re.escape(nest)}\.(\d+)\.")
-        found = {key: pattern.match(key) for key in renamed}
-        if not any(found.values()):
+        found = [pattern.match(key) for key in renamed]
+        if not any(found):
             raise InertiaError(
                 f"no key of {stack!r} starts with '{stack}.{nest}.', where momentumnet's "
                 f"transform_to_momentumnet with keep_first_layer={keep_first_layer} saves its "
@@ -550,7 +550,7 @@ def from_momentumnet_state_dict(
             )
         renamed = {
             (f"{stack}.{int(m[1]) + shift}.{key[m.end() :]}" if m else key): value
-            for (key, value), m in zip(renamed.items(), found.values(), strict=True)
+            for (key, value), m in zip(renamed.items(), found, strict=True)
         }
     out = {_MOMENTUMNET_KEY.sub(r"\1", key): value for key, value in renamed.items()}
     if len(out) != len(state_dict):

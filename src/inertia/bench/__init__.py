@@ -253,8 +253,8 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
 
 def describe(config: BenchConfig) -> str:
     """The depth sweep's configuration, in one sentence for the results table."""
-    sweep = ", ".join(map(str, config.batches))
-    batch = f"batches {sweep}" if config.batches else f"batch {config.batch}"
+    sizes = ", ".join(map(str, config.batches))
+    batch = f"batches {sizes}" if config.batches else f"batch {config.batch}"
     return (
         f"Blocks Linear({config.width})-GELU-Linear({config.width}), {batch}, "
         f"gamma {config.gamma}; time: median of {config.repeats} interleaved steps "
