@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from conftest import MLP
 from inertia import InertiaError, InversionError, MomentumNet, transform_to_momentumnet
-from inertia import _exact as inertia_exact
-from inertia._exact import ExactArithmetic, _schedule, bits_per_element, rational_gamma
-from inertia._kernels import (
+from inertia._core import exact as inertia_exact
+from inertia._core.exact import ExactArithmetic, _schedule, bits_per_element, rational_gamma
+from inertia._core.kernels import (
     _checksum_chunked,
     _Compiled,
     _step,

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import MLP
 from inertia import MomentumNet
-from inertia._exact import _schedule
+from inertia._core.exact import _schedule
 from inertia.testing import SavedTensorMeter
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import inertia._autograd
+import inertia._core.chain
 from conftest import MLP, twins
 from inertia import InertiaError, MomentumNet, from_momentumnet_state_dict
 from inertia.testing import relative_error
@@ -117,7 +117,7 @@ def test_no_grad_costs_nothing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object) -> None:
         raise AssertionError("the custom Function ran")
 
-    monkeypatch.setattr(inertia._autograd._Start, "apply", forbidden)
+    monkeypatch.setattr(inertia._core.chain._Start, "apply", forbidden)
     with torch.no_grad():
         assert torch.equal(net(x), expected)
     with torch.inference_mode():

@@ -309,7 +309,7 @@ def test_zero_input_is_not_reported_as_drift() -> None:
 def test_drift_sketch_sees_every_part_of_the_layout() -> None:
     """The inversion check's subsample is random, not strided: drift confined to the columns that
     a stride would skip (here every w = 1 mod 4 of an NCHW tensor) still moves the sketch."""
-    from inertia._arith import _sketch
+    from inertia._core.arith import _sketch
 
     x = torch.randn(1, 64, 64, 64)
     v = torch.randn_like(x)

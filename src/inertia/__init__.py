@@ -3,8 +3,8 @@
 Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
 """
 
+from ._core import ExactState
 from ._errors import InertiaError, InversionError, InversionWarning
-from ._exact import ExactState
 from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
 from .nn import MomentumNet, from_momentumnet_state_dict

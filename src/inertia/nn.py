@@ -12,11 +12,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._arith import Arithmetic, FloatArithmetic, State
-from ._autograd import StackSpec, inverse, momentum_forward, records_autograd
+from ._core import (
+    Arithmetic,
+    ExactArithmetic,
+    ExactState,
+    FloatArithmetic,
+    StackSpec,
+    State,
+    StatsOnce,
+    inverse,
+    momentum_forward,
+    records_autograd,
+)
 from ._errors import InertiaError
-from ._exact import ExactArithmetic, ExactState
-from ._replay import StatsOnce
 
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
 

@@ -114,7 +114,7 @@ def transform_to_momentumnet(
     if not inplace:
         model = copy.deepcopy(model)
     if checkpoint_stem:  # first: it checks the model's type before anything is changed
-        from .models.resnet import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
+        from .models._stem import checkpoint_stem as checkpoint_resnet_stem  # needs torchvision
 
         checkpoint_resnet_stem(model)
     converted_stacks: list[MomentumNet] = []

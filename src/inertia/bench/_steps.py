@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import _kernels as kernels
-from .._exact import ExactArithmetic
+from .._core import ExactArithmetic, kernels
 from ..nn import MomentumNet
 from ..testing import SavedTensorMeter
 

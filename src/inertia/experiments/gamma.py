@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .._core import bits_per_element as exact_bits
 from .._errors import InertiaError
-from .._exact import bits_per_element as exact_bits
 from ..data import load_dataset
 from ..nn import MomentumNet
 from ._core import ExperimentConfig, ExperimentResult, register

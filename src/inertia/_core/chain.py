@@ -9,7 +9,7 @@ generator state if it drew random numbers. One ``_Block`` node per block then li
 the state's shape whose storage is one element, so that autograd hands each node full-size
 gradients. Saved for backward (``ctx.save_for_backward``, so that saved-tensor hooks see it and
 version counters guard it): by the last node, the final state (``(x_N, v_N)`` in float mode; the
-fixed-point integers and buffer of bits lost to gamma in exact mode, see `_exact`); by each node,
+fixed-point integers and buffer of bits lost to gamma in exact mode, see `exact`); by each node,
 its block's parameters, its buffers (mutated ones as the forward saw them), its generator state,
 the extra arguments; by the first, a fingerprint of ``(x_0, v_0)``. Memory for backward is
 therefore constant in depth, plus what blocks keep themselves (one generator state per random
@@ -55,10 +55,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._arith import Arithmetic, Check, State
-from ._errors import InertiaError
-from ._kernels import eager
-from ._replay import (
+from .._errors import InertiaError
+from .arith import Arithmetic, Check, State
+from .kernels import eager
+from .replay import (
     AutocastState,
     RngTracker,
     frozen_running_stats,

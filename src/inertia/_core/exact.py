@@ -35,9 +35,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ._arith import Check, State
-from ._errors import InertiaError, InversionError
-from ._kernels import (
+from .._errors import InertiaError, InversionError
+from .arith import Check, State
+from .kernels import (
     WORD,
     checksum,
     eager,

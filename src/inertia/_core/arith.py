@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ._errors import InversionError, InversionWarning
+from .._errors import InversionError, InversionWarning
 
 __all__ = ["Arithmetic", "Check", "FloatArithmetic", "State", "default_inversion_tol"]
 
