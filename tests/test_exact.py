@@ -714,3 +714,36 @@ def test_exact_by_default_when_memory_free() -> None:
     model = nn.Sequential(nn.Sequential(MLP(), MLP(), MLP()))
     stacks = [transform_to_momentumnet(model, "0", gamma=0.9, exact=e)[0] for e in (None, False)]
     assert [s.exact for s in stacks] == [True, False]
+
+
+def test_rounding_onto_the_grid_makes_no_float64_copy_of_the_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The input goes onto the grid chunk by chunk: no float64 tensor of its size is made, and the
+    result is the one-pass rounding's (the test fails with the chunk as large as the input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.float64 = 0  # the most elements of a float64 tensor made
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    self.float64 = max(self.float64, t.numel())
+            return out
+
+    monkeypatch.setattr(inertia_exact, "_GRID_CHUNK", 1000)
+    x = torch.randn(50, 170) * 3
+    x[3, 7] = -0.0
+    arith = ExactArithmetic(0.9, 32, depth=1, relative=True)
+    with Largest() as mode:
+        ints, values = arith._to_grid(x, "the input")
+    assert mode.float64 <= 1000 < x.numel()
+    expected = (x.double() * arith.scale).round().add(0.0)
+    assert ints.dtype == torch.int64
+    assert torch.equal(ints, expected.long())
+    assert torch.equal(values, (expected / arith.scale).float())
+    assert arith.fraction_bits == 32 - math.frexp(float(x.abs().max()))[1] + 1

@@ -54,6 +54,7 @@ __all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
+_GRID_CHUNK = 1 << 20  # elements rounded onto the grid at a time (8 MiB of float64 temporaries)
 
 
 def rational_gamma(gamma: float) -> Fraction:
@@ -209,23 +210,32 @@ class ExactArithmetic:
         contiguous (the kernels write into flat views of them), and their value as floats of
         ``t``'s dtype: through float64, equal to `to_float` of the integers, since the rounded
         float64 values are the integers themselves and scaling by a power of two is exact."""
-        contiguous = torch.contiguous_format
-        scaled = t.detach().to(torch.float64, copy=True, memory_format=contiguous)
-        scaled.mul_(self.scale)
-        if scaled.numel():
-            largest = float(torch.linalg.vector_norm(scaled, math.inf))  # the one device sync
-            if self.relative:
-                factor = self._calibrate(largest)
-                if factor != 1.0:  # exact: a power of two
-                    scaled.mul_(factor)
-                    largest *= factor
-            if not largest < _LIMIT:  # NaN included
-                if math.isfinite(largest):
-                    raise self._range_error(what, t)
-                self._nonfinite = True
+        source = t.detach().reshape(-1)
+        ints = torch.empty(t.shape, dtype=torch.int64, device=t.device)
+        values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        if not source.numel():
+            return ints, values
+        # max |t| is one of t's values, and scaling by a power of two is exact: this is the
+        # largest scaled value, read without a float64 copy of t (the one device sync).
+        largest = float(torch.linalg.vector_norm(source, math.inf)) * self.scale
+        if self.relative:
+            largest *= self._calibrate(largest)  # exact: a power of two
+        nonfinite = not math.isfinite(largest)
+        if not largest < _LIMIT:  # NaN included
+            if not nonfinite:
+                raise self._range_error(what, t)
+            self._nonfinite = True
+        # Chunk by chunk, so that the float64 temporaries stay small beside the state.
+        flat_ints, flat_values = ints.view(-1), values.view(-1)
+        for start in range(0, source.numel(), _GRID_CHUNK):
+            part = slice(start, start + _GRID_CHUNK)
+            scaled = source[part].to(torch.float64, copy=True).mul_(self.scale)
+            if nonfinite:
                 scaled.nan_to_num_(0.0, 0.0, 0.0)
-        ints = scaled.round_().add_(0.0).to(torch.int64)  # + 0.0: -0.0 is 0.0, as `to_float` gives
-        return ints, scaled.mul_(1 / self.scale).to(t.dtype)
+            scaled.round_().add_(0.0)  # + 0.0: -0.0 is 0.0, as `to_float` gives
+            flat_ints[part] = scaled
+            flat_values[part] = scaled.mul_(1 / self.scale)
+        return ints, values
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return to_float(t, self._on(t.device)[3], dtype)
