@@ -33,8 +33,9 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0] * t.shape[1], -1) if t.dim() >= 3 else t.reshape(t.shape[0], -1)
 
 
-def growth(net: MomentumNet, x: Tensor) -> tuple[float, float]:
-    """The worst row's and the median row's largest growth over the stack's momentum blocks."""
+def growth(net: MomentumNet, x: Tensor) -> tuple[float, float, Tensor]:
+    """The worst row's and the median row's largest growth over the momentum blocks of ``net``
+    from its momentum input ``x``, and the stack's output."""
     gamma, v = net.gamma, torch.zeros_like(x)
     first = _rows(x).abs().amax(1).clamp_min(1e-30)
     worst, median = 0.0, 0.0
@@ -44,7 +45,7 @@ def growth(net: MomentumNet, x: Tensor) -> tuple[float, float]:
         x = x + v
         g = torch.maximum(_rows(x).abs().amax(1), _rows(v).abs().amax(1)) / first
         worst, median = max(worst, float(g.max())), max(median, float(g.median()))
-    return worst, median
+    return worst, median, x
 
 
 @torch.no_grad()
@@ -55,15 +56,14 @@ def measure() -> list[tuple[str, int, float, float]]:
     h = model.maxpool(model.relu(model.bn1(model.conv1(torch.randn(4, 3, 112, 112)))))
     for name in ("layer1", "layer2", "layer3", "layer4"):
         stage = getattr(model, name)
-        x0 = stage[0](h) if stage.keep_first else h
-        rows.append((f"resnet101.{name}", len(stage) - stage.keep_first, *growth(stage, x0)))
-        h = stage(h)
+        worst, median, h = growth(stage, stage[0](h) if stage.keep_first else h)
+        rows.append((f"resnet101.{name}", len(stage) - stage.keep_first, worst, median))
     layer = torch.nn.TransformerEncoderLayer(
         256, 4, 1024, dropout=0.0, batch_first=True, norm_first=True
     )
     encoder = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
     stack = MomentumNet(list(encoder.layers), 0.9, is_residual=False)
-    rows.append(("encoder12", 12, *growth(stack, torch.randn(4, 128, 256))))
+    rows.append(("encoder12", 12, *growth(stack, torch.randn(4, 128, 256))[:2]))
     return rows
 
 

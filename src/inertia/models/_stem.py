@@ -1,7 +1,8 @@
 """A torchvision ResNet whose stem is checkpointed: `checkpoint_stem` (needs torchvision).
 
-Its own module, below both `inertia.transform` (``transform_to_momentumnet(checkpoint_stem=True)``)
-and `inertia.models.resnet`, so that neither imports the other's importer.
+A module of its own, which imports neither `inertia.transform` nor `inertia.models.resnet`: the
+first (``transform_to_momentumnet(checkpoint_stem=True)``) imports it without importing the
+second, which imports the first.
 """
 
 from __future__ import annotations
