@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from conftest import MLP
 from inertia import InertiaError, InversionError, MomentumNet, transform_to_momentumnet
 from inertia._core import exact as inertia_exact
-from inertia._core.exact import ExactArithmetic, _schedule, bits_per_element, rational_gamma
+from inertia._core.exact import (
+    ExactArithmetic,
+    Word,
+    _schedule,
+    bits_per_element,
+    rational_gamma,
+)
 from inertia._core.kernels import (
     _checksum_chunked,
     _Compiled,
@@ -109,12 +115,13 @@ def test_depth_10000_roundtrip_through_the_module() -> None:
         fresh.load_state_dict(net.state_dict())  # nothing is cached on the module
         start = fresh.inverse(state)
     assert len(state.words) == len(ExactArithmetic(0.5, 32, depth).pushes) > 300
-    bits = state.fraction_bits  # the grid follows x's scale
-    assert torch.equal(start.x, torch.round(x * 2.0**bits).long())
+    bits = state.fraction_bits  # the grid follows each row's scale
+    assert bits.shape == (2, 1)
+    assert torch.equal(start.x.long(), torch.round(x * 2.0**bits).long())
     assert torch.equal(start.v, torch.zeros_like(start.v))
     assert not start.buffer.any()
     assert start.words == ()
-    assert (start.position - x).abs().max() <= 2.0 ** -(bits + 1)  # half a grid step
+    assert ((start.position - x).abs() <= 2.0 ** -(bits + 1)).all()  # half a grid step
 
 
 @pytest.mark.parametrize("gamma", [0.1, 0.5])
@@ -170,22 +177,25 @@ def test_buffer_growth_follows_log2_one_over_gamma() -> None:
     assert state.nbytes == 4 * 5 * state.buffer_bits_per_element // 8
 
 
-def test_overflow_raises_before_any_result() -> None:
-    net = MomentumNet([nn.Linear(3, 3) for _ in range(3)], gamma=0.9, exact=True)
-    net(torch.full((2, 3), 2.0**30))  # the grid follows the input's scale
-    with pytest.raises(InertiaError, match="the input does not fit the fixed-point range"):
-        net(torch.full((2, 3), 2.0**80))  # beyond the coarsest grid, 2**-1
+def test_out_of_range_values_raise_before_any_result() -> None:
+    net = MomentumNet([nn.Linear(3, 3, bias=False) for _ in range(3)], gamma=0.9, exact=True)
+    for magnitude in (2.0**30, 2.0**80, 2.0**-80):  # the grid follows the input's scale
+        assert net(torch.full((2, 3), magnitude)).isfinite().all()
     net.fraction_bits = 32  # a fixed grid
     with pytest.raises(InertiaError, match="the input does not fit the fixed-point range"):
         net(torch.full((2, 3), 2.0**30))
 
     class Blow(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
-            return x * 1e9
+            return x * 1e13
 
-    deep = MomentumNet([nn.Identity(), Blow(), nn.Identity()], gamma=0.5, exact=True)
-    with pytest.raises(InertiaError, match=r"output of block 1 .*2\*\*29"):
+    # Beyond the int32 word (7 bits above the input's scale) the forward runs again in int64;
+    # beyond int64's 2**61 it raises.
+    blocks = [nn.Identity(), Blow(), nn.Identity()]
+    deep = MomentumNet(blocks, gamma=0.5, use_backprop=False, exact=True)
+    with pytest.raises(InertiaError, match=r"output of block 1 .*2\*\*37 times its row"):
         deep(torch.ones(2, 3, requires_grad=True))
+    assert deep.word.overflows == 1
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1e-3, 1e3])
@@ -204,7 +214,9 @@ def test_precision_is_relative_to_the_input(scale: float) -> None:
     twin.use_backprop = True
     assert_gradients_match(twin, net, x)
     state = net(x, return_state=True)
-    assert state.fraction_bits == 32 - math.frexp(float(x.detach().abs().max()))[1] + 1
+    rows = x.detach().abs().amax(1)
+    bits = [[24 - math.frexp(float(r))[1]] for r in rows]  # each row's largest: 24 bits
+    assert torch.equal(state.fraction_bits, torch.tensor(bits, dtype=torch.int32))
     start = net.inverse(state)
     assert torch.equal(start.x, net[:0](x, return_state=True).x)
     # A fixed grid is still there for those who ask: fraction_bits=32 loses the small input.
@@ -214,21 +226,83 @@ def test_precision_is_relative_to_the_input(scale: float) -> None:
         assert relative_error(fixed(x), want) > 1e-2
 
 
-def test_range_is_relative_to_the_input() -> None:
-    """Values may grow to 2**29 times the input's magnitude, wherever it lies."""
+class Grow(nn.Module):
+    """``f(x) = factor * x``: a stack whose values grow."""
 
-    class Grow(nn.Module):
-        def __init__(self, factor: float) -> None:
-            super().__init__()
-            self.factor = factor
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
 
-        def forward(self, x: Tensor) -> Tensor:
-            return x * self.factor
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
 
-    x = (1e-6 * torch.ones(2, 3)).requires_grad_()  # recorded: the integer update runs
-    MomentumNet([Grow(1e7)], 0.5, exact=True)(x)  # 1e1 at most: fine on this grid
-    with pytest.raises(InertiaError, match=r"output of block 0 .*times the input"):
-        MomentumNet([Grow(1e10)], 0.5, exact=True)(x)
+
+class Shift(nn.Module):
+    """``f(x) = 1``: every row, a quiet one too, gains values of order one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ones_like(x)
+
+
+def test_range_is_relative_to_each_row() -> None:
+    """Each row's largest input takes 24 bits (float32), unless it is more than 16 times below the
+    loudest row's: then the row has the grid of a 16-times-quieter one, with room for values of
+    the loudest row's scale. Values may grow to 2**37 times the row's scale (in int64), wherever
+    it lies, and rows within 16 times of each other keep their own precision."""
+    x = torch.tensor([[1.0, 0.5, -0.3], [0.1, -0.05, 0.02], [1e-9, 0.0, 3e-10], [0.0, 0.0, 0.0]])
+    net = MomentumNet([Shift()], 0.5, use_backprop=False, exact=True)
+    state = net(x.requires_grad_(), return_state=True)
+    # frexp exponents: 1 for the first row, -3 for the second; the floor 1 - 4 for the others.
+    assert state.fraction_bits.flatten().tolist() == [23, 27, 27, 27]
+    assert state.x.dtype == torch.int32  # the quiet rows held 1 in the int32 word
+    assert net.word.overflows == 0
+    assert torch.equal(state.position[3], torch.full((3,), 0.5))
+    # Growth: 2**37 times each row's scale. Rows far apart in scale, each its own loudest.
+    for rows in ([1e-6, -3e-7, 2e-6], [1e3, 5e2, -2e3]):
+        y = torch.tensor([rows]).requires_grad_()
+        assert MomentumNet([Grow(1e7)], 0.5, use_backprop=False, exact=True)(y).isfinite().all()
+        with pytest.raises(InertiaError, match=r"output of block 0 .*2\*\*37 times its row"):
+            MomentumNet([Grow(1e13)], 0.5, use_backprop=False, exact=True)(y)
+    # Rows within 16 times of the loudest are as precise as it is (relative to their own scale).
+    x = torch.tensor([[1.0, -0.6, 0.9], [0.07, 0.05, -0.03], [0.3, 0.2, 0.1]]).requires_grad_()
+    blocks = [nn.Sequential(nn.Linear(3, 3, bias=False), nn.Tanh()) for _ in range(4)]
+    exact = MomentumNet(blocks, 0.9, use_backprop=False, exact=True)
+    want = MomentumNet(copy.deepcopy(blocks), 0.9).double()(x.double())
+    got = exact(x)
+    for row in range(3):
+        assert relative_error(got[row].double(), want[row]) < 1e-6
+
+
+@pytest.mark.parametrize("factor", [50.0, 1e4])
+def test_values_that_leave_the_int32_word_run_again_in_int64(factor: float) -> None:
+    """x and v live in int32 words; a forward whose values leave them runs again in int64, on the
+    same grid: the results are the backprop twin's bit for bit (the twin computes in int64), the
+    BatchNorm statistics are updated once and dropout draws the same mask, and `Word` counts
+    it."""
+    torch.manual_seed(0)
+    blocks = [MLP(d=8, dropout=0.2, bn=True), Grow(factor), MLP(d=8, bn=True)]
+    net = MomentumNet(blocks, 0.5, use_backprop=False, exact=True)
+    x = torch.randn(6, 8, requires_grad=True)
+    saved: list[torch.dtype] = []
+
+    def pack(t: Tensor) -> Tensor:
+        if t.shape == x.shape and not t.is_floating_point():
+            saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    overflowed = factor > 128
+    assert net.word.overflows == int(overflowed)
+    wide = torch.int64 if overflowed else torch.int32
+    assert net.word.dtype == wide
+    assert saved[:2] == [wide, wide]  # x and v; then the one-byte buffer
+    net.word.dtype = torch.int32  # try the narrow word again
+    twin = backprop_twin(net)
+    errors = assert_gradients_match(twin, net, x, seed=3, steps=2)
+    assert all(e == 0 for e in errors.values())
+    assert any(k.startswith("buffer.") for k in errors)
+    assert net.word.overflows == 2 * int(overflowed)  # and then stayed in int64
 
 
 class Overflow(nn.Module):
@@ -407,7 +481,7 @@ def test_state_and_inverse_api() -> None:
     net = MomentumNet([MLP(d=4) for _ in range(5)], gamma=0.9, exact=True)
     x = torch.randn(3, 4)
     state = net(x, return_state=True)
-    assert state.x.dtype == torch.int64
+    assert state.x.dtype == torch.int32  # the values fitted the word
     assert state.position.dtype == torch.float32
     assert torch.equal(state.position, net(x))
     with pytest.raises(ValueError, match="other depth"):
@@ -430,7 +504,7 @@ def test_grid_values_are_the_integers_floats(dtype: torch.dtype) -> None:
     arith = ExactArithmetic(0.9, 32, 1, relative=False)
     x = torch.tensor([-1e-12, -0.0, 0.0, 3e-10, -2.5, 1.0 + 2**-20, 2.0**26, -(2.0**28) + 1])
     x = torch.cat([x, torch.randn(1000) * 1e3]).to(dtype)
-    ints, value = arith._to_grid(x, "the input")
+    ints, value = arith._to_grid(x, arith._place(x), "the input")
     expected = arith._to_float(ints, dtype)
     assert torch.equal(value, expected)
     assert torch.equal(torch.signbit(value), torch.signbit(expected))  # no -0.0 where 0.0 is
@@ -476,7 +550,7 @@ def test_backward_writes_into_the_saved_integers_unless_the_graph_is_kept() -> N
     saved: list[tuple[Tensor, Tensor]] = []
 
     def pack(t: Tensor) -> Tensor:
-        if t.dtype == torch.int64 and t.shape == x.shape:  # x and v (the buffer: one byte)
+        if t.dtype == torch.int32 and t.shape == x.shape:  # x and v (the buffer: one byte)
             saved.append((t, t.clone()))
         return t
 
@@ -536,8 +610,8 @@ def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
     kept = {depth: _schedule(9, 10, depth)[1] for depth in (4, 64)}
     assert (kept[4], kept[64]) == (torch.uint8, torch.int32)
     assert held[64, False] - held[4, False] == x.numel() * 3
-    # x, v and the buffer, and the 32-byte checksum of (x_0, v_0); no float copies.
-    assert held[4, False] == x.numel() * (8 + 8 + 1) + 32
+    # x and v as int32 words, the buffer, and the 32-byte checksum of (x_0, v_0); no float copies.
+    assert held[4, False] == x.numel() * (4 + 4 + 1) + 32
     assert held[64, True] > 10 * held[4, False]
 
 
@@ -693,7 +767,7 @@ def test_exact_by_default_when_memory_free() -> None:
     net.use_backprop = False  # as momentumnet's users switch
     assert net.exact
     x = torch.randn(4, 8, requires_grad=True)
-    assert net(x, return_state=True).x.dtype == torch.int64
+    assert net(x, return_state=True).x.dtype == torch.int32
     assert net[1:].exact
     twin = backprop_twin(net)
     assert isinstance(twin, MomentumNet)
@@ -738,12 +812,14 @@ def test_rounding_onto_the_grid_makes_no_float64_copy_of_the_input(
     monkeypatch.setattr(inertia_exact, "_GRID_CHUNK", 1000)
     x = torch.randn(50, 170) * 3
     x[3, 7] = -0.0
-    arith = ExactArithmetic(0.9, 32, depth=1, relative=True)
+    arith = ExactArithmetic(0.9, 24, depth=1, relative=True, word=Word())
     with Largest() as mode:
-        ints, values = arith._to_grid(x, "the input")
+        ints, values = arith._to_grid(x, arith._place(x), "the input")
     assert mode.float64 <= 1000 < x.numel()
-    expected = (x.double() * arith.scale).round().add(0.0)
-    assert ints.dtype == torch.int64
-    assert torch.equal(ints, expected.long())
-    assert torch.equal(values, (expected / arith.scale).float())
-    assert arith.fraction_bits == 32 - math.frexp(float(x.abs().max()))[1] + 1
+    assert arith.grid is not None
+    expected = (x.double() * arith.grid.scale).round().add(0.0)
+    assert ints.dtype == torch.int32
+    assert torch.equal(ints, expected.int())
+    assert torch.equal(values, (expected * arith.grid.inv).float())
+    bits = [[24 - math.frexp(float(r))[1]] for r in x.abs().amax(1)]
+    assert torch.equal(arith.grid.bits, torch.tensor(bits, dtype=torch.int32))

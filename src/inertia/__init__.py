@@ -3,7 +3,7 @@
 Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
 """
 
-from ._core import ExactState
+from ._core import ExactState, Word
 from ._errors import InertiaError, InversionError, InversionWarning
 from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
@@ -19,6 +19,7 @@ __all__ = [
     "InversionWarning",
     "MomentumLayerList",
     "MomentumNet",
+    "Word",
     "__version__",
     "create_model",
     "find_residual_stacks",

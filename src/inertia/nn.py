@@ -20,6 +20,8 @@ from ._core import (
     StackSpec,
     State,
     StatsOnce,
+    Word,
+    communicates,
     inverse,
     momentum_forward,
     records_autograd,
@@ -71,8 +73,8 @@ class MomentumNet(nn.Module):
             They keep their activations for backward unless ``checkpoint_kept``.
         checkpoint_kept: Run the ``keep_first`` blocks under ``torch.utils.checkpoint`` while
             training, so that they store only their input.
-        exact: Hold ``x`` and ``v`` in fixed point (int64, step ``2**-fraction_bits``) with a
-            buffer for the bits that multiplying by gamma destroys, so that the memory-free
+        exact: Hold ``x`` and ``v`` in fixed point (integer words on a grid: ``fraction_bits``)
+            with a buffer for the bits that multiplying by gamma destroys, so that the memory-free
             backward rebuilds every activation bit for bit, at any depth and gamma (float
             reconstruction drifts like ``eps * gamma**-depth``). None (default): exact exactly
             when the backward is memory-free (``use_backprop=False`` and ``gamma > 0``), decided
@@ -88,12 +90,19 @@ class MomentumNet(nn.Module):
             runs the float update instead, with that gamma: the integers serve the memory-free
             backward only, and ``return_state=True`` still returns them. Needs float64 on the
             device (not Apple MPS: pass ``exact=False`` there).
-        fraction_bits: Exact mode's grid. None (default): relative to the data's scale. At each
-            forward the grid step is ``2**-(32 - e)`` (``2**-(40 - e)`` for float64 inputs), where
-            ``2**e <= m < 2**(e + 1)`` and ``m`` is the stack input's largest magnitude: finer
-            than the dtype's precision at ``m`` (float32: 512 times), so activations of 1e-9 are
-            as accurate as at 1; they must stay below ``2**29 * 2**e`` (float64: ``2**21 *
-            2**e``). An integer: a fixed grid of step ``2**-fraction_bits``, values below
+        fraction_bits: Exact mode's grid. None (default): relative to the data's scale, row by
+            row. Each row of the stack input (its first two dims where it has three or more: a
+            sample's channel, or token; its first for a matrix) gets at each forward the step
+            ``2**-(24 - e)`` (float64 inputs: ``2**-(40 - e)``), where ``2**(e - 1) <= m < 2**e``
+            and ``m`` is the row's largest magnitude, or 1/16 of the loudest row's where that is
+            larger: float32's own precision at ``m`` (eight bits finer than bf16's), so a stack
+            on activations of 1e-9 is as accurate as one at 1, and a loud row does not coarsen
+            the grid of rows up to 16 times quieter. Words are int32 while the values stay below
+            ``2**(7 + e)`` (at least 128 times ``m``); a forward that leaves that range runs
+            again in int64 (values below ``2**(37 + e)``; float64 inputs always use int64, below
+            ``2**(21 + e)``), and the stack's `Word` (``net.word``) counts it and stays at
+            int64. An integer: a fixed grid of step
+            ``2**-fraction_bits`` for every element, int64 words, values below
             ``2**(61 - fraction_bits)``.
 
     Examples:
@@ -168,6 +177,8 @@ class MomentumNet(nn.Module):
                 "and values must stay below 2**(61 - fraction_bits))."
             )
         self.fraction_bits = fraction_bits
+        # Exact mode's integer word for x and v (int32 until a memory-free forward overflows it).
+        self.word = Word()
         self.exact = exact
         self._gamma = _validate_gamma(gamma, use_backprop)
         self._use_backprop = bool(use_backprop)
@@ -306,7 +317,7 @@ class MomentumNet(nn.Module):
     def _fraction_bits(self, dtype: torch.dtype) -> int:
         if self.fraction_bits is not None:
             return self.fraction_bits
-        return 40 if dtype == torch.float64 else 32
+        return 40 if dtype == torch.float64 else 24
 
     def _spec(self, dtype: torch.dtype) -> StackSpec:
         blocks = tuple(self._blocks()[self.keep_first :])
@@ -316,6 +327,7 @@ class MomentumNet(nn.Module):
                 self._fraction_bits(dtype),
                 len(blocks),
                 relative=self.fraction_bits is None,
+                word=self.word if dtype != torch.float64 else None,
             )
             if self.exact
             else FloatArithmetic(self._gamma)
@@ -403,6 +415,13 @@ class MomentumNet(nn.Module):
             spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
         # Memory-free where a backward will come and can invert (gamma = 0 cannot).
         memory_free = recording and not self._use_backprop and self._gamma > 0
+        if isinstance(spec.arith, ExactArithmetic) and (
+            not (memory_free and spec.blocks) or communicates(spec.blocks)
+        ):
+            # Nothing is kept (or autograd keeps its own graph), or the blocks' forwards cannot
+            # run again on one rank alone: int64 words, on the same grid, never overflow and give
+            # the memory-free forward's values, which need no rerun.
+            spec.arith.widen(count=False)
         state = momentum_forward(
             spec, x, args, kwargs, memory_free=memory_free, integers=integers, velocity=velocity
         )
@@ -428,8 +447,8 @@ class MomentumNet(nn.Module):
             True
             >>> net.exact = True
             >>> start = net.inverse(net(x, return_state=True))
-            >>> half = 2.0 ** -(start.fraction_bits + 1)  # half a grid step
-            >>> bool((start.position - x).abs().max() <= half), start.words
+            >>> half = 2.0 ** -(start.fraction_bits + 1)  # half a grid step, row by row
+            >>> bool(((start.position - x).abs() <= half).all()), start.words
             (True, ())
         """
         if self._gamma == 0:

@@ -6,8 +6,8 @@ Everything outside this package reaches the core through the names below.
 """
 
 from .arith import Arithmetic, FloatArithmetic, State
-from .chain import StackSpec, inverse, momentum_forward, records_autograd
-from .exact import ExactArithmetic, ExactState, bits_per_element
+from .chain import StackSpec, communicates, inverse, momentum_forward, records_autograd
+from .exact import ExactArithmetic, ExactState, Word, bits_per_element
 from .replay import StatsOnce
 
 __all__ = [
@@ -18,7 +18,9 @@ __all__ = [
     "StackSpec",
     "State",
     "StatsOnce",
+    "Word",
     "bits_per_element",
+    "communicates",
     "inverse",
     "momentum_forward",
     "records_autograd",

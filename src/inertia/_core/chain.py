@@ -57,6 +57,7 @@ from torch.utils import _pytree as pytree
 
 from .._errors import InertiaError
 from .arith import Arithmetic, Check, State
+from .exact import WordOverflow
 from .kernels import eager
 from .replay import (
     AutocastState,
@@ -275,6 +276,21 @@ def _sharded(module: nn.Module) -> bool:
     return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
 
 
+def communicates(blocks: Sequence[nn.Module]) -> bool:
+    """Whether a block's forward may run a collective (FSDP2's all-gather, SyncBatchNorm's
+    statistics, a DTensor's redistribution): such a forward cannot run again on one rank alone,
+    so a stack of them does not use int32 words, which rerun the forward where they overflow."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    for block in blocks:
+        if _sharded(block) or any(isinstance(m, nn.SyncBatchNorm) for m in block.modules()):
+            return True
+        if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in block.parameters()):
+            return True
+    return False
+
+
 def _record_call(
     spec: StackSpec,
     index: int,
@@ -411,6 +427,29 @@ def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(()).expand(like.shape)
 
 
+def _undo(run: _Run, rng: tuple[Tensor, ...]) -> None:
+    """Put back what the forward's calls changed and recorded, before the forward runs again: the
+    buffers they mutated (the earliest call's copy wins), the generators of their own, and the
+    default generators (``rng``, their state before the first call). Side effects that no record
+    holds (a counter in a Python attribute) stay."""
+    records = list(run.records.items())
+    run.records.clear()
+    with torch.no_grad():
+        for index, (record, tensors) in reversed(records):
+            module = run.spec.module(index)
+            _, buffers, _, own = record.unpack(tensors)
+            for name in record.mutated:
+                live = module.get_buffer(name)
+                if live.shape == buffers[name].shape:
+                    live.copy_(buffers[name])
+                else:
+                    owner, _, leaf = name.rpartition(".")
+                    setattr(module.get_submodule(owner), leaf, buffers[name].clone())
+            for generator, state in zip(record.generators, own, strict=True):
+                generator.set_state(state)
+    run.rng.set_state(rng)
+
+
 class _Start(torch.autograd.Function):
     """``x -> (x_0, v_0)``: runs the whole forward loop; its backward is the init function's."""
 
@@ -418,7 +457,7 @@ class _Start(torch.autograd.Function):
     def forward(ctx: Any, run: _Run, anchor: Tensor, x: Tensor, *tensors: Tensor) -> Any:
         spec, arith = run.spec, run.spec.arith
         args, kwargs = run.unflatten(tensors[: run.n_args])
-        below = x.requires_grad or any(run.arg_needs)  # a gradient is wanted below the call
+        below = False  # a gradient is wanted below the call
 
         def call(index: int, inp: Tensor) -> Tensor:
             nonlocal below
@@ -427,12 +466,21 @@ class _Start(torch.autograd.Function):
             below = below or bool(record.trainable)
             return out
 
-        v = call(_INIT, arith.on_grid(x)) if spec.init_function is not None else None
-        state = arith.encode(x, v)
-        run.sketch = arith.fingerprint(state) if spec.check_inversion is not None else None
-        for n in range(len(spec.blocks)):
-            state = arith.step(state, call(n, arith.position(state)), n)
-        if not arith.check_range():  # a NaN or inf: NaN out, and NaN gradients (see `_nan`)
+        start = run.rng.get_state()
+        while True:
+            below = x.requires_grad or any(run.arg_needs)
+            v = call(_INIT, arith.on_grid(x)) if spec.init_function is not None else None
+            state = arith.encode(x, v)
+            run.sketch = arith.fingerprint(state) if spec.check_inversion is not None else None
+            for n in range(len(spec.blocks)):
+                state = arith.step(state, call(n, arith.position(state)), n)
+            try:
+                finite = arith.check_range()
+            except WordOverflow:  # the values left exact mode's int32 word: again, in int64
+                _undo(run, start)
+                continue
+            break
+        if not finite:  # a NaN or inf: NaN out, and NaN gradients (see `_nan`)
             state = arith.poisoned(state)
             run.nan = arith.position(state).new_full((), math.nan).expand(x.shape)
         run.final = state

@@ -1,9 +1,21 @@
 """Fixed-point momentum arithmetic whose inverse is bit-exact at any depth and gamma.
 
-``x`` and ``v`` are integers on a grid of step ``2**-fraction_bits`` (int64 on the tensor's
-device). Each block sees the float value of the fixed-point ``x``; its contribution
-``(1 - gamma) f`` is rounded onto the grid before it enters the update, so the forward and the
-inverse add and subtract identical integers.
+``x`` and ``v`` are integers on a grid. Each block sees the float value of the fixed-point ``x``;
+its contribution ``(1 - gamma) f`` is rounded onto the grid before it enters the update, so the
+forward and the inverse add and subtract identical integers.
+
+The grid follows the data: each row of the state (an index of its first two dimensions, such as a
+sample's channel or a sample's token; of its first for a 2-D state) has its own step, placed at
+the stack's input so that the row's largest magnitude takes ``precision`` bits (24 for float32
+inputs: the step is float32's own spacing there; 40 for float64), or so that 1/16 of the loudest
+row's does, where that is larger. Rows up to 16 times apart in scale thus each keep their
+precision, and quieter rows (a dead ReLU channel) have room for values of the loudest row's
+scale, which a block may write into them. ``x`` and ``v``
+are held in an int32 word, 4 bytes per element, which leaves the rows 7 bits (128 times) to grow
+over the stack; a forward whose values leave it is detected at its end, and the memory-free
+forward then runs again with int64 words, on the same grid, so that its results are those the
+int32 words would have given: nothing wraps or is lost, and `Word` counts it. float64 stacks and
+fixed grids (``fraction_bits``) use int64 words, whose values stay below ``2**61``.
 
 Multiplying by ``gamma = p / q`` (a rational within 1e-12 of the float gamma, usually equal to it:
 0.9 is 9/10) destroys information, about ``log2(q / p)`` bits per element. Following Maclaurin,
@@ -23,6 +35,9 @@ new word plane (one int32 per element). The layers at which planes are pushed de
 knows when to pop them without storing anything, and no element needs its own stack pointer.
 After ``depth`` layers the buffer takes ``64 + 32 * planes`` bits per element: the 64 bits of the
 int64 buffer, and planes that hold at most ``depth * log2(1 / gamma)`` bits, the information lost.
+A stack too short to push a plane (fewer than about 330 blocks at gamma 0.9) keeps its buffer in
+the smallest integer dtype that holds its bound after the last layer, forward and backward (the
+bound only grows with depth): one byte per element for up to 20 blocks at gamma 0.9.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from torch import Tensor
 from .._errors import InertiaError, InversionError
 from .arith import Check, State
 from .kernels import (
+    NARROW_LIMIT,
     WORD,
     checksum,
     eager,
@@ -49,12 +65,17 @@ from .kernels import (
     unstep_velocity_pop,
 )
 
-__all__ = ["ExactArithmetic", "ExactState", "bits_per_element", "rational_gamma"]
+__all__ = ["ExactArithmetic", "ExactState", "Word", "bits_per_element", "rational_gamma"]
 
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
-_LIMIT = 1 << 61  # |x|, |v| and each rounded block output stay within this many grid steps
+_LIMIT = 1 << 61  # in int64 words, |x|, |v| and each rounded block output stay below this
 _GRID_CHUNK = 1 << 20  # elements rounded onto the grid at a time (8 MiB of float64 temporaries)
+_MAX_BITS = 1000  # grid steps from 2**-1000 to 2**1000: both normal float64 numbers
+# A relative grid's row is at most 2**_QUIET_BITS times finer than its loudest row, so that a row
+# whose input is quiet (a dead ReLU channel, a lone small value) has room for values up to 8 times
+# the stack input's largest magnitude in an int32 word, where a block writes into it.
+_QUIET_BITS = 4
 
 
 def rational_gamma(gamma: float) -> Fraction:
@@ -91,6 +112,23 @@ def _schedule(p: int, q: int, depth: int) -> tuple[frozenset[int], torch.dtype]:
 _SAVED_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+@dataclass
+class Word:
+    """The integer word of an exact stack's fixed-point ``x`` and ``v``, shared by its forwards
+    (`MomentumNet.word`).
+
+    Attributes:
+        dtype: ``torch.int32`` (4 bytes per element) until a memory-free forward's values leave
+            it; from then on ``torch.int64``. Set it back to ``torch.int32`` to try again.
+        overflows: How many memory-free forwards left the int32 word and ran again in int64, on
+            the same grid and with the same results (their blocks' buffers, such as BatchNorm's
+            running statistics, and random generators were put back before the second run).
+    """
+
+    dtype: torch.dtype = torch.int32
+    overflows: int = 0
+
+
 @dataclass(frozen=True)
 class ExactState:
     """The fixed-point state of an exact `MomentumNet`, from ``forward(x, return_state=True)``.
@@ -99,12 +137,16 @@ class ExactState:
         position: ``x`` as a float tensor of the input's shape and dtype (with autograd history
             when the forward recorded one).
         velocity: ``v``, likewise.
-        x: ``x`` in fixed point: int64, the value times ``2**fraction_bits``.
-        v: ``v`` in fixed point.
-        buffer: int64, the information that the multiplications by gamma dropped.
+        x: ``x`` in fixed point: the value times ``2**fraction_bits``; int32 where every value of
+            the forward fitted the stack's int32 word, else int64.
+        v: ``v`` in fixed point, likewise.
+        buffer: The information that the multiplications by gamma dropped, in the smallest
+            integer dtype its bound allows (int64 where word planes were pushed).
         words: int32 planes of older buffer bits, oldest first.
         gamma: The rational gamma of the update.
-        fraction_bits: The grid step is ``2**-fraction_bits``.
+        fraction_bits: int32, broadcastable to ``x``: each grid row's step is
+            ``2**-fraction_bits`` (one value for a fixed grid), so ``x * 2.0**-fraction_bits`` is
+            the position.
     """
 
     position: Tensor
@@ -114,12 +156,12 @@ class ExactState:
     buffer: Tensor
     words: tuple[Tensor, ...]
     gamma: Fraction
-    fraction_bits: int
+    fraction_bits: Tensor
 
     @property
     def buffer_bits_per_element(self) -> int:
         """Bits of the buffer and its word planes per element."""
-        return 64 + WORD * len(self.words)
+        return 8 * self.buffer.element_size() + WORD * len(self.words)
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +181,45 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class WordOverflow(Exception):
+    """A memory-free forward's values left the int32 word (`ExactArithmetic.check_range`, which
+    widened it): the forward runs again."""
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where a forward's integers sit: ``bits`` per grid row (int32, broadcastable to the state),
+    and, per row, ``scale = 2**bits``, ``c = (1 - gamma) 2**bits`` and ``inv = 2**-bits``
+    (float64, shape ``(rows, 1)``, or ``(1, 1)`` for one grid) for the kernels, which see the
+    state as ``(rows, inner)``."""
+
+    bits: Tensor
+    scale: Tensor
+    c: Tensor
+    inv: Tensor
+    shape: torch.Size
+
+    @property
+    def rows(self) -> int:
+        return self.c.shape[0]
+
+    def view(self, t: Tensor) -> Tensor:
+        """``t`` (of the state's shape) as ``(rows, inner)``; a view where ``t`` is contiguous."""
+        rows = self.rows
+        return t.reshape(rows, t.numel() // rows if rows else 0)
+
+
+def _row_dims(ndim: int) -> int:
+    """How many leading dimensions index a grid row: two of a tensor of rank 3 or more (a
+    sample's channel, a sample's token), one of a matrix, none of a vector or a scalar."""
+    return 2 if ndim >= 3 else 1 if ndim == 2 else 0
+
+
+def _power_of_two(bits: Tensor) -> Tensor:
+    """``2.0**bits`` exactly, in float64, for int ``|bits| <= _MAX_BITS`` (the IEEE exponent)."""
+    return ((bits.long() + 1023) << 52).view(torch.float64)
+
+
 class ExactArithmetic:
     """The momentum update in fixed point, with a bit-exact inverse (see the module docstring).
 
@@ -147,134 +228,190 @@ class ExactArithmetic:
     (rounding passes gradients straight through), so ``use_backprop=True`` is the memory-free
     mode's twin. Where autograd does not record, ``v_float`` is an empty placeholder (`velocity`
     computes it from ``v`` if asked).
+
+    Args:
+        gamma: The momentum.
+        fraction_bits: Without ``relative``, the grid step is ``2**-fraction_bits`` everywhere.
+            With it, each grid row's largest input magnitude takes ``fraction_bits`` bits.
+        depth: The stack's number of blocks (the buffer's schedule).
+        relative: Place a grid per row at the input (see the module docstring).
+        word: The stack's `Word`, for a relative grid: int32 words while it says so. None: int64.
     """
 
     # Pure Python set-up (a Fraction, an lru_cache'd schedule, which dynamo warns about tracing):
     # under torch.compile it runs eagerly.
     @eager
     def __init__(
-        self, gamma: float, fraction_bits: int, depth: int, relative: bool = False
+        self,
+        gamma: float,
+        fraction_bits: int,
+        depth: int,
+        relative: bool = False,
+        word: Word | None = None,
     ) -> None:
         self.ratio = rational_gamma(gamma)
         self.p, self.q = self.ratio.numerator, self.ratio.denominator
         self.gamma = float(self.ratio)
-        self._set_bits(fraction_bits)
-        # Relative precision: ``fraction_bits`` holds at magnitude 1, and the first input rounded
-        # onto the grid moves it by that input's binary exponent (see `_calibrate`).
+        self.fraction_bits = fraction_bits
         self.relative = relative
-        self.base_bits = fraction_bits
         self.depth = depth
         self.pushes, self.kept_buffer = (
             _schedule(self.p, self.q, depth) if self.p else (frozenset(), torch.int64)
         )
-        self._constants: dict[torch.device, tuple[Tensor, ...]]
+        # The buffer works in its kept dtype unless planes are pushed (then int64, below 2**51).
+        self.buffer_dtype = self.kept_buffer if not self.pushes else torch.int64
+        self.policy = word if relative else None
+        narrow = self.policy is not None and self.policy.dtype == torch.int32
+        self.word = torch.int32 if narrow else torch.int64
+        self._ints: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.grid: _Grid | None = None
+        # On-grid input cached by `on_grid` for `encode` (the init function sees it first).
+        self._rounded: tuple[Tensor, Tensor, Tensor] | None = None
+        # Largest magnitudes in grid units, checked by `check_range`: the input's and v_0's, then
+        # one per layer.
+        self._entries: list[tuple[str, Tensor]] = []
         self._largest: list[Tensor] = []
-        self._nonfinite = False  # a NaN or inf entered since `encode`
         self.finite = True  # what the last `check_range` found
+        self._fits = False  # the last forward's values fitted an int32 word
         # (v_n, the float of x_{n-1}): from `unstep_velocity`, for the next `unstep_position`.
         self._ahead: tuple[Tensor, Tensor] | None = None
         self.dtype = torch.float32  # of the floats, set by `encode`
 
-    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
-        """``p``, ``q``, ``(1 - gamma) * 2**bits`` and ``2**-bits`` as 0-d tensors (kernel
-        arguments, so that one compiled kernel serves every gamma)."""
-        if device not in self._constants:
-            ints = (torch.tensor(c, device=device) for c in (self.p, self.q))
-            floats = ((self.q - self.p) / self.q * self.scale, 1 / self.scale)
-            doubles = (torch.tensor(c, dtype=torch.float64, device=device) for c in floats)
-            self._constants[device] = (*ints, *doubles)
-        return self._constants[device]
+    @property
+    def limit(self) -> int:
+        """Magnitudes in grid units must stay below this in the word."""
+        return NARROW_LIMIT if self.word == torch.int32 else _LIMIT
 
-    def _set_bits(self, fraction_bits: int) -> None:
-        self.fraction_bits = fraction_bits
-        self.scale = float(2**fraction_bits)
-        self._constants = {}
+    def widen(self, count: bool = True) -> None:
+        """Hold ``x`` and ``v`` in int64 words from now on, on the same grid; ``count``: a
+        memory-free forward overflowed (`Word.overflows`)."""
+        if count and self.word == torch.int32 and self.policy is not None:
+            self.policy.dtype = torch.int64
+            self.policy.overflows += 1
+        self.word = torch.int64
 
-    def _calibrate(self, largest: float) -> float:
-        """Where relative: place the grid for an input of largest magnitude ``largest`` (on the
-        current grid), so that its binary exponent is that of 1. Returns the factor, a power of
-        two, that moves ``largest`` there."""
-        self.relative = False  # once per forward: the input's, then every tensor's grid
-        if not (largest > 0 and math.isfinite(largest)):
-            return 1.0
-        exponent = math.frexp(largest / self.scale)[1] - 1  # |x| < 2**(exponent + 1)
-        bits = min(max(self.base_bits - exponent, 1), 60)
-        factor = 2.0 ** (bits - self.fraction_bits)
-        self._set_bits(bits)
-        return factor
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``p`` and ``q`` as 0-d int64 tensors (kernel arguments, so that one compiled kernel
+        serves every gamma)."""
+        if device not in self._ints:
+            self._ints[device] = (
+                torch.tensor(self.p, device=device),
+                torch.tensor(self.q, device=device),
+            )
+        return self._ints[device]
+
+    def _set_grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
+        """The grid of ``bits`` (int, broadcastable to ``shape``) for a state of ``shape``."""
+        rows = math.prod(bits.shape)
+        scale = _power_of_two(bits).reshape(rows, 1)
+        c = scale * ((self.q - self.p) / self.q)  # exact: times a power of two
+        inv = _power_of_two(-bits).reshape(rows, 1)
+        self.grid = _Grid(bits.to(torch.int32), scale, c, inv, shape)
+        return self.grid
+
+    def _place(self, t: Tensor) -> _Grid:
+        """The grid for the stack's input ``t``, computed on its device (no sync)."""
+        if not self.relative:
+            bits = torch.full((), self.fraction_bits, dtype=torch.int32, device=t.device)
+            return self._set_grid(bits.reshape((1,) * t.dim()), t.shape)
+        k = _row_dims(t.dim())
+        dims = tuple(range(k, t.dim()))
+        largest = torch.linalg.vector_norm(t.detach(), math.inf, dim=dims or None, keepdim=True)
+        if not dims:
+            largest = largest.reshape(t.shape)
+        # 2**(e - 1) <= largest < 2**e: the row's largest takes `fraction_bits` bits, unless it is
+        # more than 2**_QUIET_BITS below the loudest row's (zero rows too). All rows zero (or not
+        # finite, which `check_range` reports): e = 0.
+        exponent = torch.frexp(largest.double())[1]
+        exponent = torch.where(largest > 0, exponent, -_MAX_BITS)
+        loudest = exponent.amax() if exponent.numel() else exponent.new_zeros(())
+        loudest = torch.where(loudest > -_MAX_BITS, loudest, 0)
+        exponent = torch.maximum(exponent, loudest - _QUIET_BITS)
+        bits = (self.fraction_bits - exponent).clamp(-_MAX_BITS, _MAX_BITS)
+        return self._set_grid(bits, t.shape)
 
     # -- conversions ------------------------------------------------------------------------------
-    def _to_grid(self, t: Tensor, what: str) -> tuple[Tensor, Tensor]:
-        """Round ``t`` onto the grid, raising now if a finite value does not fit (a NaN or inf
-        marks the forward non-finite instead, see `check_range`). Returns the integers,
-        contiguous (the kernels write into flat views of them), and their value as floats of
-        ``t``'s dtype: through float64, equal to `to_float` of the integers, since the rounded
-        float64 values are the integers themselves and scaling by a power of two is exact."""
-        source = t.detach().reshape(-1)
-        ints = torch.empty(t.shape, dtype=torch.int64, device=t.device)
+    def _to_grid(self, t: Tensor, grid: _Grid, what: str) -> tuple[Tensor, Tensor]:
+        """Round ``t`` onto ``grid``, chunk by chunk (so that the float64 temporaries stay small
+        beside the state), without a device sync: its largest magnitude in grid units goes to
+        `check_range`, which reports a value that does not fit (NaN and inf are zero here and
+        make the forward non-finite). Returns the integers, contiguous (the kernels write into
+        views of them), and their value as floats of ``t``'s dtype: through float64, equal to
+        `to_float` of the integers, since the rounded float64 values are the integers themselves
+        and scaling by a power of two is exact."""
+        ints = torch.empty(t.shape, dtype=self.word, device=t.device)
         values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        if not source.numel():
-            return ints, values
-        # max |t| is one of t's values, and scaling by a power of two is exact: this is the
-        # largest scaled value, read without a float64 copy of t (the one device sync).
-        largest = float(torch.linalg.vector_norm(source, math.inf)) * self.scale
-        if self.relative:
-            largest *= self._calibrate(largest)  # exact: a power of two
-        nonfinite = not math.isfinite(largest)
-        if not largest < _LIMIT:  # NaN included
-            if not nonfinite:
-                raise self._range_error(what, t)
-            self._nonfinite = True
-        # Chunk by chunk, so that the float64 temporaries stay small beside the state.
-        flat_ints, flat_values = ints.view(-1), values.view(-1)
-        for start in range(0, source.numel(), _GRID_CHUNK):
-            part = slice(start, start + _GRID_CHUNK)
-            scaled = source[part].to(torch.float64, copy=True).mul_(self.scale)
-            if nonfinite:
-                scaled.nan_to_num_(0.0, 0.0, 0.0)
-            scaled.round_().add_(0.0)  # + 0.0: -0.0 is 0.0, as `to_float` gives
-            flat_ints[part] = scaled
-            flat_values[part] = scaled.mul_(1 / self.scale)
+        largest = torch.zeros((), dtype=torch.float64, device=t.device)
+        if t.numel():
+            source = grid.view(t.detach())
+            rows, inner = source.shape
+            flat_ints, flat_values = grid.view(ints), grid.view(values)
+            per_row = grid.c.shape[0] > 1
+            rows_per, cols_per = max(1, _GRID_CHUNK // inner), min(inner, _GRID_CHUNK)
+            bound = float(self.limit)
+            for r in range(0, rows, rows_per):
+                down = slice(r, r + rows_per)
+                scale = grid.scale[down] if per_row else grid.scale
+                inv = grid.inv[down] if per_row else grid.inv
+                for col in range(0, inner, cols_per):
+                    part = (down, slice(col, col + cols_per))
+                    scaled = source[part].to(torch.float64, copy=True).mul_(scale)
+                    largest = torch.maximum(largest, scaled.abs().amax())
+                    scaled.nan_to_num_(0.0, 0.0, 0.0).clamp_(-bound, bound)
+                    scaled.round_().add_(0.0)  # + 0.0: -0.0 is 0.0, as `to_float` gives
+                    flat_ints[part] = scaled
+                    flat_values[part] = scaled.mul_(inv)
+        self._entries.append((what, largest))
         return ints, values
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        return to_float(t, self._on(t.device)[3], dtype)
+        assert self.grid is not None
+        return to_float(self.grid.view(t), self.grid.inv, dtype).view(t.shape)
 
-    def _range_error(self, what: str, t: Tensor | None = None) -> InertiaError:
-        largest = "" if t is None else f" (largest magnitude {float(t.detach().abs().amax()):.3g})"
-        if self.base_bits != self.fraction_bits:  # placed for the input
+    def _range_error(self, what: str) -> InertiaError:
+        if self.relative:
             where = (
-                f"below 2**{61 - self.fraction_bits}, 2**{61 - self.base_bits} times the input's "
-                "binary magnitude (the grid follows the input's scale)"
+                f"below 2**{61 - self.fraction_bits} times its row's scale at the stack's "
+                "input (each sample's channel or token has a grid of its own, with "
+                f"{self.fraction_bits} bits at its largest magnitude, or at 1/16 of the loudest "
+                "row's where that is larger)"
             )
+            fix = "Normalize the activations inside the blocks (a norm layer), or use exact=False"
         else:
-            where = f"below 2**{61 - self.fraction_bits}"
+            where = f"below 2**{61 - self.fraction_bits}, with fraction_bits={self.fraction_bits}"
+            fix = "Pass a lower fraction_bits (or None, a grid that follows the data)"
         return InertiaError(
-            f"exact mode: {what} does not fit the fixed-point range: magnitudes must be finite and "
-            f"{where}, with fraction_bits={self.fraction_bits}{largest}. Pass a lower "
-            "fraction_bits (a fixed grid of step 2**-fraction_bits), or normalize the activations."
+            f"exact mode: {what} does not fit the fixed-point range: magnitudes must be finite "
+            f"and {where}. {fix}."
         )
 
     def on_grid(self, x: Tensor) -> Tensor:
         """``x`` as the blocks see it: the float value of its fixed-point rounding."""
-        value = self._to_grid(x, "the input")[1]
+        ints, value = self._to_grid(x, self._place(x), "the input")
+        self._rounded = (x, ints, value)
         return _StraightThrough.apply(x, value) if _recording(x) else value
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
         _check_device(x.device)
-        self._nonfinite = False
-        xi, xf = self._to_grid(x, "the input")
+        rounded, self._rounded = self._rounded, None
+        if rounded is not None and rounded[0] is x and rounded[1].dtype == self.word:
+            xi, xf = rounded[1:]
+        else:
+            self._entries = []
+            xi, xf = self._to_grid(x, self._place(x), "the input")
+        grid = self.grid
+        assert grid is not None
         if v is None:
             vi, vf = torch.zeros_like(xi), torch.zeros_like(xf)
         else:
-            vi, vf = self._to_grid(v, "v_0 = init_function(x_0)")
+            vi, vf = self._to_grid(v, grid, "v_0 = init_function(x_0)")
         if _recording(x):
             xf = _StraightThrough.apply(x, xf)
         if v is not None and _recording(v):
             vf = _StraightThrough.apply(v, vf)
         self._largest = []
         self.dtype = x.dtype
-        return (xf, vf, xi, vi, torch.zeros_like(xi))
+        return (xf, vf, xi, vi, torch.zeros(x.shape, dtype=self.buffer_dtype, device=x.device))
 
     def position(self, state: State) -> Tensor:
         return state[0]
@@ -286,19 +423,24 @@ class ExactArithmetic:
                 "exact mode: the forward met a NaN or inf, so it has no fixed-point state to "
                 "return (its output is NaN)."
             )
+        assert self.grid is not None
         xf, _, xi, vi, buffer, *words = state
         vf = self.velocity(state)
-        return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, self.fraction_bits)
+        narrow = self.policy is not None and self.policy.dtype == torch.int32 and self._fits
+        if narrow and xi.dtype != torch.int32:  # values of an int64 pass that fit the word
+            xi, vi = xi.to(torch.int32), vi.to(torch.int32)
+        return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, self.grid.bits)
 
     def from_exact_state(self, state: ExactState) -> State:
         """The tuple for ``state``, after checking that this stack's forward made it."""
-        if self.relative:  # the grid that the forward placed for its input
-            self.relative = False
-            self._set_bits(state.fraction_bits)
-        if (state.gamma, state.fraction_bits) != (self.ratio, self.fraction_bits):
+        if state.gamma != self.ratio:
             raise ValueError(
-                f"the state was made with gamma={state.gamma} and fraction_bits="
-                f"{state.fraction_bits}, but this MomentumNet has gamma={self.ratio} and "
+                f"the state was made with gamma={state.gamma}, but this MomentumNet has "
+                f"gamma={self.ratio}."
+            )
+        if not self.relative and not bool((state.fraction_bits == self.fraction_bits).all()):
+            raise ValueError(
+                "the state was made on another grid, but this MomentumNet has a fixed grid of "
                 f"fraction_bits={self.fraction_bits}."
             )
         if len(state.words) != len(self.pushes):
@@ -308,22 +450,28 @@ class ExactArithmetic:
                 "another depth."
             )
         _check_device(state.x.device)
+        self._set_grid(state.fraction_bits, state.x.shape)
+        self._fits = state.x.dtype == torch.int32  # the forward's values all fitted it
         dtype = state.position.dtype
         xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
         # Copies, contiguous: the kernels write into the integers (and not into the caller's).
         contiguous = torch.contiguous_format
-        ints = (t.clone(memory_format=contiguous) for t in (state.x, state.v, state.buffer))
-        return (xf, vf, *ints, *state.words)
+        ints = (t.to(self.word, copy=True, memory_format=contiguous) for t in (state.x, state.v))
+        buffer = state.buffer.to(self.buffer_dtype, copy=True, memory_format=contiguous)
+        self.dtype = dtype
+        return (xf, vf, *ints, buffer, *state.words)
 
     def velocity(self, state: State) -> Tensor:
         vf, vi = state[1], state[3]
         return vf if vf.shape == vi.shape else self._to_float(vi, state[0].dtype)
 
     # -- the update and its inverse -------------------------------------------------------------
-    # The kernels work on flat tensors, so that one compiled kernel serves every shape.
+    # The kernels work on (rows, inner) views, so that one compiled kernel serves every shape.
     def step(self, state: State, f: Tensor, n: int) -> State:
         xf, vf, xi, vi, buffer, *words = state
-        p, q, c, inv = self._on(xi.device)
+        grid = self.grid
+        assert grid is not None
+        p, q = self._on(xi.device)
         shape, dtype = xi.shape, xf.dtype
         recording = _recording(vf, f, xf)
         # v_n's float, read before the kernel moves the integers on (a placeholder if the stack's
@@ -333,22 +481,25 @@ class ExactArithmetic:
             largest = torch.zeros((), dtype=torch.float64, device=xi.device)
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
         elif self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
-            scaled = f.detach().double() * c
-            vi = scaled.round().long()
-            xi = xi + vi
-            largest = torch.stack([t.abs().amax().double() for t in (scaled, vi, xi)]).amax()
+            scaled = grid.view(f.detach()).double() * grid.c
+            new_v = scaled.round().long()
+            new_x = grid.view(xi).long() + new_v
+            largest = torch.stack([t.abs().amax().double() for t in (scaled, new_v, new_x)]).amax()
+            xi = new_x.clamp(-self.limit, self.limit).to(self.word).view(shape)
+            vi = new_v.clamp(-self.limit, self.limit).to(self.word).view(shape)
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
         else:
             kernel = step_push if n in self.pushes else step
-            flat = [t.view(-1) for t in (xi, vi, buffer)]  # the state's own integers: in place
-            word, largest, new_xf = kernel(*flat, f.detach().reshape(-1), p, q, c, inv, dtype)
+            views = [grid.view(t) for t in (xi, vi, buffer)]  # the state's own integers: in place
+            f2 = grid.view(f.detach())
+            word, largest, new_xf = kernel(*views, f2, p, q, grid.c, grid.inv, dtype)
             new_xf = new_xf.view(shape)
             if word is not None:
                 words.append(word.view(shape))
             new_vf = self._to_float(vi, dtype) if recording else _LAZY
-        # |(1 - gamma) f|, |v| and |x| below 2**61 at every layer keep every sum below 2**63 (by
-        # induction). Checked once per forward by `check_range`, not with a device sync per layer;
-        # the backward recomputes the same values, which the detector verifies.
+        # |(1 - gamma) f|, |v| and |x| below the word's limit at every layer keep every sum in
+        # int64 (by induction). Checked once per forward by `check_range`, not with a device sync
+        # per layer; the backward recomputes the same values, which the detector verifies.
         self._largest.append(largest)
         if recording:
             ghost_v = self.gamma * vf + (1 - self.gamma) * f
@@ -357,23 +508,28 @@ class ExactArithmetic:
         return (new_xf, new_vf, xi, vi, buffer, *words)
 
     def check_range(self) -> bool:
-        """Whether the forward since `encode` stayed finite, raising if a finite value left the
-        range (one device sync per forward). False where a NaN or inf entered (the input, ``v_0``
-        or a block's output): the state's integers are then meaningless, and `poisoned` gives
-        the state to return."""
-        largest, self._largest = self._largest, []
-        nonfinite, self._nonfinite = self._nonfinite, False
+        """Whether the forward since `encode` stayed finite (one device sync per forward). False
+        where a NaN or inf entered (the input, ``v_0`` or a block's output): the state's integers
+        are then meaningless, and `poisoned` gives the state to return. Where a finite value left
+        the word first: `WordOverflow` in an int32 word (the memory-free forward runs again in
+        int64, see `widen`), else an error."""
+        entries, self._entries = self._entries, []
+        layers, self._largest = self._largest, []
         self.finite = False
-        if nonfinite:
-            return False
-        if largest:
-            values = torch.stack(largest)
-            bad = ~(values < _LIMIT)  # True for NaN too
-            if bool(bad.any()):
-                n = int(bad.nonzero()[0, 0])
-                if not bool(values[n].isfinite()):  # the first bad layer met a NaN or inf
-                    return False
-                raise self._range_error(f"the output of block {n} (or the state x or v after it)")
+        names = [what for what, _ in entries] + [
+            f"the output of block {n} (or the state x or v after it)" for n in range(len(layers))
+        ]
+        values = torch.stack([t for _, t in entries] + layers)
+        bad = ~(values < self.limit)  # True for NaN too
+        self._fits = bool((values < NARROW_LIMIT).all())
+        if bool(bad.any()):
+            n = int(bad.nonzero()[0, 0])
+            if not bool(values[n].isfinite()):  # the first bad value is a NaN or inf
+                return False
+            if self.word == torch.int32:
+                self.widen()
+                raise WordOverflow(names[n])
+            raise self._range_error(names[n])
         self.finite = True
         return True
 
@@ -388,7 +544,7 @@ class ExactArithmetic:
     def saved(self, state: State) -> State:
         """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow). The
         buffer in the smallest dtype that its bound allows (one byte per element where fewer than
-        17 blocks have filled it at gamma 0.9; always for one block)."""
+        21 blocks have filled it at gamma 0.9; always for one block)."""
         xi, vi, buffer, *words = state[2:]
         return (xi, vi, buffer.to(self.kept_buffer), *words)
 
@@ -396,11 +552,13 @@ class ExactArithmetic:
         # `unstep_position` computes the position's float; the velocity's only if asked
         # (`velocity`). The kernels write into the integers: into the saved ones where they are
         # owned, else into copies (under retain_graph, the saved ones serve every backward).
-        words = saved[3:]
-        placeholder = torch.empty(0, dtype=self.dtype, device=saved[0].device)
+        xi, vi, buffer, *words = saved
+        placeholder = torch.empty(0, dtype=self.dtype, device=xi.device)
         contiguous = torch.contiguous_format
-        ints = (t.to(torch.int64, copy=not owned, memory_format=contiguous) for t in saved[:3])
-        return (placeholder, _LAZY, *ints, *words)
+        ints = (t.to(copy=not owned, memory_format=contiguous) for t in (xi, vi))
+        wide = buffer.dtype != self.buffer_dtype
+        buffer = buffer.to(self.buffer_dtype, copy=not owned and not wide)
+        return (placeholder, _LAZY, *ints, buffer, *words)
 
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state
@@ -409,7 +567,9 @@ class ExactArithmetic:
         # stopped midway (a new walk starts on new integers, `restore`'s or `from_exact_state`'s).
         if ahead is not None and ahead[0] is vi:
             return (ahead[1], vf, xi, vi, *rest)
-        new_xf = unstep_position(xi.view(-1), vi.view(-1), self._on(xi.device)[3], xf.dtype)
+        grid = self.grid
+        assert grid is not None
+        new_xf = unstep_position(grid.view(xi), grid.view(vi), grid.inv, xf.dtype)
         return (new_xf.view(xi.shape), vf, xi, vi, *rest)
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
@@ -418,10 +578,12 @@ class ExactArithmetic:
         xf, _, xi, vi, buffer, *words = state
         if self.p == 0:
             raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
-        flat = [t.view(-1) for t in (xi, vi, buffer)]
-        args = (*flat, f.detach().reshape(-1), *self._on(xi.device), xf.dtype)
+        grid = self.grid
+        assert grid is not None
+        views = [grid.view(t) for t in (xi, vi, buffer)]
+        args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c, grid.inv, xf.dtype)
         if n in self.pushes:
-            xf_prev = unstep_velocity_pop(*args, words.pop().reshape(-1))
+            xf_prev = unstep_velocity_pop(*args, grid.view(words.pop()))
         else:
             xf_prev = unstep_velocity(*args)
         if n > 0:
@@ -433,10 +595,11 @@ class ExactArithmetic:
     # -- the detector ----------------------------------------------------------------------------
     def fingerprint(self, state: State) -> Tensor:
         """A checksum of the fixed-point ``(x, v)``: the sums of their low 31 bits and of the
-        rest (neither sum can overflow below 2**32 elements). A block that computes something else
-        when run again changes the values, which moves the sums; the emptied buffer, also checked,
-        catches what they might miss. One compiled reduction without temporaries (eagerly, in
-        chunks): the backward checks at block 0, where its peak can be."""
+        rest (neither sum can overflow below 2**32 elements; the same for an int32 and an int64
+        word). A block that computes something else when run again changes the values, which
+        moves the sums; the emptied buffer, also checked, catches what they might miss. One
+        compiled reduction without temporaries (eagerly, in chunks): the backward checks at block
+        0, where its peak can be."""
         result: Tensor = checksum(state[2].view(-1), state[3].view(-1))
         return result
 
@@ -476,10 +639,11 @@ def _recording(*tensors: Tensor) -> bool:
 
 
 def bits_per_element(gamma: float, depth: int) -> int:
-    """Bits per element that the buffer takes after ``depth`` layers (64 plus its word planes), as
-    `ExactState` holds it; the memory-free backward keeps the int64 part in the smallest integer
-    dtype its bound allows."""
+    """Bits per element that the buffer takes after ``depth`` layers, as `ExactState` holds it:
+    the smallest integer dtype its bound allows, or, where word planes were pushed, 64 plus the
+    planes (the memory-free backward then keeps the int64 part in the smallest dtype)."""
     ratio = rational_gamma(gamma)
     if ratio.numerator == 0:
         return 0
-    return 64 + WORD * len(_schedule(ratio.numerator, ratio.denominator, depth)[0])
+    pushes, kept = _schedule(ratio.numerator, ratio.denominator, depth)
+    return 64 + WORD * len(pushes) if pushes else torch.iinfo(kept).bits

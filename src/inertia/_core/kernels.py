@@ -9,12 +9,18 @@ compiled and the eager kernels agree bit for bit and may even be mixed between a
 backward. When compilation is not possible (no C++ compiler, an unsupported device), the kernels
 run eagerly after one warning.
 
-The kernels write the new integers into the tensors they are given (``x``, ``v``, the buffer), so
-that a layer's update allocates only its float output: callers pass integers that they own.
+The kernels take 2-D tensors, one row per grid row of the state (see `exact`): ``x`` and ``v``
+in their word (int32 or int64), the buffer in its own dtype (uint8 to int64), the block's output
+``f``, and per-row constants of shape ``(rows, 1)`` (or ``(1, 1)`` for one grid). They compute in
+int64 registers and write the new integers into the tensors they are given, so that a layer's
+update allocates only its float output: callers pass integers that they own. An int32 word is
+saturated where a value leaves it (the forward's range check then reruns the stack in int64), so
+that nothing wraps.
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NARROW_LIMIT",
     "WORD",
     "checksum",
     "eager",
@@ -64,12 +71,26 @@ def _divmod(n: Tensor, d: Tensor, small: bool) -> tuple[Tensor, Tensor]:
 def to_float(i: Tensor, inv_scale: Tensor, dtype: torch.dtype) -> Tensor:
     """The value of fixed-point ``i`` (times the power of two ``inv_scale``) in ``dtype``.
 
-    Through float64 as ``hi * 2**32 + lo``: both parts and the product are exact, so the one
-    rounding is that of an IEEE addition, the same in every implementation (eager, compiled,
-    fused into a multiply-add); an int64 conversion instruction might round otherwise.
+    An int64 goes through float64 as ``hi * 2**32 + lo``: both parts and the product are exact, so
+    the one rounding is that of an IEEE addition, the same in every implementation (eager,
+    compiled, fused into a multiply-add); an int64 conversion instruction might round otherwise.
+    An int32 converts exactly.
     """
-    value = (i >> WORD).double() * float(1 << WORD) + (i & _WORD_MASK).double()
+    if i.dtype == torch.int64:
+        value = (i >> WORD).double() * float(1 << WORD) + (i & _WORD_MASK).double()
+    else:
+        value = i.double()
     return (value * inv_scale).to(dtype)
+
+
+NARROW_LIMIT = (1 << 31) - 1  # the largest magnitude an int32 word holds (saturated there)
+
+
+def _store(dst: Tensor, value: Tensor) -> None:
+    """Write int64 ``value`` into ``dst``, saturating where ``dst`` is an int32 word."""
+    if dst.dtype == torch.int32:
+        value = value.clamp(-NARROW_LIMIT, NARROW_LIMIT)
+    dst.copy_(value)
 
 
 def _mul_gamma(
@@ -102,16 +123,19 @@ def _step(
 ) -> tuple[Any, ...]:
     """One layer, written into ``x``, ``v`` and ``buffer``: ``scaled = c f`` is
     ``(1 - gamma) f`` in grid units. Returns the word plane pushed (None unless ``push``), the
-    largest of ``|x|``, ``|v|``, ``|scaled|`` (float64; NaN if ``f`` has a NaN), and ``x`` as a
-    float of ``dtype`` (the next block's input; ``v``'s float is needed only at the end)."""
+    largest of ``|x|``, ``|v|``, ``|scaled|`` before any saturation (float64; NaN if ``f`` has a
+    NaN), and ``x`` as a float of ``dtype`` (the next block's input; ``v``'s float is needed only
+    at the end)."""
     scaled = f.double() * c
-    new_x, new_v, new_buffer, word = _mul_gamma(x, v, buffer, scaled, p, q, push)
+    new_x, new_v, new_buffer, word = _mul_gamma(
+        x.long(), v.long(), buffer.long(), scaled, p, q, push
+    )
     largest = torch.maximum(new_v.abs(), new_x.abs()).amax().double()
     largest = torch.maximum(largest, scaled.abs().amax())
     position = to_float(new_x, inv, dtype)
-    x.copy_(new_x)
-    v.copy_(new_v)
-    buffer.copy_(new_buffer)
+    _store(x, new_x)
+    _store(v, new_v)
+    buffer.copy_(new_buffer)  # the schedule bounds it within its dtype
     return word, largest, position
 
 
@@ -132,7 +156,7 @@ def _step_push(
 
 
 def _unstep_position(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x <- x - v`` in place; returns its float."""
+    """``x <- x - v`` in place (the forward's values: no overflow); returns its float."""
     x.sub_(v)
     return to_float(x, inv, dtype)
 
@@ -151,15 +175,17 @@ def _unstep_velocity(
 ) -> Tensor:
     """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n`` given ``x = x_n``,
     written into ``v`` and ``buffer``; and, one step ahead (saving a kernel), ``x_{n-1} = x_n -
-    v_n`` written into ``x``. Returns the float of ``x_{n-1}``."""
+    v_n`` written into ``x``. Returns the float of ``x_{n-1}``. Below block 0, ``x_0 - v_0`` is no
+    state and may leave an int32 word: it wraps there, and the caller's ``x += v`` wraps back to
+    ``x_0`` (integer arithmetic modulo ``2**32``)."""
     d = (f.double() * c).round().long()
-    new_buffer, r = _divmod(buffer, q, small=True)
+    new_buffer, r = _divmod(buffer.long(), q, small=True)
     if word is not None:
         new_buffer = (new_buffer << WORD) + (word.long() + _WORD_OFFSET)
-    a, t = _divmod(v - d, p, small=False)
+    a, t = _divmod(v.long() - d, p, small=False)
     high, s = _divmod(t * q + r, p, small=True)
     new_v = a * q + high
-    new_x = x - new_v
+    new_x = x.long() - new_v
     position = to_float(new_x, inv, dtype)
     v.copy_(new_v)
     buffer.copy_(new_buffer * p + s)
@@ -188,8 +214,9 @@ _CHUNK = 1 << 16  # elements per chunk of the eager checksum, at least
 
 
 def _checksum(x: Tensor, v: Tensor) -> Tensor:
-    """The sums of the low 31 bits and of the rest of flat int64 ``x`` and ``v`` (no sum can
-    overflow below 2**32 elements): one fused reduction when compiled, no temporaries."""
+    """The sums of the low 31 bits and of the rest of ``x`` and ``v`` (int32 or int64; the same
+    sums for the same values; no sum can overflow below 2**32 elements): one fused reduction when
+    compiled, no temporaries."""
     parts = [(x & _LOW31).sum(), (x >> 31).sum(), (v & _LOW31).sum(), (v >> 31).sum()]
     return torch.stack(parts)
 
@@ -197,6 +224,7 @@ def _checksum(x: Tensor, v: Tensor) -> Tensor:
 def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
     """`_checksum` eagerly, in at most 64 chunks, so that its temporaries stay small beside the
     state (the backward checks at block 0, where its peak can be)."""
+    x, v = x.reshape(-1), v.reshape(-1)
     sums = torch.zeros(4, dtype=torch.int64, device=x.device)
     size = max(_CHUNK, -(-x.numel() // 64))  # x and v have the same size
     for start in range(0, x.numel(), size):
@@ -218,27 +246,44 @@ def eager(fn: _F) -> _F:
 
 class _Compiled:
     """``fn`` compiled on first use (for tensors of at least ``_MIN_COMPILED`` elements, one
-    flat, dynamically shaped kernel), or ``fn`` itself when compiling fails (after a warning)."""
+    dynamically shaped kernel per variant: the dtypes and ranks of the tensor arguments and the
+    other arguments), or ``fn`` itself when compiling fails (after a warning).
+
+    Each variant compiles a copy of ``fn`` with a code object of its own: dynamo keeps its cache,
+    and counts its recompilations against ``recompile_limit`` (8), per code object, and the words,
+    buffers and float dtypes of exact mode make more variants than that.
+    """
 
     failed = False  # shared: one failure means the compiler is unavailable
 
     def __init__(self, fn: Callable[..., Any], fallback: Callable[..., Any] | None = None) -> None:
         self.fn = fn
         self.fallback = fn if fallback is None else fallback  # uncompiled: the same results
-        self.compiled: Callable[..., Any] | None = None
+        self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def _variant(self, key: tuple[Any, ...]) -> Callable[..., Any]:
+        compiled = self.variants.get(key)
+        if compiled is None:
+            name = f"{self.fn.__name__}_{len(self.variants)}"
+            code = self.fn.__code__.replace(co_name=name)  # a code object, and a cache, of its own
+            copy = types.FunctionType(
+                code, self.fn.__globals__, name, self.fn.__defaults__, self.fn.__closure__
+            )
+            compiled = torch.compile(copy, dynamic=True, fullgraph=True)
+            self.variants[key] = compiled
+        return compiled
 
     def __call__(self, *args: Any) -> Any:
         small = args[0].numel() < _MIN_COMPILED
         if small or _Compiled.failed or torch.compiler.is_compiling():
             return self.fallback(*args)
         # Plain tensors (a view would make dynamo guard on its base's shape) and no autograd
-        # state in the guards: one compiled kernel per function, dtype and device.
+        # state in the guards.
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        key = tuple((a.dtype, a.dim()) if isinstance(a, Tensor) else a for a in args)
         try:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
             with torch.no_grad():
-                return self.compiled(*args)
+                return self._variant(key)(*args)
         except Exception as error:  # a missing compiler shows as many exception types
             _Compiled.failed = True
             warnings.warn(

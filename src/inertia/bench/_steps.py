@@ -121,24 +121,27 @@ class IntegerFloor(Checkpointed):
         self, block: nn.Module, gamma: float, integers: dict[int, list[Tensor]], where: str
     ) -> None:
         super().__init__(block, reentrant=False)
-        self.arith = ExactArithmetic(gamma, fraction_bits=32, depth=1)  # its kernels' constants
+        self.arith = ExactArithmetic(gamma, fraction_bits=24, depth=1)  # its kernels' constants
         self.integers = integers  # x, v and the buffer by element count, shared by the stack
         self.where = where  # "first", "last", "only" or "" (in between) in the stack
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         out = super().forward(x, *args, **kwargs)
         first = out[0] if isinstance(out, tuple) else out
-        f = first.detach().reshape(-1)
+        f = first.detach().reshape(1, -1)
         if f.numel() not in self.integers:
-            self.integers[f.numel()] = [f.new_zeros(f.numel(), dtype=torch.int64) for _ in "xvb"]
+            # As a short memory-free stack holds them: int32 x and v, a one-byte buffer.
+            dtypes = (torch.int32, torch.int32, torch.uint8)
+            self.integers[f.numel()] = [f.new_zeros(f.shape, dtype=d) for d in dtypes]
         ints = self.integers[f.numel()]
-        consts = self.arith._on(f.device)  # p, q, (1 - gamma) * 2**32, 2**-32
-        kernels.step(*ints, f, *consts, f.dtype)
+        grid = self.arith._set_grid(torch.full((1,), 24, device=f.device), f.shape)
+        p, q = self.arith._on(f.device)
+        kernels.step(*ints, f, p, q, grid.c, grid.inv, f.dtype)
 
         def inverse(grad: Tensor) -> None:
             if self.where in ("last", "only"):  # x_n from x_{n+1}; below, the kernel reads ahead
-                kernels.unstep_position(ints[0], ints[1], consts[3], f.dtype)
-            kernels.unstep_velocity(*ints, f, *consts, f.dtype)
+                kernels.unstep_position(ints[0], ints[1], grid.inv, f.dtype)
+            kernels.unstep_velocity(*ints, f, p, q, grid.c, grid.inv, f.dtype)
             if self.where in ("first", "only"):
                 ints[0].add_(ints[1])  # x_0 again: the kernel moved it one step ahead
 
