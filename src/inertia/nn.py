@@ -94,10 +94,11 @@ class MomentumNet(nn.Module):
             row. Each row of the stack input (its first two dims where it has three or more: a
             sample's channel, or token; its first for a matrix) gets at each forward the step
             ``2**-(24 - e)`` (float64 inputs: ``2**-(40 - e)``), where ``2**(e - 1) <= m < 2**e``
-            and ``m`` is the row's largest magnitude, or 1/16 of the loudest row's where that is
-            larger: float32's own precision at ``m`` (eight bits finer than bf16's), so a stack
-            on activations of 1e-9 is as accurate as one at 1, and a loud row does not coarsen
-            the grid of rows up to 16 times quieter. Words are int32 while the values stay below
+            and ``m`` is the row's largest magnitude, or 1/16 of its sample's where that is
+            larger: float32's own precision at ``m`` (eight bits finer than bf16's), so that
+            samples of 1e-9 are as accurate as samples of 1, whatever else the batch holds, and a
+            loud channel or token does not coarsen the grid of rows up to 16 times quieter in its
+            sample. Words are int32 while the values stay below
             ``2**(7 + e)`` (at least 128 times ``m``); a forward that leaves that range runs
             again in int64 (values below ``2**(37 + e)``; float64 inputs always use int64, below
             ``2**(21 + e)``), and the stack's `Word` (``net.word``) counts it and stays at

@@ -7,9 +7,10 @@ forward and the inverse add and subtract identical integers.
 The grid follows the data: each row of the state (an index of its first two dimensions, such as a
 sample's channel or a sample's token; of its first for a 2-D state) has its own step, placed at
 the stack's input so that the row's largest magnitude takes ``precision`` bits (24 for float32
-inputs: the step is float32's own spacing there; 40 for float64), or so that 1/16 of the loudest
-row's does, where that is larger. Rows up to 16 times apart in scale thus each keep their
-precision, and quieter rows (a dead ReLU channel) have room for values of the loudest row's
+inputs: the step is float32's own spacing there; 40 for float64), or so that 1/16 of the largest
+magnitude of the row's sample does, where that is larger. Samples of any scales, and a sample's
+rows up to 16 times apart, thus each keep their precision, and no sample's grid depends on the
+rest of the batch; quieter rows (a dead ReLU channel) have room for values of their sample's
 scale, which a block may write into them. ``x`` and ``v``
 are held in an int32 word, 4 bytes per element, which leaves the rows 7 bits (128 times) to grow
 over the stack; a forward whose values leave it is detected at its end, and the memory-free
@@ -72,9 +73,10 @@ _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exac
 _LIMIT = 1 << 61  # in int64 words, |x|, |v| and each rounded block output stay below this
 _GRID_CHUNK = 1 << 20  # elements rounded onto the grid at a time (8 MiB of float64 temporaries)
 _MAX_BITS = 1000  # grid steps from 2**-1000 to 2**1000: both normal float64 numbers
-# A relative grid's row is at most 2**_QUIET_BITS times finer than its loudest row, so that a row
-# whose input is quiet (a dead ReLU channel, a lone small value) has room for values up to 8 times
-# the stack input's largest magnitude in an int32 word, where a block writes into it.
+# A relative grid's row (a sample's channel or token) is at most 2**_QUIET_BITS times finer than
+# its sample's loudest, so that a row whose input is quiet (a dead ReLU channel, a lone small
+# value) has room in an int32 word for values up to 8 times the sample's largest input magnitude,
+# where a block writes into it.
 _QUIET_BITS = 4
 
 
@@ -320,13 +322,15 @@ class ExactArithmetic:
         if not dims:
             largest = largest.reshape(t.shape)
         # 2**(e - 1) <= largest < 2**e: the row's largest takes `fraction_bits` bits, unless it is
-        # more than 2**_QUIET_BITS below the loudest row's (zero rows too). All rows zero (or not
-        # finite, which `check_range` reports): e = 0.
+        # more than 2**_QUIET_BITS below the loudest row of its sample (zero rows too), so that
+        # no sample's grid depends on the others in the batch. Zero samples and zero rows of a
+        # matrix (and non-finite ones, which `check_range` reports): e = 0.
         exponent = torch.frexp(largest.double())[1]
         exponent = torch.where(largest > 0, exponent, -_MAX_BITS)
-        loudest = exponent.amax() if exponent.numel() else exponent.new_zeros(())
-        loudest = torch.where(loudest > -_MAX_BITS, loudest, 0)
-        exponent = torch.maximum(exponent, loudest - _QUIET_BITS)
+        if k == 2 and exponent.numel():
+            loudest = exponent.amax(dim=1, keepdim=True)  # each sample's loudest channel or token
+            exponent = torch.maximum(exponent, loudest - _QUIET_BITS)
+        exponent = torch.where(exponent > -_MAX_BITS, exponent, 0)
         bits = (self.fraction_bits - exponent).clamp(-_MAX_BITS, _MAX_BITS)
         return self._set_grid(bits, t.shape)
 
@@ -373,8 +377,8 @@ class ExactArithmetic:
             where = (
                 f"below 2**{61 - self.fraction_bits} times its row's scale at the stack's "
                 "input (each sample's channel or token has a grid of its own, with "
-                f"{self.fraction_bits} bits at its largest magnitude, or at 1/16 of the loudest "
-                "row's where that is larger)"
+                f"{self.fraction_bits} bits at its largest magnitude, or at 1/16 of its sample's "
+                "where that is larger)"
             )
             fix = "Normalize the activations inside the blocks (a norm layer), or use exact=False"
         else:
