@@ -254,6 +254,46 @@ def test_spectral_norm_blocks() -> None:
     assert_gradients_match(backprop, free, x, rtol=1e-9)
 
 
+class TiedWithin(nn.Module):
+    """One weight under two names (``a.weight`` and ``b.weight``), and a parametrized one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x))))))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_weights_tied_within_a_block_and_parametrized(exact: bool) -> None:
+    """The recomputation binds the forward's tensors wherever the block holds them: under a
+    second name, and under a parametrization (weight_norm's ``original0`` and ``original1``)."""
+    net = MomentumNet([TiedWithin() for _ in range(3)], 0.9, exact=exact).double()
+    backprop, free, _ = twins(net)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    errors = assert_gradients_match(backprop, free, x, rtol=1e-9)
+    assert "grad.0.a.weight" in errors
+    assert "grad.0.c.parametrizations.weight.original1" in errors
+    assert free[0].a.weight is free[0].b.weight  # the module is as it was
+
+
+def test_parameter_hooks_fire_once_per_backward() -> None:
+    """A hook on a parameter sees its gradient once, as in backprop: the recomputation
+    differentiates with respect to leaves of its own, not the parameters."""
+    net = MomentumNet([MLP() for _ in range(3)], 0.9).double()
+    backprop, free, _ = twins(net)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    for model in (backprop, free):
+        seen: list[Tensor] = []
+        model[1].net[0].weight.register_hook(lambda g, seen=seen: seen.append(g))
+        model(x).square().sum().backward()
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], model[1].net[0].weight.grad, rtol=0, atol=0)
+
+
 class Noisy(nn.Module):
     """Draws from a generator of its own, as noise-injection blocks do."""
 

@@ -19,7 +19,7 @@ Backward: autograd runs ``_Block_{N-1}, ..., _Block_0, _Start``. Node ``n`` rece
 of ``(x_{n+1}, v_{n+1})`` from autograd and the state ``(x_{n+1}, v_{n+1})`` from node ``n + 1``
 (the last node from its saved tensors), inverts ``x_n = x_{n+1} - v_{n+1}``, evaluates
 ``f_n(x_n)`` once with autograd recording and with what the forward used (the same parameter
-tensors, through `torch.func.functional_call`; the buffers as they were; the generator replayed;
+tensors, bound in place of the live ones; the buffers as they were; the generator replayed;
 autocast re-entered), uses that evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma)
 f_n(x_n)) / gamma`` and for the vector-Jacobian product, hands ``(x_n, v_n)`` down and returns the
 gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter gradients thus
@@ -46,12 +46,13 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -63,7 +64,6 @@ from .replay import (
     AutocastState,
     RngTracker,
     frozen_running_stats,
-    running_statistics,
     same_state,
 )
 
@@ -198,7 +198,10 @@ class _Record:
     n_rng: int  # generator-state tensors at the end of `tensors` (0: the call drew none)
     need_x: bool  # whether the input required grad (the recomputation does the same)
     sharded: bool  # FSDP2 manages the module: it runs on its live parameters
-    training: tuple[bool, ...]  # the ``training`` flag of each of ``module.modules()``
+    # The module's submodules with their names (every occurrence), and each one's ``training``
+    # flag in the forward.
+    modules: tuple[tuple[str, nn.Module], ...]
+    training: tuple[bool, ...]
     generators: tuple[torch.Generator, ...]
 
     @property
@@ -270,10 +273,24 @@ def _unreachable(packed: None) -> Tensor:
     )
 
 
-def _sharded(module: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages ``module`` or one of its submodules."""
+def _sharded(modules: Iterable[nn.Module]) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages one of ``modules`` (a module and its submodules)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded if it was never imported
-    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in modules)
+
+
+def _named(modules: Sequence[tuple[str, nn.Module]], table: str) -> dict[str, Tensor]:
+    """The parameters (``table="_parameters"``) or buffers (``"_buffers"``) of ``modules`` (a
+    module's ``named_modules(remove_duplicate=False)``) by name, each tensor once, under its first
+    name: ``named_parameters()`` and ``named_buffers()`` in one pass over a walk already made."""
+    named: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for prefix, m in modules:
+        for attr, t in getattr(m, table).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                named[f"{prefix}.{attr}" if prefix else attr] = t
+    return named
 
 
 def communicates(blocks: Sequence[nn.Module]) -> bool:
@@ -284,7 +301,9 @@ def communicates(blocks: Sequence[nn.Module]) -> bool:
         return False
     dtensor = sys.modules.get("torch.distributed.tensor")
     for block in blocks:
-        if _sharded(block) or any(isinstance(m, nn.SyncBatchNorm) for m in block.modules()):
+        if _sharded(block.modules()) or any(
+            isinstance(m, nn.SyncBatchNorm) for m in block.modules()
+        ):
             return True
         if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in block.parameters()):
             return True
@@ -303,13 +322,19 @@ def _record_call(
     """Run one call of the memory-free forward as its recomputation will run; returns its output,
     its record and the record's tensors."""
     module = spec.module(index)
-    sharded = _sharded(module)
-    params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
+    modules = tuple(module.named_modules(remove_duplicate=False))
+    sharded = _sharded(m for _, m in modules)
+    params: dict[str, Tensor] = _named(modules, "_parameters")
+    buffers = _named(modules, "_buffers")
     before = {name: b.clone() for name, b in buffers.items()}
     versions = {name: b._version for name, b in buffers.items()}
-    training = tuple(m.training for m in module.modules())
-    statistics = running_statistics(module)
+    training = tuple(m.training for _, m in modules)
+    statistics = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, m in modules
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats
+        for name in ("running_mean", "running_var", "num_batches_tracked")
+    }
     state = rng.get_state()
     watch = _GeneratorWatch()
     # The recomputation records autograd with the input requiring grad as here: kernels that
@@ -324,7 +349,7 @@ def _record_call(
         stack.enter_context(watch)
         inp = _input(x, need_x and not sharded)
         out = call_block(spec, index, inp, args, kwargs).detach()
-    after = dict(module.named_buffers())
+    after = _named(modules, "_buffers")
     # Norm layers' kernels write running statistics without bumping the version counter; the
     # other buffers show a change in their counter or identity (no device sync to compare values).
     mutated = frozenset(
@@ -341,6 +366,7 @@ def _record_call(
         n_rng=len(state) if drew else 0,
         need_x=need_x,
         sharded=sharded,
+        modules=modules,
         training=training,
         generators=tuple(g for g, _ in watch.seen.values()),
     )
@@ -765,8 +791,9 @@ def _evaluate(
         args, kwargs = run.unflatten(arg_in)
     subtract = index != _INIT and not spec.is_residual
     replay = contextlib.ExitStack()
-    replay.enter_context(_training(module, record.training))
-    replay.enter_context(_replaying(record.generators, own))
+    replay.enter_context(_training(record))
+    if record.generators:
+        replay.enter_context(_replaying(record.generators, own))
     if rng_state:
         replay.enter_context(run.rng.fork())
     with replay:
@@ -790,24 +817,51 @@ def _evaluate(
         }
         for name, b in buffers.items():
             bound[name] = b.clone() if name in record.mutated else b
-
-        def call(*a: Any, **k: Any) -> Any:
-            return torch.func.functional_call(module, bound, a, k, strict=False)
-
-        with torch.enable_grad(), run.autocast.enter():
+        with torch.enable_grad(), run.autocast.enter(), _bound(record, bound, saved):
             inp = _input(x, record.need_x)
-            out = call_block(spec, index, inp, args, kwargs, call, subtract=False)
+            out = call_block(spec, index, inp, args, kwargs, subtract=False)
     trainable = [bound[name] for name in record.trainable]
     return _Evaluation(out, inp, subtract, record, trainable, arg_in)
 
 
 @contextlib.contextmanager
-def _training(module: nn.Module, flags: tuple[bool, ...]) -> Iterator[None]:
-    """``module`` and its submodules in the forward's train/eval modes, then as they are now."""
-    modules = list(module.modules())
-    now = [m.training for m in modules]
+def _bound(record: _Record, bound: dict[str, Tensor], saved: Sequence[Tensor]) -> Iterator[None]:
+    """The module's parameters and buffers replaced by ``bound``'s tensors (by name, and, for a
+    tensor that the module holds under a second name, by identity with the forward's), then put
+    back: ``torch.func.functional_call``'s binding, without its general machinery, whose cost
+    counted for small blocks."""
+    names = (*record.params, *record.buffers)
+    by_id = {id(t): name for name, t in zip(names, saved, strict=False)}
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
-        for m, flag in zip(modules, flags, strict=True):
+        for prefix, m in record.modules:
+            tables: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
+            for table in tables:
+                for attr, t in table.items():  # assigning to a key it has: no resize
+                    if t is None:
+                        continue
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    key = name if name in bound else by_id.get(id(t))
+                    if key is not None:
+                        swapped.append((table, attr, t))
+                        table[attr] = bound[key]
+        yield
+    finally:
+        for table, attr, t in reversed(swapped):
+            table[attr] = t
+
+
+@contextlib.contextmanager
+def _training(record: _Record) -> Iterator[None]:
+    """The call's module and its submodules in the forward's train/eval modes, then as they are
+    now (nothing to do where they did not change)."""
+    modules = [m for _, m in record.modules]
+    now = [m.training for m in modules]
+    if now == list(record.training):
+        yield
+        return
+    try:
+        for m, flag in zip(modules, record.training, strict=True):
             m.training = flag
         yield
     finally:

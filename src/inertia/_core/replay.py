@@ -83,6 +83,10 @@ class AutocastState:
 
     @contextlib.contextmanager
     def enter(self) -> Iterator[None]:
+        """Autocast as it was captured (nothing to enter where it is so already)."""
+        if self == AutocastState.capture(torch.device(self.settings[0][0])):
+            yield
+            return
         with contextlib.ExitStack() as stack:
             for device_type, enabled, dtype in self.settings:
                 stack.enter_context(
