@@ -42,6 +42,20 @@ def test_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "| depth | plain | checkpoint |" in capsys.readouterr().out
 
 
+def test_update_cost_script(tmp_path: Path) -> None:
+    """benchmarks/update_cost.py --quick: a converted ResNet-50 against the original, timed."""
+    script = load(ROOT / "benchmarks" / "update_cost.py")
+    script.main(["--quick", "--out", str(tmp_path)])
+    with (tmp_path / "update_cost_quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["setting"], r["model"]) for r in rows} == {
+        (s, m) for s in ("inference", "training step") for m in ("original", "converted")
+    }
+    assert all(float(r["ms"]) > 0 for r in rows)
+    table = (tmp_path / "update_cost_quick.md").read_text()
+    assert table.startswith("Produced by `python benchmarks/update_cost.py --quick`")
+
+
 def test_bench_memory_ordering() -> None:
     """Memory-free keeps less than checkpointing, which keeps less than plain, at depth 32."""
     rows = run(BenchConfig(depths=(32,), width=32, batch=16, time_steps=False, threads=None))

@@ -238,3 +238,39 @@ def test_keep_first_runs_leading_blocks_as_layers() -> None:
     assert net[:2].keep_first == 1
     with pytest.raises(ValueError, match="keep_first=4"):
         MomentumNet(blocks, 0.9, keep_first=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("is_residual", [True, False])
+@pytest.mark.parametrize("init_speed", [False, True])
+def test_inference_update_is_the_training_forward_bit_for_bit(
+    dtype: torch.dtype, is_residual: bool, init_speed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd the update runs as one fused pass per block (large enough tensors, on a
+    CPU), writing each new v into the last; its outputs are those of the forward that autograd
+    records, to the last bit."""
+    from inertia._core import arith
+
+    calls: list[str] = []
+    for name in ("momentum_update", "momentum_update_"):
+        kernel = getattr(arith, name)
+        monkeypatch.setattr(
+            arith, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1]
+        )
+    init = nn.Linear(64, 64) if init_speed else None
+    blocks = [nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(4)]
+    net = MomentumNet(
+        blocks, 0.9, init_speed=init_speed, init_function=init, is_residual=is_residual
+    ).to(dtype)
+    x = torch.randn(128, 64, dtype=dtype)  # 8,192 elements: the compiled kernels run
+    recorded = net(x, return_velocity=True)
+    assert recorded[0].requires_grad
+    assert not calls
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = net(x, return_velocity=True)
+        for got, want in zip(out, recorded, strict=True):
+            assert torch.equal(got, want)
+            assert got.is_contiguous()
+    assert calls.count("momentum_update_") == 2 * 3  # the first block allocates v, no others
+    assert calls.count("momentum_update") == 2

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._errors import InversionError, InversionWarning
+from .kernels import momentum_update, momentum_update_
 
 __all__ = ["Arithmetic", "Check", "FloatArithmetic", "State", "default_inversion_tol"]
 
@@ -48,6 +49,11 @@ class Arithmetic(Protocol):
 
     def step(self, state: State, f: Tensor, n: int) -> State:
         """``v <- gamma v + (1 - gamma) f``, then ``x <- x + v``."""
+        ...
+
+    def step_output(self, state: State, out: Tensor, subtract: bool, n: int) -> State:
+        """`step` from the block's output: ``f = out - x`` where ``subtract`` (a block that is
+        not ``is_residual``), else ``f = out``."""
         ...
 
     def check_range(self) -> bool:
@@ -105,24 +111,68 @@ class FloatArithmetic:
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
+        # gamma and 1 - gamma as 0-d tensors, by dtype, for the fused update.
+        self._scalars: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        self._zero: Tensor | None = None  # v_0 = 0 broadcast, set by `encode`
+        self._owned: Tensor | None = None  # the velocity that the fused update may write into
 
     def on_grid(self, x: Tensor) -> Tensor:
         return x
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
-        return (x, torch.zeros_like(x) if v is None else v)
+        if v is not None:
+            return (x, v)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return (x, torch.zeros_like(x))
+        # Without autograd, v_0 = 0 is one element broadcast (`velocity` gives it whole).
+        self._zero = x.new_zeros(()).expand(x.shape)
+        return (x, self._zero)
 
     def position(self, state: State) -> Tensor:
         return state[0]
 
     def velocity(self, state: State) -> Tensor:
-        return state[1]
+        v = state[1]
+        return torch.zeros_like(v) if v is self._zero else v
 
     def step(self, state: State, f: Tensor, n: int) -> State:
         x, v = state
         # Written exactly as the plain loop of `MomentumNet` so both modes round identically.
         v = self.gamma * v + (1 - self.gamma) * f
         return (x + v, v)
+
+    def step_output(self, state: State, out: Tensor, subtract: bool, n: int) -> State:
+        """Without autograd (inference), on a CPU, in float32 or float64: one fused pass over
+        ``x``, ``v`` and the block's output, with the eager update's roundings, which writes the
+        new ``v`` into the last one (the previous fused pass's) and allocates the new ``x`` only;
+        else `step`."""
+        x, v = state
+        recording = torch.is_grad_enabled() and (
+            x.requires_grad or v.requires_grad or out.requires_grad
+        )
+        zero = v is self._zero
+        if (
+            recording
+            or x.device.type != "cpu"
+            or not (x.dtype == v.dtype == out.dtype and x.dtype in _FUSED_DTYPES)
+            or not (x.is_contiguous() and out.is_contiguous() and (zero or v.is_contiguous()))
+        ):
+            return self.step(state, out - x if subtract else out, n)
+        if x.dtype not in self._scalars:
+            self._scalars[x.dtype] = (
+                torch.tensor(self.gamma, dtype=x.dtype),
+                torch.tensor(1 - self.gamma, dtype=x.dtype),
+            )
+        gamma, rest = self._scalars[x.dtype]
+        if zero:  # v_0 = 0 (a 0-d zero: the same sums, no tensor of zeros)
+            new_x, new_v = momentum_update(x, v.new_zeros(()), out, gamma, rest, subtract)
+            self._owned = new_v
+            return (new_x, new_v)
+        if v is not self._owned:  # v_0 from the init function: the caller's
+            new_x, new_v = momentum_update(x, v, out, gamma, rest, subtract)
+            self._owned = new_v
+            return (new_x, new_v)
+        return (momentum_update_(x, v, out, gamma, rest, subtract), v)
 
     def check_range(self) -> bool:
         return True  # float arithmetic carries NaN and inf itself
@@ -180,6 +230,9 @@ class FloatArithmetic:
         warnings.warn(message, InversionWarning, stacklevel=2)
 
 
+# Dtypes of the fused update: those whose eager update computes in the dtype itself (a 16-bit
+# float's eager update rounds after each operation, which a fused kernel does not).
+_FUSED_DTYPES = (torch.float32, torch.float64)
 _SKETCH_SIZE = 4  # random projections per tensor in the inversion check
 _SKETCH_SEED = 0x1A2B3C4D
 _SKETCH_SAMPLE = 1 << 16  # elements of x and v sketched: a fixed random subsample

@@ -160,8 +160,10 @@ def run_forward(spec: StackSpec, x: Tensor, args: Sequence[Any], kwargs: dict[st
     arith = spec.arith
     v = call_block(spec, _INIT, arith.on_grid(x), args, kwargs) if spec.init_function else None
     state = arith.encode(x, v)
+    subtract = not spec.is_residual
     for n in range(len(spec.blocks)):
-        state = arith.step(state, call_block(spec, n, arith.position(state), args, kwargs), n)
+        out = call_block(spec, n, arith.position(state), args, kwargs, subtract=False)
+        state = arith.step_output(state, out, subtract, n)
     return state if arith.check_range() else arith.poisoned(state)
 
 

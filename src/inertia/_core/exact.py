@@ -511,6 +511,9 @@ class ExactArithmetic:
             new_xf = _StraightThrough.apply(xf + new_vf, new_xf)
         return (new_xf, new_vf, xi, vi, buffer, *words)
 
+    def step_output(self, state: State, out: Tensor, subtract: bool, n: int) -> State:
+        return self.step(state, out - state[0] if subtract else out, n)
+
     def check_range(self) -> bool:
         """Whether the forward since `encode` stayed finite (one device sync per forward). False
         where a NaN or inf entered (the input, ``v_0`` or a block's output): the state's integers

@@ -33,6 +33,8 @@ __all__ = [
     "WORD",
     "checksum",
     "eager",
+    "momentum_update",
+    "momentum_update_",
     "step",
     "step_push",
     "to_float",
@@ -209,6 +211,29 @@ def _unstep_velocity_pop(
     return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
 
 
+def _momentum_update(
+    x: Tensor, v: Tensor, out: Tensor, gamma: Tensor, rest: Tensor, subtract: bool
+) -> tuple[Tensor, Tensor]:
+    """The float update of one block from its output, in one pass: ``f = out - x`` (``out``
+    unless ``subtract``), ``v <- gamma v + rest f``, ``x <- x + v``, with ``gamma`` and ``rest =
+    1 - gamma`` as 0-d tensors of the state's dtype. The operations and their order are those of
+    the eager update, so on a CPU (where the compiled kernel contracts nothing into a fused
+    multiply-add) its results are the eager update's, bit for bit."""
+    f = out - x if subtract else out
+    new_v = gamma * v + rest * f
+    return x + new_v, new_v
+
+
+def _momentum_update_(
+    x: Tensor, v: Tensor, out: Tensor, gamma: Tensor, rest: Tensor, subtract: bool
+) -> Tensor:
+    """`_momentum_update` with the new ``v`` written into ``v`` (which the caller owns): one
+    allocation, the new ``x``, which it returns."""
+    f = out - x if subtract else out
+    v.copy_(gamma * v + rest * f)
+    return x + v
+
+
 _LOW31 = (1 << 31) - 1
 _CHUNK = 1 << 16  # elements per chunk of the eager checksum, at least
 
@@ -297,6 +322,8 @@ class _Compiled:
 
 
 checksum = _Compiled(_checksum, _checksum_chunked)
+momentum_update = _Compiled(_momentum_update)
+momentum_update_ = _Compiled(_momentum_update_)
 step = _Compiled(_step)
 step_push = _Compiled(_step_push)
 unstep_position = _Compiled(_unstep_position)

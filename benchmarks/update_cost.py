@@ -1,0 +1,139 @@
+"""What the momentum update itself costs: a converted ResNet-50 against the original, no
+memory-free backward involved.
+
+torchvision's ResNet-50 (random weights, 1,000 classes), batch 8, 224x224, float32, converted with
+`transform_to_momentumnet(resnet, gamma=0.9, use_backprop=True)`: the same blocks, plus the
+update ``v <- gamma v + (1 - gamma) f``, ``x <- x + v`` after each of the 12 momentum blocks.
+Two settings, each timed on the original and on the converted model, interleaved, median of the
+repeats:
+
+- inference: eval mode under `torch.inference_mode()` (the update runs fused, one pass per block);
+- training: one step (forward and backward) in train mode with backprop through the update.
+
+Writes benchmarks/results/update_cost.{csv,md}. About 2 minutes on 2 CPU cores.
+
+    python benchmarks/update_cost.py            # the committed results
+    python benchmarks/update_cost.py --quick    # seconds: batch 1 at 64x64 (update_cost_quick.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from inertia import transform_to_momentumnet
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _timer(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure(batch: int, size: int, repeats: int) -> list[dict[str, object]]:
+    """Rows of (setting, model, median seconds, ratio to the original)."""
+    torch.manual_seed(0)
+    original = torchvision.models.resnet50()
+    converted = transform_to_momentumnet(copy.deepcopy(original), gamma=0.9, use_backprop=True)
+    x = torch.randn(batch, 3, size, size)
+    models: dict[str, nn.Module] = {"original": original, "converted": converted}
+
+    def infer(model: nn.Module) -> Callable[[], float]:
+        def run() -> None:
+            with torch.inference_mode():
+                model.eval()(x)
+
+        return _timer(run)
+
+    def train(model: nn.Module) -> Callable[[], float]:
+        def run() -> None:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+
+        return _timer(run)
+
+    rows: list[dict[str, object]] = []
+    for setting, make in (("inference", infer), ("training step", train)):
+        runs = {name: make(model) for name, model in models.items()}
+        for run in runs.values():
+            run()  # warm-up (and compilation of the fused update)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                times[name].append(run())
+        base = statistics.median(times["original"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            rows.append(
+                {
+                    "setting": setting,
+                    "model": name,
+                    "ms": round(median * 1e3, 1),
+                    "min_ms": round(min(values) * 1e3, 1),
+                    "max_ms": round(max(values) * 1e3, 1),
+                    "ratio": round(median / base, 3),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], command: str, batch: int, size: int) -> str:
+    lines = [
+        f"Produced by `{command}` (torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads).",
+        "",
+        f"torchvision ResNet-50, batch {batch}, {size}x{size}, float32; converted with "
+        "`transform_to_momentumnet(resnet, gamma=0.9, use_backprop=True)`. Median of the "
+        "interleaved repeats [min-max], ratio to the original's in the same run.",
+        "",
+        "| setting | original | converted |",
+        "|---|---|---|",
+    ]
+    for setting in dict.fromkeys(str(r["setting"]) for r in rows):
+        cells = []
+        for name in ("original", "converted"):
+            r = next(r for r in rows if r["setting"] == setting and r["model"] == name)
+            cells.append(f"{r['ms']} ms [{r['min_ms']}-{r['max_ms']}] ({float(r['ratio']):.2f}x)")
+        lines.append(f"| {setting} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 at 64x64, 2 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    batch, size, repeats = (1, 64, 2) if args.quick else (8, 224, 9)
+    rows = measure(batch, size, repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "update_cost_quick" if args.quick else "update_cost"
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = "python benchmarks/update_cost.py" + (" --quick" if args.quick else "")
+    (args.out / f"{stem}.md").write_text(markdown(rows, command, batch, size))
+    converted = {str(r["setting"]): float(r["ratio"]) for r in rows if r["model"] == "converted"}
+    summary = ", ".join(f"{k} {v:.2f}x" for k, v in converted.items())
+    print(f"update_cost: converted ResNet-50 against the original: {summary}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
