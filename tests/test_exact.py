@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from conftest import MLP
 from inertia import InertiaError, InversionError, MomentumNet, transform_to_momentumnet
 from inertia._core import exact as inertia_exact
+from inertia._core import kernels as inertia_kernels
 from inertia._core.exact import (
     ExactArithmetic,
     Word,
@@ -735,6 +736,79 @@ def test_compiled_and_eager_kernels_agree() -> None:
     assert compiled_sums.tolist() == expected
 
 
+def test_chunked_eager_kernels_agree_with_the_compiled_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eagerly (no compiler, or under a dispatch mode), the kernels work chunk by chunk, rows and
+    columns cut across chunks, per-row constants included: the same integers and floats as the
+    compiled kernels, written into the same tensors."""
+    monkeypatch.setattr(inertia_kernels, "CHUNK", 1000)
+    gen = torch.Generator().manual_seed(1)
+    rows, inner = 7, 1500  # chunks within a row, and rows that do not divide evenly
+    x = torch.randint(-(2**30), 2**30, (rows, inner), generator=gen, dtype=torch.int32)
+    v = torch.randint(-(2**30), 2**30, (rows, inner), generator=gen, dtype=torch.int32)
+    buffer = torch.randint(0, 200, (rows, inner), generator=gen, dtype=torch.uint8)
+    f = torch.randn(rows, inner, generator=gen)
+    bits = torch.arange(rows, dtype=torch.float64).reshape(rows, 1) + 10
+    scale, inv = 2.0**bits, 2.0**-bits
+    p, q = torch.tensor(9), torch.tensor(10)
+    c = scale * 0.1
+    kernels = inertia_kernels
+    pairs = [
+        (kernels.step, kernels._step_chunked, (f, p, q, c, inv, torch.float32)),
+        (
+            kernels.unstep_velocity,
+            kernels._unstep_velocity_chunked,
+            (f, p, q, c, inv, torch.float32),
+        ),
+    ]
+    for compiled, chunked, rest in pairs:
+        a, b = [t.clone() for t in (x, v, buffer)], [t.clone() for t in (x, v, buffer)]
+        out_a, out_b = compiled(*a, *rest), chunked(*b, *rest)
+        for s, t in zip([*a, *pytree_leaves(out_a)], [*b, *pytree_leaves(out_b)], strict=True):
+            assert torch.equal(s, t)
+    for compiled, chunked, args in [
+        (kernels.unstep_position, kernels._unstep_position_chunked, (x, v, inv, torch.float32)),
+        (kernels.convert, kernels._to_float_chunked, (x, inv, torch.float32)),
+        (kernels.round_to_grid, kernels._round_chunked, (f, scale, inv, 2.0**31 - 1, torch.int32)),
+    ]:
+        a, b = [t.clone() if isinstance(t, Tensor) else t for t in args], list(args)
+        b = [t.clone() if isinstance(t, Tensor) else t for t in b]
+        for s, t in zip(pytree_leaves(compiled(*a)), pytree_leaves(chunked(*b)), strict=True):
+            assert torch.equal(s, t)
+
+
+def pytree_leaves(out: object) -> list[Tensor]:
+    """The tensors of a kernel's result (a tensor, or a tuple with None among them)."""
+    items = out if isinstance(out, tuple) else (out,)
+    return [t for t in items if t is not None]
+
+
+def test_a_dispatch_mode_runs_the_kernels_eagerly_without_disabling_them() -> None:
+    """Under a Python dispatch mode (an operation counter, a memory tracker), which dynamo does
+    not trace, the kernels run eagerly for that call, with no warning, and compile again after
+    it (a failed compilation there used to turn them eager for the rest of the process)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    net = MomentumNet([MLP(64, 64) for _ in range(3)], 0.9, use_backprop=False)
+    x = torch.randn(128, 64, requires_grad=True)  # 8,192 elements: compiled kernels
+    with Count() as count:
+        net(x).sum().backward()
+    assert count.calls > 100
+    assert not _Compiled.failed
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net(x).sum().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads, strict=True))
+
+
 def _low_sum(values: list[int]) -> int:
     return sum(a & ((1 << 31) - 1) for a in values)
 
@@ -830,8 +904,9 @@ def test_exact_by_default_when_memory_free() -> None:
 def test_rounding_onto_the_grid_makes_no_float64_copy_of_the_input(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The input goes onto the grid chunk by chunk: no float64 tensor of its size is made, and the
-    result is the one-pass rounding's (the test fails with the chunk as large as the input)."""
+    """The input goes onto the grid in one compiled pass, or, eagerly (here: under a dispatch
+    mode), chunk by chunk: no float64 tensor of its size is made, and the result is the one-pass
+    rounding's (the test fails with the chunk as large as the input)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -846,7 +921,7 @@ def test_rounding_onto_the_grid_makes_no_float64_copy_of_the_input(
                     self.float64 = max(self.float64, t.numel())
             return out
 
-    monkeypatch.setattr(inertia_exact, "_GRID_CHUNK", 1000)
+    monkeypatch.setattr(inertia_kernels, "CHUNK", 1000)
     x = torch.randn(50, 170) * 3
     x[3, 7] = -0.0
     arith = ExactArithmetic(0.9, 24, depth=1, relative=True, word=Word())

@@ -8,8 +8,9 @@ from torch import nn
 
 from conftest import MLP
 from inertia import MomentumNet
+from inertia._core import kernels
 from inertia._core.exact import _schedule
-from inertia.testing import SavedTensorMeter
+from inertia.testing import LiveTensorMeter, SavedTensorMeter, backprop_twin, storage_key
 
 
 def measure(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -63,3 +64,88 @@ def test_meter_counts_what_autograd_saves() -> None:
         y.sum().backward()
     assert meter.current == 0
     assert meter.peak == 1024
+
+
+class Wide(nn.Module):
+    """Linear(d, h) - Tanh - Linear(h, d): its inner tensors have another size than the state."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def live_sets(net: nn.Module, x: torch.Tensor) -> tuple[LiveTensorMeter, int, LiveTensorMeter]:
+    """The live tensors of a training step's forward, the bytes alive at its end, and the live
+    tensors of its backward, each measured apart (``.grad`` already allocated, as under gradient
+    accumulation)."""
+    net(x).square().sum().backward()
+    with LiveTensorMeter() as forward:
+        loss = net(x).square().sum()
+    kept = forward.current
+    with LiveTensorMeter() as backward:
+        loss.backward()
+    return forward, kept, backward
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_live_set_of_a_memory_free_step(exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live set of a memory-free step, tensor by tensor (deterministic, on the CPU).
+
+    After the forward: the saved state and the output, 8 bytes per element of the state in float
+    mode (``x_N``, which is the output, and ``v_N``), 13 in exact mode (int32 ``x_N`` and
+    ``v_N``, a one-byte buffer, and the output, ``x_N``'s float value). At the backward's peak,
+    beside them: one block's recomputation (here at most three tensors of its hidden size: its
+    Tanh output and, in its own backward, two gradients) and at most five tensors of the state's
+    size in its dtype (the
+    incoming gradient, the adjoint, the block's output, ``x_n`` and the ``x_{n-1}`` computed one
+    step ahead). No integer or float64 tensor of the state's size is made, forward or backward:
+    the integer kernels' temporaries (run eagerly under the meter) are chunks of `CHUNK`
+    elements. Plain autograd (the backprop twin) keeps every block's activations."""
+    monkeypatch.setattr(kernels, "CHUNK", 4096)
+    batch, d, h, depth = 256, 128, 192, 6
+    n = batch * d  # the state's elements: 8 chunks
+    blocks = [Wide(d, h) for _ in range(depth)]
+    net = MomentumNet(blocks, 0.9, use_backprop=False, exact=exact)
+    x = torch.randn(batch, d, requires_grad=True)
+    forward, kept, backward = live_sets(net, x)
+
+    for meter in (forward, backward):
+        wide = [dt for dt, numel in meter.largest.items() if dt.itemsize == 8 and numel > 4096]
+        assert not wide, meter.largest
+    state = 13 * n if exact else 8 * n
+    assert state <= kept < state + 32 * batch  # and the grid's constants, 28 bytes per row
+    if exact:
+        assert forward.largest[torch.int32] == n
+        assert forward.largest[torch.uint8] == n
+
+    grads = {storage_key(p.grad) for p in net.parameters()}
+    at_peak = [e for key, e in backward.at_peak.items() if key not in grads]
+    boundary = [e for e in at_peak if e.numel == n]
+    assert all(e.dtype == torch.float32 for e in boundary), boundary
+    assert len(boundary) <= 5
+    inner = sum(e.nbytes for e in at_peak if e.numel == batch * h)
+    assert inner <= 3 * 4 * batch * h
+
+    _, twin_kept, _ = live_sets(backprop_twin(net), x)
+    assert twin_kept > depth * 4 * batch * h  # every block's Tanh output, at least
+    assert twin_kept > 4 * kept
+
+
+def test_live_tensor_meter_counts_what_lives() -> None:
+    """A view or an in-place result is no new storage; a freed tensor leaves the count."""
+    base = torch.zeros(1000)
+    with LiveTensorMeter() as meter:
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[10:]
+        base.add_(1)  # in place: nothing new
+        b = a * 2  # 4,000 more
+        del b
+        c = torch.ones(10, dtype=torch.float64)  # 80, after b was freed
+    assert meter.peak == 8000
+    assert meter.current == 4080
+    assert meter.largest == {torch.float32: 1000, torch.float64: 10}
+    assert {e.op for e in meter.at_peak.values()} == {"aten.ones.default", "aten.mul.Tensor"}
+    del view, c

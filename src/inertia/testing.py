@@ -1,6 +1,8 @@
 """Checks that inertia's own tests use, public so that users can run them on their models.
 
 - `SavedTensorMeter`: bytes saved for backward, live and peak, through the backward too.
+- `LiveTensorMeter`: bytes of every tensor that operations create and that are still alive, and
+  what was alive at the peak, tensor by tensor: the live set of a training step.
 - `relative_error` and `TOLERANCES`: the one definition of "equal" (``||a - b|| / ||b||``).
 - `gradient_errors` / `assert_gradients_match`: a model against a reference on the same weights and
   inputs: outputs, input gradients, every parameter's gradient and every buffer, by name.
@@ -13,19 +15,26 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TOLERANCES",
+    "LiveTensor",
+    "LiveTensorMeter",
     "SavedTensorMeter",
     "assert_gradients_match",
     "backprop_twin",
     "gradient_errors",
     "relative_error",
+    "storage_key",
 ]
 
 #: Relative error (``||a - b|| / ||b||``) allowed per tensor when two computations should agree.
@@ -113,6 +122,90 @@ class SavedTensorMeter:
         tb: TracebackType | None,
     ) -> None:
         self._ctx.__exit__(exc_type, exc, tb)
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    """One storage that an operation under a `LiveTensorMeter` created."""
+
+    nbytes: int
+    dtype: torch.dtype  # of the tensor that created it
+    numel: int  # of that tensor
+    op: str  # the operation that created it
+
+
+class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts the bytes of the storages that operations run under it create, while they live.
+
+    Each storage is counted once, from the operation that returned it until it is freed, which
+    the meter sees after each operation (a weak reference to the storage, as torch.compile keeps).
+    ``peak`` is the most bytes alive at once and ``at_peak`` what was alive then, storage by
+    storage, so that a test can sort the live set by role (by dtype, size, or by storages it knows,
+    such as ``.grad`` tensors: `storage_key`). ``largest`` is the most elements of any tensor
+    created, by dtype. Tensors that existed before (a stack's saved state, the parameters) are not
+    counted. Deterministic, on any device; it runs each operation eagerly (dynamo compiles nothing
+    under a dispatch mode, so inertia's integer kernels run their chunked eager forms).
+
+    Examples:
+        >>> with LiveTensorMeter() as meter:
+        ...     y = torch.ones(256).mul(2).sum()
+        >>> meter.peak, meter.largest[torch.float32]
+        (2048, 256)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._live: dict[int, tuple[StorageWeakRef, LiveTensor]] = {}
+        self._bytes = 0
+        self.peak = 0
+        self.at_peak: dict[int, LiveTensor] = {}
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        # A view, or an operation in place, returns a storage its inputs have: not a new one.
+        inputs = {
+            storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+        }
+        self._prune()
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+            storage = t.untyped_storage()
+            key = storage_key(t)
+            if key in self._live or key in inputs or storage.nbytes() == 0:
+                continue
+            entry = LiveTensor(storage.nbytes(), t.dtype, t.numel(), str(func))
+            self._live[key] = (StorageWeakRef(storage), entry)  # type: ignore[no-untyped-call]
+            self._bytes += entry.nbytes
+        if self._bytes > self.peak:
+            self.peak = self._bytes
+            self.at_peak = {key: entry for key, (_, entry) in self._live.items()}
+        return out
+
+    def _prune(self) -> None:
+        for key, (ref, entry) in list(self._live.items()):
+            if ref.expired():  # type: ignore[no-untyped-call]
+                del self._live[key]
+                self._bytes -= entry.nbytes
+
+    @property
+    def current(self) -> int:
+        """Bytes of the storages made under the meter that are alive now."""
+        self._prune()
+        return self._bytes
+
+
+def storage_key(t: Tensor) -> int:
+    """The key of ``t``'s storage in `LiveTensorMeter.at_peak`."""
+    return int(t.untyped_storage()._cdata)
 
 
 def backprop_twin(model: nn.Module) -> nn.Module:

@@ -26,9 +26,13 @@ gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter
 leave block by block through autograd's own accumulation (``.grad`` in place, DDP's hooks per
 block). The gradients that a node hands down are tensors it allocated, with no other consumer, so
 the node below computes its own into them in place; for a block that is not ``is_residual``,
-``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. Peak memory in backward
-is one block's activations plus four tensors of the state's size (``x_n``, ``v`` and their two
-gradients) in float mode, and the fixed-point integers besides in exact mode. Where exact mode's
+``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. At the peak of the
+backward, beside the saved state (float: ``x_N`` and ``v_N``; exact: their int32 words and the
+buffer, which the nodes rewrite in place), live one block's recomputation and at most five tensors
+of the state's size in its dtype: the incoming gradient, the adjoint, the block's output, ``x_n``
+and, in exact mode, ``x_{n-1}`` computed one step ahead (float mode's fifth is ``v_n``); no integer
+or float64 tensor of the state's size (`tests/test_memory.py::test_live_set_of_a_memory_free_step`,
+with `inertia.testing.LiveTensorMeter`). Where exact mode's
 forward met a NaN or inf, its output is NaN and every node returns NaN gradients, rebuilding
 nothing (``GradScaler`` then skips the step).
 

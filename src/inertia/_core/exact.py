@@ -57,10 +57,11 @@ from .kernels import (
     NARROW_LIMIT,
     WORD,
     checksum,
+    convert,
     eager,
+    round_to_grid,
     step,
     step_push,
-    to_float,
     unstep_position,
     unstep_velocity,
     unstep_velocity_pop,
@@ -71,7 +72,6 @@ __all__ = ["ExactArithmetic", "ExactState", "Word", "bits_per_element", "rationa
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # in int64 words, |x|, |v| and each rounded block output stay below this
-_GRID_CHUNK = 1 << 20  # elements rounded onto the grid at a time (8 MiB of float64 temporaries)
 _MAX_BITS = 1000  # grid steps from 2**-1000 to 2**1000: both normal float64 numbers
 # A relative grid's row (a sample's channel or token) is at most 2**_QUIET_BITS times finer than
 # its sample's loudest, so that a row whose input is quiet (a dead ReLU channel, a lone small
@@ -336,41 +336,28 @@ class ExactArithmetic:
 
     # -- conversions ------------------------------------------------------------------------------
     def _to_grid(self, t: Tensor, grid: _Grid, what: str) -> tuple[Tensor, Tensor]:
-        """Round ``t`` onto ``grid``, chunk by chunk (so that the float64 temporaries stay small
-        beside the state), without a device sync: its largest magnitude in grid units goes to
+        """Round ``t`` onto ``grid`` in one compiled pass (eagerly, chunk by chunk), with no float64
+        temporary of its size and no device sync: its largest magnitude in grid units goes to
         `check_range`, which reports a value that does not fit (NaN and inf are zero here and
         make the forward non-finite). Returns the integers, contiguous (the kernels write into
-        views of them), and their value as floats of ``t``'s dtype: through float64, equal to
-        `to_float` of the integers, since the rounded float64 values are the integers themselves
-        and scaling by a power of two is exact."""
-        ints = torch.empty(t.shape, dtype=self.word, device=t.device)
-        values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        largest = torch.zeros((), dtype=torch.float64, device=t.device)
-        if t.numel():
+        views of them), and their value as floats of ``t``'s dtype (`to_float` of the
+        integers)."""
+        if not t.numel():
+            largest = torch.zeros((), dtype=torch.float64, device=t.device)
+            ints = torch.empty(t.shape, dtype=self.word, device=t.device)
+            values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        else:
             source = grid.view(t.detach())
-            rows, inner = source.shape
-            flat_ints, flat_values = grid.view(ints), grid.view(values)
-            per_row = grid.c.shape[0] > 1
-            rows_per, cols_per = max(1, _GRID_CHUNK // inner), min(inner, _GRID_CHUNK)
             bound = float(self.limit)
-            for r in range(0, rows, rows_per):
-                down = slice(r, r + rows_per)
-                scale = grid.scale[down] if per_row else grid.scale
-                inv = grid.inv[down] if per_row else grid.inv
-                for col in range(0, inner, cols_per):
-                    part = (down, slice(col, col + cols_per))
-                    scaled = source[part].to(torch.float64, copy=True).mul_(scale)
-                    largest = torch.maximum(largest, scaled.abs().amax())
-                    scaled.nan_to_num_(0.0, 0.0, 0.0).clamp_(-bound, bound)
-                    scaled.round_().add_(0.0)  # + 0.0: -0.0 is 0.0, as `to_float` gives
-                    flat_ints[part] = scaled
-                    flat_values[part] = scaled.mul_(inv)
+            ints, values, largest = round_to_grid(source, grid.scale, grid.inv, bound, self.word)
+            ints, values = ints.view(t.shape), values.view(t.shape)
         self._entries.append((what, largest))
         return ints, values
 
     def _to_float(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         assert self.grid is not None
-        return to_float(self.grid.view(t), self.grid.inv, dtype).view(t.shape)
+        value: Tensor = convert(self.grid.view(t), self.grid.inv, dtype)
+        return value.view(t.shape)
 
     def _range_error(self, what: str) -> InertiaError:
         if self.relative:

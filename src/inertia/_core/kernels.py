@@ -7,7 +7,10 @@ the whole update of one layer, float conversions included, is one compiled kerne
 faster than eager on a CPU. The results are exact integers whichever way they are computed, so the
 compiled and the eager kernels agree bit for bit and may even be mixed between a forward and its
 backward. When compilation is not possible (no C++ compiler, an unsupported device), the kernels
-run eagerly after one warning.
+run eagerly after one warning; so they do, without one, under a Python dispatch mode (a FLOP
+counter, a memory tracker), which dynamo does not trace. Eagerly, a kernel works on at most
+``CHUNK`` elements at a time, so that its int64 and float64 temporaries stay small beside the
+state, whatever its size.
 
 The kernels take 2-D tensors, one row per grid row of the state (see `exact`): ``x`` and ``v``
 in their word (int32 or int64), the buffer in its own dtype (uint8 to int64), the block's output
@@ -22,19 +25,22 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "CHUNK",
     "NARROW_LIMIT",
     "WORD",
     "checksum",
+    "convert",
     "eager",
     "momentum_update",
     "momentum_update_",
+    "round_to_grid",
     "step",
     "step_push",
     "to_float",
@@ -234,8 +240,143 @@ def _momentum_update_(
     return x + v
 
 
+CHUNK = 1 << 16  # elements per chunk of an eager kernel (512 KiB of int64 temporaries each)
+
+
+def _blocks(rows: int, inner: int) -> Iterator[tuple[slice, slice]]:
+    """Row and column slices of a ``(rows, inner)`` tensor, each of at most `CHUNK` elements."""
+    if not rows or not inner:
+        return
+    rows_per, cols_per = max(1, CHUNK // inner), min(inner, CHUNK)
+    for r in range(0, rows, rows_per):
+        for col in range(0, inner, cols_per):
+            yield slice(r, r + rows_per), slice(col, col + cols_per)
+
+
+def _rows(t: Tensor, rs: slice) -> Tensor:
+    """A per-row constant's rows ``rs`` (one shared row: itself)."""
+    return t[rs] if t.shape[0] > 1 else t
+
+
+def _step_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+    push: bool = False,
+) -> tuple[Any, ...]:
+    """`_step`, chunk by chunk (the same integers, written into the same tensors); in one
+    piece for tensors that are not ``(rows, inner)``."""
+    if x.dim() != 2:
+        return _step(x, v, buffer, f, p, q, c, inv, dtype, push)
+    position = torch.empty(x.shape, dtype=dtype, device=x.device)
+    word = torch.empty(x.shape, dtype=torch.int32, device=x.device) if push else None
+    largest = torch.zeros((), dtype=torch.float64, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
+        w, big, pos = _step(*ints, _rows(c, rs), _rows(inv, rs), dtype, push)
+        position[rs, cs] = pos
+        if word is not None:
+            word[rs, cs] = w
+        largest = torch.maximum(largest, big)
+    return word, largest, position
+
+
+def _step_push_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Any, ...]:
+    return _step_chunked(x, v, buffer, f, p, q, c, inv, dtype, push=True)
+
+
+def _unstep_position_chunked(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> Tensor:
+    """`_unstep_position`, chunk by chunk."""
+    if x.dim() != 2:
+        return _unstep_position(x, v, inv, dtype)
+    position = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        position[rs, cs] = _unstep_position(x[rs, cs], v[rs, cs], _rows(inv, rs), dtype)
+    return position
+
+
+def _unstep_velocity_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+    word: Tensor | None = None,
+) -> Tensor:
+    """`_unstep_velocity`, chunk by chunk."""
+    if x.dim() != 2:
+        return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
+    position = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
+        w = None if word is None else word[rs, cs]
+        pos = _unstep_velocity(*ints, _rows(c, rs), _rows(inv, rs), dtype, w)
+        position[rs, cs] = pos
+    return position
+
+
+def _to_float_chunked(i: Tensor, inv_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`to_float`, chunk by chunk."""
+    if i.dim() != 2:
+        return to_float(i, inv_scale, dtype)
+    value = torch.empty(i.shape, dtype=dtype, device=i.device)
+    for rs, cs in _blocks(*i.shape):
+        value[rs, cs] = to_float(i[rs, cs], _rows(inv_scale, rs), dtype)
+    return value
+
+
+def _round(
+    t: Tensor, scale: Tensor, inv: Tensor, bound: float, word: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``t`` (2-D) rounded onto the grid of per-row ``scale = 2**bits`` (``inv = 2**-bits``):
+    the integers in ``word``, their value in ``t``'s dtype, and the largest magnitude in grid units
+    (float64; NaN where ``t`` has one). NaN and inf round to zero, and magnitudes are clamped to
+    ``bound``: `check_range` reports both from the largest. The value is exactly `to_float` of
+    the integers: the rounded float64 values are the integers, and scaling by a power of two is
+    exact."""
+    scaled = t.double() * scale
+    largest = scaled.abs().amax()
+    scaled = scaled.nan_to_num(0.0, 0.0, 0.0).clamp(-bound, bound).round() + 0.0  # -0.0 is 0.0
+    return scaled.to(word), (scaled * inv).to(t.dtype), largest
+
+
+def _round_chunked(
+    t: Tensor, scale: Tensor, inv: Tensor, bound: float, word: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_round`, chunk by chunk."""
+    if t.dim() != 2:
+        return _round(t, scale, inv, bound, word)
+    ints = torch.empty(t.shape, dtype=word, device=t.device)
+    values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    largest = torch.zeros((), dtype=torch.float64, device=t.device)
+    for rs, cs in _blocks(*t.shape):
+        i, value, big = _round(t[rs, cs], _rows(scale, rs), _rows(inv, rs), bound, word)
+        ints[rs, cs], values[rs, cs] = i, value
+        largest = torch.maximum(largest, big)
+    return ints, values, largest
+
+
 _LOW31 = (1 << 31) - 1
-_CHUNK = 1 << 16  # elements per chunk of the eager checksum, at least
 
 
 def _checksum(x: Tensor, v: Tensor) -> Tensor:
@@ -251,7 +392,7 @@ def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
     state (the backward checks at block 0, where its peak can be)."""
     x, v = x.reshape(-1), v.reshape(-1)
     sums = torch.zeros(4, dtype=torch.int64, device=x.device)
-    size = max(_CHUNK, -(-x.numel() // 64))  # x and v have the same size
+    size = max(CHUNK, -(-x.numel() // 64))  # x and v have the same size
     for start in range(0, x.numel(), size):
         sums += _checksum(x[start : start + size], v[start : start + size])
     return sums
@@ -300,7 +441,9 @@ class _Compiled:
 
     def __call__(self, *args: Any) -> Any:
         small = args[0].numel() < _MIN_COMPILED
-        if small or _Compiled.failed or torch.compiler.is_compiling():
+        # Under a Python dispatch mode, dynamo compiles nothing: eager for this call only.
+        moded = torch._C._len_torch_dispatch_stack() > 0
+        if small or moded or _Compiled.failed or torch.compiler.is_compiling():
             return self.fallback(*args)
         # Plain tensors (a view would make dynamo guard on its base's shape) and no autograd
         # state in the guards.
@@ -324,8 +467,10 @@ class _Compiled:
 checksum = _Compiled(_checksum, _checksum_chunked)
 momentum_update = _Compiled(_momentum_update)
 momentum_update_ = _Compiled(_momentum_update_)
-step = _Compiled(_step)
-step_push = _Compiled(_step_push)
-unstep_position = _Compiled(_unstep_position)
-unstep_velocity = _Compiled(_unstep_velocity)
-unstep_velocity_pop = _Compiled(_unstep_velocity_pop)
+convert = _Compiled(to_float, _to_float_chunked)
+round_to_grid = _Compiled(_round, _round_chunked)
+step = _Compiled(_step, _step_chunked)
+step_push = _Compiled(_step_push, _step_push_chunked)
+unstep_position = _Compiled(_unstep_position, _unstep_position_chunked)
+unstep_velocity = _Compiled(_unstep_velocity, _unstep_velocity_chunked)
+unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _unstep_velocity_chunked)
