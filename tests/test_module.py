@@ -243,12 +243,13 @@ def test_keep_first_runs_leading_blocks_as_layers() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("is_residual", [True, False])
 @pytest.mark.parametrize("init_speed", [False, True])
-def test_inference_update_is_the_training_forward_bit_for_bit(
+def test_the_update_is_the_eager_loop_bit_for_bit(
     dtype: torch.dtype, is_residual: bool, init_speed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without autograd the update runs as one fused pass per block (large enough tensors, on a
-    CPU), writing each new v into the last; its outputs are those of the forward that autograd
-    records, to the last bit."""
+    """Without autograd, on a CPU, the update runs as one compiled pass per block (tensors of
+    `2**16` elements and more), writing each new v into the last; where autograd records, it is
+    the eager update. Outputs and gradients are those of the update written as a plain loop, to
+    the last bit."""
     from inertia._core import arith
 
     calls: list[str] = []
@@ -262,15 +263,31 @@ def test_inference_update_is_the_training_forward_bit_for_bit(
     net = MomentumNet(
         blocks, 0.9, init_speed=init_speed, init_function=init, is_residual=is_residual
     ).to(dtype)
-    x = torch.randn(128, 64, dtype=dtype)  # 8,192 elements: the compiled kernels run
-    recorded = net(x, return_velocity=True)
-    assert recorded[0].requires_grad
+    x = torch.randn(1024, 64, dtype=dtype, requires_grad=True)  # 2**16 elements: compiled
+
+    def eager_loop(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = init(x) if init is not None else torch.zeros_like(x)
+        for block in blocks:
+            f = block(x) if is_residual else block(x) - x
+            v = 0.9 * v + (1 - 0.9) * f
+            x = x + v
+        return x, v
+
+    grads = []
+    for run in (eager_loop, lambda x: net(x, return_velocity=True)):
+        out = run(x)
+        (out[0].square().sum() + out[1].sum()).backward()
+        grads.append([x.grad, *(p.grad for p in net.parameters())])
+        x.grad = None
+        net.zero_grad()
     assert not calls
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    calls.clear()
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
-            out = net(x, return_velocity=True)
-        for got, want in zip(out, recorded, strict=True):
-            assert torch.equal(got, want)
-            assert got.is_contiguous()
+            got = net(x, return_velocity=True)
+        for a, b in zip(got, out, strict=True):
+            assert torch.equal(a, b)
+            assert a.is_contiguous()
     assert calls.count("momentum_update_") == 2 * 3  # the first block allocates v, no others
     assert calls.count("momentum_update") == 2

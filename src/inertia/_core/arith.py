@@ -122,9 +122,7 @@ class FloatArithmetic:
     def encode(self, x: Tensor, v: Tensor | None) -> State:
         if v is not None:
             return (x, v)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return (x, torch.zeros_like(x))
-        # Without autograd, v_0 = 0 is one element broadcast (`velocity` gives it whole).
+        # v_0 = 0 is one element broadcast (`velocity` gives it whole).
         self._zero = x.new_zeros(()).expand(x.shape)
         return (x, self._zero)
 
@@ -136,39 +134,43 @@ class FloatArithmetic:
         return torch.zeros_like(v) if v is self._zero else v
 
     def step(self, state: State, f: Tensor, n: int) -> State:
-        x, v = state
-        # Written exactly as the plain loop of `MomentumNet` so both modes round identically.
-        v = self.gamma * v + (1 - self.gamma) * f
-        return (x + v, v)
+        return self.step_output(state, f, False, n)
 
     def step_output(self, state: State, out: Tensor, subtract: bool, n: int) -> State:
-        """Without autograd (inference), on a CPU, in float32 or float64: one fused pass over
-        ``x``, ``v`` and the block's output, with the eager update's roundings, which writes the
-        new ``v`` into the last one (the previous fused pass's) and allocates the new ``x`` only;
-        else `step`."""
+        """``v <- gamma v + (1 - gamma) f``, then ``x <- x + v``, with ``f = out - x`` where
+        ``subtract``, else ``out``; written as the plain loop of a residual network, so that every
+        mode rounds alike.
+
+        Without autograd (inference, and the memory-free forward), on a CPU, in float32 or
+        float64, the update runs as one compiled pass with the eager update's roundings, which
+        reads ``out`` itself and writes the new ``v`` into the last one where that is the
+        previous pass's, so that only the new ``x`` is allocated. (Where autograd records, the
+        eager update's backward costs as much as a fused node's would, measured.)"""
         x, v = state
+        zero = v is self._zero
         recording = torch.is_grad_enabled() and (
             x.requires_grad or v.requires_grad or out.requires_grad
         )
-        zero = v is self._zero
-        if (
-            recording
-            or x.device.type != "cpu"
-            or not (x.dtype == v.dtype == out.dtype and x.dtype in _FUSED_DTYPES)
-            or not (x.is_contiguous() and out.is_contiguous() and (zero or v.is_contiguous()))
+        if recording or not (
+            x.device.type == "cpu"
+            and x.dtype == v.dtype == out.dtype
+            and x.dtype in _FUSED_DTYPES
+            and x.is_contiguous()
+            and out.is_contiguous()
+            and (zero or v.is_contiguous())
         ):
-            return self.step(state, out - x if subtract else out, n)
+            f = out - x if subtract else out
+            v = self.gamma * v + (1 - self.gamma) * f
+            return (x + v, v)
         if x.dtype not in self._scalars:
             self._scalars[x.dtype] = (
                 torch.tensor(self.gamma, dtype=x.dtype),
                 torch.tensor(1 - self.gamma, dtype=x.dtype),
             )
         gamma, rest = self._scalars[x.dtype]
-        if zero:  # v_0 = 0 (a 0-d zero: the same sums, no tensor of zeros)
-            new_x, new_v = momentum_update(x, v.new_zeros(()), out, gamma, rest, subtract)
-            self._owned = new_v
-            return (new_x, new_v)
-        if v is not self._owned:  # v_0 from the init function: the caller's
+        if zero:  # v_0 = 0: a 0-d zero gives the same sums, with no tensor of zeros
+            v = v.new_zeros(())
+        if zero or v is not self._owned:  # v_0, or the init function's output: not ours
             new_x, new_v = momentum_update(x, v, out, gamma, rest, subtract)
             self._owned = new_v
             return (new_x, new_v)

@@ -398,7 +398,7 @@ def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
     return sums
 
 
-_MIN_COMPILED = 4096  # below this many elements, launching a kernel costs more than it saves
+_MIN_COMPILED = 4096  # below this many elements, an integer kernel runs eagerly, for less
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -411,7 +411,7 @@ def eager(fn: _F) -> _F:
 
 
 class _Compiled:
-    """``fn`` compiled on first use (for tensors of at least ``_MIN_COMPILED`` elements, one
+    """``fn`` compiled on first use (for tensors of at least ``smallest`` elements, one
     dynamically shaped kernel per variant: the dtypes and ranks of the tensor arguments and the
     other arguments), or ``fn`` itself when compiling fails (after a warning).
 
@@ -422,9 +422,15 @@ class _Compiled:
 
     failed = False  # shared: one failure means the compiler is unavailable
 
-    def __init__(self, fn: Callable[..., Any], fallback: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        fallback: Callable[..., Any] | None = None,
+        smallest: int = _MIN_COMPILED,
+    ) -> None:
         self.fn = fn
         self.fallback = fn if fallback is None else fallback  # uncompiled: the same results
+        self.smallest = smallest  # fewer elements run the fallback
         self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
     def _variant(self, key: tuple[Any, ...]) -> Callable[..., Any]:
@@ -440,7 +446,7 @@ class _Compiled:
         return compiled
 
     def __call__(self, *args: Any) -> Any:
-        small = args[0].numel() < _MIN_COMPILED
+        small = args[0].numel() < self.smallest
         # Under a Python dispatch mode, dynamo compiles nothing: eager for this call only.
         moded = torch._C._len_torch_dispatch_stack() > 0
         if small or moded or _Compiled.failed or torch.compiler.is_compiling():
@@ -465,8 +471,9 @@ class _Compiled:
 
 
 checksum = _Compiled(_checksum, _checksum_chunked)
-momentum_update = _Compiled(_momentum_update)
-momentum_update_ = _Compiled(_momentum_update_)
+# Four eager float operations cost less than a compiled call's overhead below 2**16 elements.
+momentum_update = _Compiled(_momentum_update, smallest=1 << 16)
+momentum_update_ = _Compiled(_momentum_update_, smallest=1 << 16)
 convert = _Compiled(to_float, _to_float_chunked)
 round_to_grid = _Compiled(_round, _round_chunked)
 step = _Compiled(_step, _step_chunked)
