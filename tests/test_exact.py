@@ -778,6 +778,51 @@ def test_chunked_eager_kernels_agree_with_the_compiled_ones(
             assert torch.equal(s, t)
 
 
+@pytest.mark.parametrize(
+    ("p", "q"),
+    [(9, 10), (1, 3), (99, 100), (999, 1000), (1929, 15625), (1, 2**19), (2**19 - 1, 2**19)],
+)
+def test_narrow_kernels_are_the_int64_kernels(
+    p: int, q: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For int32 words and q <= 2**19, the update and its inverse in float64 arithmetic give the
+    int64 kernels' integers, floats and largest magnitude, saturation and the wrap below block 0
+    included, compiled and chunk by chunk, over the whole int32 range and per-row grids."""
+    monkeypatch.setattr(inertia_kernels, "CHUNK", 3000)
+    kernels = inertia_kernels
+    gen = torch.Generator().manual_seed(p)
+    shape = (3, 5000)
+    limit = 2**31 - 1
+    x, v = (torch.randint(-limit, limit, shape, generator=gen).int() for _ in "xv")
+    bound = (2**50 if q > 2**12 else 2**15) // q
+    buffer = torch.randint(0, bound, shape, generator=gen).to(
+        torch.int64 if q > 2**12 else torch.int16
+    )
+    f = torch.randn(shape, generator=gen) * 100
+    bits = torch.tensor([[20.0], [5.0], [25.0]], dtype=torch.float64)
+    consts = (torch.tensor(p), torch.tensor(q), 2.0**bits * ((q - p) / q), 2.0**-bits)
+    wide = [t.clone() for t in (x, v, buffer)]
+    want = kernels.step(*wide, f, *consts, torch.float32)
+    for narrow in (kernels.step_narrow, kernels._step_narrow_chunked):
+        got_ints = [t.clone() for t in (x, v, buffer)]
+        got = narrow(*got_ints, f, *consts, torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(got_ints, wide, strict=True))
+        assert got[0] is None
+        assert torch.equal(got[1], want[1])
+        assert torch.equal(got[2], want[2])
+    # The inverse, from the forward's integers (where it saturated, there is no forward state).
+    kept = (wide[0].abs() < limit) & (wide[1].abs() < limit)
+    back = [t.clone() for t in wide]
+    want_x = kernels.unstep_velocity(*back, f, *consts, torch.float32)
+    for narrow in (kernels.unstep_velocity_narrow, kernels._unstep_velocity_narrow_chunked):
+        got_ints = [t.clone() for t in wide]
+        got_x = narrow(*got_ints, f, *consts, torch.float32)
+        assert all(torch.equal(a[kept], b[kept]) for a, b in zip(got_ints, back, strict=True))
+        assert torch.equal(got_x[kept], want_x[kept])
+        assert torch.equal(got_ints[1][kept], v[kept])  # v_n again
+        assert torch.equal(got_ints[2][kept], buffer[kept])  # and the buffer
+
+
 def pytree_leaves(out: object) -> list[Tensor]:
     """The tensors of a kernel's result (a tensor, or a tuple with None among them)."""
     items = out if isinstance(out, tuple) else (out,)

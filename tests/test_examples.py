@@ -56,6 +56,16 @@ def test_update_cost_script(tmp_path: Path) -> None:
     assert table.startswith("Produced by `python benchmarks/update_cost.py --quick`")
 
 
+def test_kernels_script(tmp_path: Path) -> None:
+    """benchmarks/kernels.py --quick: every kernel timed per element."""
+    script = load(ROOT / "benchmarks" / "kernels.py")
+    script.main(["--quick", "--out", str(tmp_path)])
+    with (tmp_path / "kernels_quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert all(float(r["ns_per_element"]) > 0 for r in rows)
+
+
 def test_bench_memory_ordering() -> None:
     """Memory-free keeps less than checkpointing, which keeps less than plain, at depth 32."""
     rows = run(BenchConfig(depths=(32,), width=32, batch=16, time_steps=False, threads=None))

@@ -55,15 +55,18 @@ from .._errors import InertiaError, InversionError
 from .arith import Check, State
 from .kernels import (
     NARROW_LIMIT,
+    NARROW_Q,
     WORD,
     checksum,
     convert,
     eager,
     round_to_grid,
     step,
+    step_narrow,
     step_push,
     unstep_position,
     unstep_velocity,
+    unstep_velocity_narrow,
     unstep_velocity_pop,
 )
 
@@ -481,6 +484,8 @@ class ExactArithmetic:
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
         else:
             kernel = step_push if n in self.pushes else step
+            if kernel is step and xi.dtype == torch.int32 and self.q <= NARROW_Q:
+                kernel = step_narrow  # the same integers, in float64 arithmetic
             views = [grid.view(t) for t in (xi, vi, buffer)]  # the state's own integers: in place
             f2 = grid.view(f.detach())
             word, largest, new_xf = kernel(*views, f2, p, q, grid.c, grid.inv, dtype)
@@ -578,6 +583,8 @@ class ExactArithmetic:
         args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c, grid.inv, xf.dtype)
         if n in self.pushes:
             xf_prev = unstep_velocity_pop(*args, grid.view(words.pop()))
+        elif xi.dtype == torch.int32 and self.q <= NARROW_Q:
+            xf_prev = unstep_velocity_narrow(*args)  # the same integers, in float64 arithmetic
         else:
             xf_prev = unstep_velocity(*args)
         if n > 0:

@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "CHUNK",
     "NARROW_LIMIT",
+    "NARROW_Q",
     "WORD",
     "checksum",
     "convert",
@@ -42,10 +43,12 @@ __all__ = [
     "momentum_update_",
     "round_to_grid",
     "step",
+    "step_narrow",
     "step_push",
     "to_float",
     "unstep_position",
     "unstep_velocity",
+    "unstep_velocity_narrow",
     "unstep_velocity_pop",
 ]
 
@@ -217,6 +220,84 @@ def _unstep_velocity_pop(
     return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
 
 
+# -- int32 words, in float64 arithmetic ----------------------------------------------------------
+# With x and v in int32 words and q <= NARROW_Q, every integer of a layer's update and of its
+# inverse stays below 2**51 in magnitude, where float64 holds integers exactly and a quotient
+# estimated by a multiplication is off by at most one: the kernels below compute in float64
+# alone (no int64 conversions, which CPUs vectorize poorly) and fold the division of v by q and
+# the carry from the buffer into one division of v p + s. Their integers are `_step`'s and
+# `_unstep_velocity`'s (tests/test_exact.py checks them against each other and Python's).
+
+NARROW_Q = 1 << 19  # |v p + s| and |(v - d) q + r| stay below 2**51 with |v|, |d| < 2**31
+
+
+def _divmod_exact(n: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Floor division and remainder of the float64 integers ``n`` (``|n| < 2**51``) by the
+    float64 integer ``1 <= d <= 2**24`` (0-d), in float64."""
+    quot = torch.floor(n * (1.0 / d))
+    rem = n - quot * d
+    low, high = rem < 0, rem >= d
+    quot = torch.where(low, quot - 1, torch.where(high, quot + 1, quot))
+    rem = torch.where(low, rem + d, torch.where(high, rem - d, rem))
+    return quot, rem
+
+
+def _step_narrow(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Any, ...]:
+    """`_step` for int32 words and ``q <= NARROW_Q``, at a layer that pushes no word plane:
+    ``v <- floor((v p + s) / q) + round(c f)`` with ``s = buffer mod p``, the remainder of the
+    division going to the buffer."""
+    pd, qd = p.double(), q.double()
+    scaled = f.double() * c
+    high, s = _divmod_exact(buffer.double(), pd)
+    new_v, r = _divmod_exact(v.double() * pd + s, qd)
+    new_v = new_v + scaled.round()
+    new_x = x.double() + new_v
+    largest = torch.maximum(new_v.abs(), new_x.abs()).amax()
+    largest = torch.maximum(largest, scaled.abs().amax())
+    position = (new_x * inv).to(dtype)
+    limit = float(NARROW_LIMIT)
+    x.copy_(new_x.clamp(-limit, limit))
+    v.copy_(new_v.clamp(-limit, limit))
+    buffer.copy_(high * qd + r)
+    return None, largest, position
+
+
+def _unstep_velocity_narrow(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """`_unstep_velocity` for int32 words and ``q <= NARROW_Q``, at a layer that pops no word
+    plane. ``x_{n-1} = x_n - v_n`` below block 0 may leave the word: it is stored modulo
+    ``2**32``, as an int64 would be truncated, and the caller's ``x += v`` wraps back."""
+    pd, qd = p.double(), q.double()
+    high, r = _divmod_exact(buffer.double(), qd)
+    new_v, s = _divmod_exact((v.double() - (f.double() * c).round()) * qd + r, pd)
+    new_x = x.double() - new_v
+    position = (new_x * inv).to(dtype)
+    wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
+    v.copy_(new_v)
+    buffer.copy_(high * pd + s)
+    x.copy_(wrapped)
+    return position
+
+
 def _momentum_update(
     x: Tensor, v: Tensor, out: Tensor, gamma: Tensor, rest: Tensor, subtract: bool
 ) -> tuple[Tensor, Tensor]:
@@ -332,6 +413,51 @@ def _unstep_velocity_chunked(
         w = None if word is None else word[rs, cs]
         pos = _unstep_velocity(*ints, _rows(c, rs), _rows(inv, rs), dtype, w)
         position[rs, cs] = pos
+    return position
+
+
+def _step_narrow_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Any, ...]:
+    """`_step_narrow`, chunk by chunk."""
+    if x.dim() != 2:
+        return _step_narrow(x, v, buffer, f, p, q, c, inv, dtype)
+    position = torch.empty(x.shape, dtype=dtype, device=x.device)
+    largest = torch.zeros((), dtype=torch.float64, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
+        _, big, pos = _step_narrow(*ints, _rows(c, rs), _rows(inv, rs), dtype)
+        position[rs, cs] = pos
+        largest = torch.maximum(largest, big)
+    return None, largest, position
+
+
+def _unstep_velocity_narrow_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """`_unstep_velocity_narrow`, chunk by chunk."""
+    if x.dim() != 2:
+        return _unstep_velocity_narrow(x, v, buffer, f, p, q, c, inv, dtype)
+    position = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
+        position[rs, cs] = _unstep_velocity_narrow(*ints, _rows(c, rs), _rows(inv, rs), dtype)
     return position
 
 
@@ -481,3 +607,5 @@ step_push = _Compiled(_step_push, _step_push_chunked)
 unstep_position = _Compiled(_unstep_position, _unstep_position_chunked)
 unstep_velocity = _Compiled(_unstep_velocity, _unstep_velocity_chunked)
 unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _unstep_velocity_chunked)
+step_narrow = _Compiled(_step_narrow, _step_narrow_chunked)
+unstep_velocity_narrow = _Compiled(_unstep_velocity_narrow, _unstep_velocity_narrow_chunked)

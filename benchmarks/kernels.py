@@ -1,0 +1,120 @@
+"""Exact mode's integer kernels, timed per element: the int64 forms against the float64 forms that
+int32 words with ``q <= 2**19`` use, beside the float update.
+
+One layer's update (`step`, `step_narrow`) and its inverse (`unstep_velocity`,
+`unstep_velocity_narrow`) of exact mode, compiled, on a state of ``2**20`` elements in int32
+words with a one-byte buffer at gamma 0.9, and the float update of float mode (eager: four
+operations; fused: `momentum_update`, one compiled pass), on one thread, interleaved, median of
+the repeats.
+
+Writes benchmarks/results/kernels.{csv,md}. About a minute on a CPU.
+
+    python benchmarks/kernels.py            # the committed results
+    python benchmarks/kernels.py --quick    # seconds: 2**16 elements (kernels_quick.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from inertia._core import kernels
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cases(n: int) -> dict[str, Callable[[], object]]:
+    """The timed calls, each on its own tensors of ``n`` elements."""
+    gen = torch.Generator().manual_seed(0)
+
+    def state() -> tuple[torch.Tensor, ...]:
+        x, v = (torch.randint(-(2**20), 2**20, (1, n), generator=gen).int() for _ in "xv")
+        buffer = torch.randint(0, 20, (1, n), generator=gen).to(torch.uint8)
+        return x, v, buffer, torch.randn(1, n, generator=gen)
+
+    p, q = torch.tensor(9), torch.tensor(10)
+    c = torch.full((1, 1), 2.0**20 * 0.1, dtype=torch.float64)
+    inv = torch.full((1, 1), 2.0**-20, dtype=torch.float64)
+    runs: dict[str, Callable[[], object]] = {}
+    for name, kernel in (
+        ("exact update, int64 form", kernels.step),
+        ("exact update, float64 form", kernels.step_narrow),
+        ("exact inverse, int64 form", kernels.unstep_velocity),
+        ("exact inverse, float64 form", kernels.unstep_velocity_narrow),
+    ):
+        args = (*state(), p, q, c, inv, torch.float32)
+        runs[name] = lambda kernel=kernel, args=args: kernel(*args)
+    x, v, out = (torch.randn(n, generator=gen) for _ in "xvo")
+    gamma, rest = torch.tensor(0.9), torch.tensor(1 - 0.9)
+
+    def eager() -> object:
+        f = out - x
+        new_v = 0.9 * v + (1 - 0.9) * f
+        return x + new_v, new_v
+
+    runs["float update, eager"] = eager
+    runs["float update, fused"] = lambda: kernels.momentum_update(x, v, out, gamma, rest, True)
+    return runs
+
+
+def measure(n: int, repeats: int) -> list[dict[str, object]]:
+    runs = cases(n)
+    for run in runs.values():
+        run()  # warm-up and compilation
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return [
+        {"kernel": name, "elements": n, "ns_per_element": round(statistics.median(t) / n * 1e9, 2)}
+        for name, t in times.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2**16 elements, 3 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    n, repeats = (1 << 16, 3) if args.quick else (1 << 20, 15)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = measure(n, repeats)
+    finally:
+        torch.set_num_threads(before)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "kernels_quick" if args.quick else "kernels"
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
+    lines = [
+        f"Produced by `{command}` (torch {torch.__version__}, {platform.machine()}, 1 thread).",
+        "",
+        f"A state of {n:,} elements: int32 words and a one-byte buffer at gamma 0.9 for exact "
+        "mode's kernels (compiled), float32 for the float update; median of the interleaved "
+        "repeats.",
+        "",
+        "| kernel | ns per element |",
+        "|---|---|",
+        *(f"| {r['kernel']} | {r['ns_per_element']} |" for r in rows),
+    ]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    summary = ", ".join(f"{r['kernel']} {r['ns_per_element']}" for r in rows)
+    print(f"kernels: ns per element: {summary}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
