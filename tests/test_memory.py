@@ -77,17 +77,19 @@ class Wide(nn.Module):
         return self.net(x)
 
 
-def live_sets(net: nn.Module, x: torch.Tensor) -> tuple[LiveTensorMeter, int, LiveTensorMeter]:
-    """The live tensors of a training step's forward, the bytes alive at its end, and the live
-    tensors of its backward, each measured apart (``.grad`` already allocated, as under gradient
-    accumulation)."""
+def live_sets(
+    net: nn.Module, x: torch.Tensor, n: int
+) -> tuple[LiveTensorMeter, int, LiveTensorMeter]:
+    """A training step's live tensors: its forward's, the bytes alive at the forward's end, and
+    the whole step's, with the peak of the state-sized ones (``n`` elements) as role ``"state"``
+    (``.grad`` already allocated, as under gradient accumulation)."""
     net(x).square().sum().backward()
-    with LiveTensorMeter() as forward:
-        loss = net(x).square().sum()
-    kept = forward.current
-    with LiveTensorMeter() as backward:
+    with LiveTensorMeter({"state": lambda e: e.numel == n}) as step:
+        with LiveTensorMeter() as forward:
+            loss = net(x).square().sum()
+        kept = forward.current
         loss.backward()
-    return forward, kept, backward
+    return forward, kept, step
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -96,40 +98,40 @@ def test_live_set_of_a_memory_free_step(exact: bool, monkeypatch: pytest.MonkeyP
 
     After the forward: the saved state and the output, 8 bytes per element of the state in float
     mode (``x_N``, which is the output, and ``v_N``), 13 in exact mode (int32 ``x_N`` and
-    ``v_N``, a one-byte buffer, and the output, ``x_N``'s float value). At the backward's peak,
-    beside them: one block's recomputation (here at most three tensors of its hidden size: its
-    Tanh output and, in its own backward, two gradients) and at most five tensors of the state's
-    size in its dtype (the
-    incoming gradient, the adjoint, the block's output, ``x_n`` and the ``x_{n-1}`` computed one
-    step ahead). No integer or float64 tensor of the state's size is made, forward or backward:
-    the integer kernels' temporaries (run eagerly under the meter) are chunks of `CHUNK`
-    elements. Plain autograd (the backprop twin) keeps every block's activations."""
+    ``v_N``, a one-byte buffer, and the output, ``x_N``'s float value). Over the step, tensors of
+    the state's size never hold more than that and, in exact mode, six tensors of the state's
+    size and dtype: the incoming gradient, the adjoint, the block's output and its input's
+    gradient, ``x_n`` and ``x_{n-1}`` (computed one step ahead); in float mode seven: ``v_n``
+    for ``x_{n-1}``, and the inversion check's random direction (at block 0, for states of
+    fewer than 2**16 elements). The state is rewritten, or freed, as the backward goes. At the
+    step's peak, one block's recomputation (here at most three tensors of its hidden
+    size: its Tanh output and, in its own backward, two gradients). No integer or float64 tensor
+    of the state's size is made, forward or backward: the integer kernels' temporaries (run
+    eagerly under the meter) are chunks of `CHUNK` elements. Plain autograd (the backprop twin)
+    keeps every block's activations."""
     monkeypatch.setattr(kernels, "CHUNK", 4096)
     batch, d, h, depth = 256, 128, 192, 6
     n = batch * d  # the state's elements: 8 chunks
     blocks = [Wide(d, h) for _ in range(depth)]
     net = MomentumNet(blocks, 0.9, use_backprop=False, exact=exact)
     x = torch.randn(batch, d, requires_grad=True)
-    forward, kept, backward = live_sets(net, x)
+    forward, kept, step = live_sets(net, x, n)
 
-    for meter in (forward, backward):
-        wide = [dt for dt, numel in meter.largest.items() if dt.itemsize == 8 and numel > 4096]
-        assert not wide, meter.largest
+    wide = [dt for dt, numel in step.largest.items() if dt.itemsize == 8 and numel > 4096]
+    assert not wide, step.largest
     state = 13 * n if exact else 8 * n
     assert state <= kept < state + 32 * batch  # and the grid's constants, 28 bytes per row
     if exact:
         assert forward.largest[torch.int32] == n
         assert forward.largest[torch.uint8] == n
+    assert step.peaks["state"] <= state + (6 if exact else 7) * 4 * n
 
     grads = {storage_key(p.grad) for p in net.parameters()}
-    at_peak = [e for key, e in backward.at_peak.items() if key not in grads]
-    boundary = [e for e in at_peak if e.numel == n]
-    assert all(e.dtype == torch.float32 for e in boundary), boundary
-    assert len(boundary) <= 5
+    at_peak = [e for key, e in step.at_peak.items() if key not in grads]
     inner = sum(e.nbytes for e in at_peak if e.numel == batch * h)
     assert inner <= 3 * 4 * batch * h
 
-    _, twin_kept, _ = live_sets(backprop_twin(net), x)
+    _, twin_kept, _ = live_sets(backprop_twin(net), x, n)
     assert twin_kept > depth * 4 * batch * h  # every block's Tanh output, at least
     assert twin_kept > 4 * kept
 

@@ -143,23 +143,27 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     storage, so that a test can sort the live set by role (by dtype, size, or by storages it knows,
     such as ``.grad`` tensors: `storage_key`). ``largest`` is the most elements of any tensor
     created, by dtype. Tensors that existed before (a stack's saved state, the parameters) are not
-    counted. Deterministic, on any device; it runs each operation eagerly (dynamo compiles nothing
-    under a dispatch mode, so inertia's integer kernels run their chunked eager forms).
+    counted. ``roles`` names predicates on `LiveTensor`: ``peaks[name]`` is then the most bytes
+    alive at once among the storages it accepts, at any moment, not only at the overall peak.
+    Deterministic, on any device; it runs each operation eagerly (dynamo compiles nothing under a
+    dispatch mode, so inertia's integer kernels run their chunked eager forms).
 
     Examples:
-        >>> with LiveTensorMeter() as meter:
+        >>> with LiveTensorMeter({"large": lambda t: t.numel >= 256}) as meter:
         ...     y = torch.ones(256).mul(2).sum()
-        >>> meter.peak, meter.largest[torch.float32]
-        (2048, 256)
+        >>> meter.peak, meter.peaks["large"], meter.largest[torch.float32]
+        (2048, 2048, 256)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roles: Mapping[str, Callable[[LiveTensor], bool]] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._live: dict[int, tuple[StorageWeakRef, LiveTensor]] = {}
         self._bytes = 0
         self.peak = 0
         self.at_peak: dict[int, LiveTensor] = {}
         self.largest: dict[torch.dtype, int] = {}
+        self.roles = dict(roles or {})
+        self.peaks = dict.fromkeys(self.roles, 0)
 
     def __torch_dispatch__(
         self,
@@ -188,6 +192,9 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if self._bytes > self.peak:
             self.peak = self._bytes
             self.at_peak = {key: entry for key, (_, entry) in self._live.items()}
+        for name, accepts in self.roles.items():
+            alive = sum(entry.nbytes for _, entry in self._live.values() if accepts(entry))
+            self.peaks[name] = max(self.peaks[name], alive)
         return out
 
     def _prune(self) -> None:

@@ -114,13 +114,17 @@ class FloatArithmetic:
         # gamma and 1 - gamma as 0-d tensors, by dtype, for the fused update.
         self._scalars: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         self._zero: Tensor | None = None  # v_0 = 0 broadcast, set by `encode`
-        self._owned: Tensor | None = None  # the velocity that the fused update may write into
+        # id of the v_0 that `encode` was given (the init function's output): the fused update
+        # writes into every other velocity, which an earlier step made. An id, so that v_0 is not
+        # kept alive (where it is freed, its id matching a later velocity costs one allocation).
+        self._given: int | None = None
 
     def on_grid(self, x: Tensor) -> Tensor:
         return x
 
     def encode(self, x: Tensor, v: Tensor | None) -> State:
         if v is not None:
+            self._given = id(v)
             return (x, v)
         # v_0 = 0 is one element broadcast (`velocity` gives it whole).
         self._zero = x.new_zeros(()).expand(x.shape)
@@ -170,9 +174,8 @@ class FloatArithmetic:
         gamma, rest = self._scalars[x.dtype]
         if zero:  # v_0 = 0: a 0-d zero gives the same sums, with no tensor of zeros
             v = v.new_zeros(())
-        if zero or v is not self._owned:  # v_0, or the init function's output: not ours
+        if zero or id(v) == self._given:  # v_0: not the stack's to write into
             new_x, new_v = momentum_update(x, v, out, gamma, rest, subtract)
-            self._owned = new_v
             return (new_x, new_v)
         return (momentum_update_(x, v, out, gamma, rest, subtract), v)
 
