@@ -755,10 +755,10 @@ def test_chunked_eager_kernels_agree_with_the_compiled_ones(
     c = scale * 0.1
     kernels = inertia_kernels
     pairs = [
-        (kernels.step, kernels._step_chunked, (f, p, q, c, inv, torch.float32)),
+        (kernels.step, kernels.step.fallback, (f, p, q, c, inv, torch.float32)),
         (
             kernels.unstep_velocity,
-            kernels._unstep_velocity_chunked,
+            kernels.unstep_velocity.fallback,
             (f, p, q, c, inv, torch.float32),
         ),
     ]
@@ -768,9 +768,13 @@ def test_chunked_eager_kernels_agree_with_the_compiled_ones(
         for s, t in zip([*a, *pytree_leaves(out_a)], [*b, *pytree_leaves(out_b)], strict=True):
             assert torch.equal(s, t)
     for compiled, chunked, args in [
-        (kernels.unstep_position, kernels._unstep_position_chunked, (x, v, inv, torch.float32)),
-        (kernels.convert, kernels._to_float_chunked, (x, inv, torch.float32)),
-        (kernels.round_to_grid, kernels._round_chunked, (f, scale, inv, 2.0**31 - 1, torch.int32)),
+        (kernels.unstep_position, kernels.unstep_position.fallback, (x, v, inv, torch.float32)),
+        (kernels.convert, kernels.convert.fallback, (x, inv, torch.float32)),
+        (
+            kernels.round_to_grid,
+            kernels.round_to_grid.fallback,
+            (f, scale, inv, 2.0**31 - 1, torch.int32),
+        ),
     ]:
         a, b = [t.clone() if isinstance(t, Tensor) else t for t in args], list(args)
         b = [t.clone() if isinstance(t, Tensor) else t for t in b]
@@ -803,7 +807,7 @@ def test_narrow_kernels_are_the_int64_kernels(
     consts = (torch.tensor(p), torch.tensor(q), 2.0**bits * ((q - p) / q), 2.0**-bits)
     wide = [t.clone() for t in (x, v, buffer)]
     want = kernels.step(*wide, f, *consts, torch.float32)
-    for narrow in (kernels.step_narrow, kernels._step_narrow_chunked):
+    for narrow in (kernels.step_narrow, kernels.step_narrow.fallback):
         got_ints = [t.clone() for t in (x, v, buffer)]
         got = narrow(*got_ints, f, *consts, torch.float32)
         assert all(torch.equal(a, b) for a, b in zip(got_ints, wide, strict=True))
@@ -814,7 +818,7 @@ def test_narrow_kernels_are_the_int64_kernels(
     kept = (wide[0].abs() < limit) & (wide[1].abs() < limit)
     back = [t.clone() for t in wide]
     want_x = kernels.unstep_velocity(*back, f, *consts, torch.float32)
-    for narrow in (kernels.unstep_velocity_narrow, kernels._unstep_velocity_narrow_chunked):
+    for narrow in (kernels.unstep_velocity_narrow, kernels.unstep_velocity_narrow.fallback):
         got_ints = [t.clone() for t in wide]
         got_x = narrow(*got_ints, f, *consts, torch.float32)
         assert all(torch.equal(a[kept], b[kept]) for a, b in zip(got_ints, back, strict=True))

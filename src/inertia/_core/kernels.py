@@ -339,136 +339,50 @@ def _rows(t: Tensor, rs: slice) -> Tensor:
     return t[rs] if t.shape[0] > 1 else t
 
 
-def _step_chunked(
-    x: Tensor,
-    v: Tensor,
-    buffer: Tensor,
-    f: Tensor,
-    p: Tensor,
-    q: Tensor,
-    c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-    push: bool = False,
-) -> tuple[Any, ...]:
-    """`_step`, chunk by chunk (the same integers, written into the same tensors); in one
-    piece for tensors that are not ``(rows, inner)``."""
-    if x.dim() != 2:
-        return _step(x, v, buffer, f, p, q, c, inv, dtype, push)
-    position = torch.empty(x.shape, dtype=dtype, device=x.device)
-    word = torch.empty(x.shape, dtype=torch.int32, device=x.device) if push else None
-    largest = torch.zeros((), dtype=torch.float64, device=x.device)
-    for rs, cs in _blocks(*x.shape):
-        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
-        w, big, pos = _step(*ints, _rows(c, rs), _rows(inv, rs), dtype, push)
-        position[rs, cs] = pos
-        if word is not None:
-            word[rs, cs] = w
-        largest = torch.maximum(largest, big)
-    return word, largest, position
+def _cut(a: Any, shape: torch.Size, rs: slice, cs: slice) -> Any:
+    """Argument ``a`` of a kernel over a ``shape`` state, for the chunk ``(rs, cs)``: a tensor of
+    the state's shape is cut into the chunk, a per-row constant (``(rows, 1)``) into its rows;
+    anything else (``(1, 1)`` and 0-d constants, dtypes, None) passes whole."""
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        return a
+    if a.shape == shape:
+        return a[rs, cs]
+    return _rows(a, rs)
 
 
-def _step_push_chunked(
-    x: Tensor,
-    v: Tensor,
-    buffer: Tensor,
-    f: Tensor,
-    p: Tensor,
-    q: Tensor,
-    c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-) -> tuple[Any, ...]:
-    return _step_chunked(x, v, buffer, f, p, q, c, inv, dtype, push=True)
+def _chunked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run eagerly chunk by chunk: the same results, written into the same tensors, with
+    temporaries of at most `CHUNK` elements. Its results of the state's shape are gathered into
+    tensors of the whole, its 0-d ones (largest magnitudes) reduced by their maximum; None stays
+    None. A state that is not ``(rows, inner)``, or is empty, goes in one piece."""
 
+    def run(*args: Any) -> Any:
+        x = args[0]
+        if x.dim() != 2 or not x.numel():
+            return fn(*args)
+        whole: list[Any] = []
+        single = False
+        for rs, cs in _blocks(*x.shape):
+            out = fn(*(_cut(a, x.shape, rs, cs) for a in args))
+            single = not isinstance(out, tuple)
+            parts = (out,) if single else out
+            if not whole:
+                whole = [
+                    t
+                    if t is None or t.dim() == 0
+                    else torch.empty(x.shape, dtype=t.dtype, device=t.device)
+                    for t in parts
+                ]
+            for k, t in enumerate(parts):
+                if t is None:
+                    continue
+                if t.dim() == 0:
+                    whole[k] = torch.maximum(whole[k], t)
+                else:
+                    whole[k][rs, cs] = t
+        return whole[0] if single else tuple(whole)
 
-def _unstep_position_chunked(x: Tensor, v: Tensor, inv: Tensor, dtype: torch.dtype) -> Tensor:
-    """`_unstep_position`, chunk by chunk."""
-    if x.dim() != 2:
-        return _unstep_position(x, v, inv, dtype)
-    position = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for rs, cs in _blocks(*x.shape):
-        position[rs, cs] = _unstep_position(x[rs, cs], v[rs, cs], _rows(inv, rs), dtype)
-    return position
-
-
-def _unstep_velocity_chunked(
-    x: Tensor,
-    v: Tensor,
-    buffer: Tensor,
-    f: Tensor,
-    p: Tensor,
-    q: Tensor,
-    c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-    word: Tensor | None = None,
-) -> Tensor:
-    """`_unstep_velocity`, chunk by chunk."""
-    if x.dim() != 2:
-        return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
-    position = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for rs, cs in _blocks(*x.shape):
-        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
-        w = None if word is None else word[rs, cs]
-        pos = _unstep_velocity(*ints, _rows(c, rs), _rows(inv, rs), dtype, w)
-        position[rs, cs] = pos
-    return position
-
-
-def _step_narrow_chunked(
-    x: Tensor,
-    v: Tensor,
-    buffer: Tensor,
-    f: Tensor,
-    p: Tensor,
-    q: Tensor,
-    c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-) -> tuple[Any, ...]:
-    """`_step_narrow`, chunk by chunk."""
-    if x.dim() != 2:
-        return _step_narrow(x, v, buffer, f, p, q, c, inv, dtype)
-    position = torch.empty(x.shape, dtype=dtype, device=x.device)
-    largest = torch.zeros((), dtype=torch.float64, device=x.device)
-    for rs, cs in _blocks(*x.shape):
-        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
-        _, big, pos = _step_narrow(*ints, _rows(c, rs), _rows(inv, rs), dtype)
-        position[rs, cs] = pos
-        largest = torch.maximum(largest, big)
-    return None, largest, position
-
-
-def _unstep_velocity_narrow_chunked(
-    x: Tensor,
-    v: Tensor,
-    buffer: Tensor,
-    f: Tensor,
-    p: Tensor,
-    q: Tensor,
-    c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-) -> Tensor:
-    """`_unstep_velocity_narrow`, chunk by chunk."""
-    if x.dim() != 2:
-        return _unstep_velocity_narrow(x, v, buffer, f, p, q, c, inv, dtype)
-    position = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for rs, cs in _blocks(*x.shape):
-        ints = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q)
-        position[rs, cs] = _unstep_velocity_narrow(*ints, _rows(c, rs), _rows(inv, rs), dtype)
-    return position
-
-
-def _to_float_chunked(i: Tensor, inv_scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """`to_float`, chunk by chunk."""
-    if i.dim() != 2:
-        return to_float(i, inv_scale, dtype)
-    value = torch.empty(i.shape, dtype=dtype, device=i.device)
-    for rs, cs in _blocks(*i.shape):
-        value[rs, cs] = to_float(i[rs, cs], _rows(inv_scale, rs), dtype)
-    return value
+    return run
 
 
 def _round(
@@ -484,22 +398,6 @@ def _round(
     largest = scaled.abs().amax()
     scaled = scaled.nan_to_num(0.0, 0.0, 0.0).clamp(-bound, bound).round() + 0.0  # -0.0 is 0.0
     return scaled.to(word), (scaled * inv).to(t.dtype), largest
-
-
-def _round_chunked(
-    t: Tensor, scale: Tensor, inv: Tensor, bound: float, word: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`_round`, chunk by chunk."""
-    if t.dim() != 2:
-        return _round(t, scale, inv, bound, word)
-    ints = torch.empty(t.shape, dtype=word, device=t.device)
-    values = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    largest = torch.zeros((), dtype=torch.float64, device=t.device)
-    for rs, cs in _blocks(*t.shape):
-        i, value, big = _round(t[rs, cs], _rows(scale, rs), _rows(inv, rs), bound, word)
-        ints[rs, cs], values[rs, cs] = i, value
-        largest = torch.maximum(largest, big)
-    return ints, values, largest
 
 
 _LOW31 = (1 << 31) - 1
@@ -600,12 +498,12 @@ checksum = _Compiled(_checksum, _checksum_chunked)
 # Four eager float operations cost less than a compiled call's overhead below 2**16 elements.
 momentum_update = _Compiled(_momentum_update, smallest=1 << 16)
 momentum_update_ = _Compiled(_momentum_update_, smallest=1 << 16)
-convert = _Compiled(to_float, _to_float_chunked)
-round_to_grid = _Compiled(_round, _round_chunked)
-step = _Compiled(_step, _step_chunked)
-step_push = _Compiled(_step_push, _step_push_chunked)
-unstep_position = _Compiled(_unstep_position, _unstep_position_chunked)
-unstep_velocity = _Compiled(_unstep_velocity, _unstep_velocity_chunked)
-unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _unstep_velocity_chunked)
-step_narrow = _Compiled(_step_narrow, _step_narrow_chunked)
-unstep_velocity_narrow = _Compiled(_unstep_velocity_narrow, _unstep_velocity_narrow_chunked)
+convert = _Compiled(to_float, _chunked(to_float))
+round_to_grid = _Compiled(_round, _chunked(_round))
+step = _Compiled(_step, _chunked(_step))
+step_push = _Compiled(_step_push, _chunked(_step_push))
+unstep_position = _Compiled(_unstep_position, _chunked(_unstep_position))
+unstep_velocity = _Compiled(_unstep_velocity, _chunked(_unstep_velocity))
+unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _chunked(_unstep_velocity_pop))
+step_narrow = _Compiled(_step_narrow, _chunked(_step_narrow))
+unstep_velocity_narrow = _Compiled(_unstep_velocity_narrow, _chunked(_unstep_velocity_narrow))
