@@ -58,7 +58,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -70,6 +69,7 @@ from .replay import (
     AutocastState,
     RngTracker,
     frozen_running_stats,
+    running_statistics,
     same_state,
 )
 
@@ -337,12 +337,7 @@ def _record_call(
     before = {name: b.clone() for name, b in buffers.items()}
     versions = {name: b._version for name, b in buffers.items()}
     training = tuple(m.training for _, m in modules)
-    statistics = {
-        f"{prefix}.{name}" if prefix else name
-        for prefix, m in modules
-        if isinstance(m, _NormBase) and m.training and m.track_running_stats
-        for name in ("running_mean", "running_var", "num_batches_tracked")
-    }
+    statistics = running_statistics(module, modules)
     state = rng.get_state()
     watch = _GeneratorWatch()
     # The recomputation records autograd with the input requiring grad as here: kernels that

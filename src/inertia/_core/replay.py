@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +97,15 @@ class AutocastState:
             yield
 
 
-def running_statistics(module: nn.Module) -> dict[str, Tensor]:
+def running_statistics(
+    module: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None
+) -> dict[str, Tensor]:
     """The buffers that the norm layers of ``module`` in training mode update in their forward,
-    by name (as in ``module.named_buffers()``)."""
+    by name (as in ``module.named_buffers()``). ``modules``: its named submodules, where a walk
+    was made already."""
     return {
         f"{prefix}.{name}" if prefix else name: buffer
-        for prefix, m in module.named_modules()
+        for prefix, m in (module.named_modules() if modules is None else modules)
         if isinstance(m, _NormBase) and m.training and m.track_running_stats
         for name in ("running_mean", "running_var", "num_batches_tracked")
         if (buffer := getattr(m, name)) is not None
