@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from inertia._core import kernels
+from inertia.bench import environment
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     try:
         rows = measure(n, repeats)
+        measured_on = environment()
     finally:
         torch.set_num_threads(before)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
     lines = [
-        f"Produced by `{command}` (torch {torch.__version__}, {platform.machine()}, 1 thread).",
+        f"Produced by `{command}` ({measured_on}).",
         "",
         f"A state of {n:,} elements: int32 words and a one-byte buffer at gamma 0.9 for exact "
         "mode's kernels (compiled), float32 for the float update; median of the interleaved "

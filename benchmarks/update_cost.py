@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torchvision
 from torch import nn
 
 from inertia import transform_to_momentumnet
+from inertia.bench import environment
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,8 +96,7 @@ def measure(batch: int, size: int, repeats: int) -> list[dict[str, object]]:
 
 def markdown(rows: list[dict[str, object]], command: str, batch: int, size: int) -> str:
     lines = [
-        f"Produced by `{command}` (torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads).",
+        f"Produced by `{command}` ({environment()}).",
         "",
         f"torchvision ResNet-50, batch {batch}, {size}x{size}, float32; converted with "
         "`transform_to_momentumnet(resnet, gamma=0.9, use_backprop=True)`. Median of the "

@@ -47,6 +47,19 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def converted(
+    cache: Path, gamma: float, exact: bool | None
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The pretrained model, its cache off, converted at ``gamma``, and a line of code's ids."""
+    model, tokenizer = smollm2.load_smollm2(cache)
+    model.config.use_cache = False
+    model = transform_to_momentumnet(
+        model, smollm2.LAYERS, keep_first_layer=False, gamma=gamma, exact=exact
+    )
+    ids = tokenizer("def mean(xs):\n    return sum(xs) / len(xs)", return_tensors="pt").input_ids
+    return model, ids
+
+
 @needs_wheel
 def test_pretrained_weights_load_and_convert(cache: Path) -> None:
     """The dequantized copy is written once and read back; at gamma 0 the converted model is the
@@ -72,12 +85,8 @@ def test_memory_free_gradients_on_the_pretrained_weights(cache: Path, exact: boo
     """Converted at gamma 0.9, the real 30-layer model trains memory-free with its backprop twin's
     gradients: within 1e-5 in the default (exact) arithmetic. Float arithmetic, rebuilding the
     inputs by division, drifts far beyond that on these weights: what makes exact the default."""
-    model, tokenizer = smollm2.load_smollm2(cache)
-    model.config.use_cache = False
-    model = transform_to_momentumnet(
-        model, smollm2.LAYERS, keep_first_layer=False, gamma=0.9, exact=exact
-    ).train()
-    ids = tokenizer("def mean(xs):\n    return sum(xs) / len(xs)", return_tensors="pt").input_ids
+    model, ids = converted(cache, gamma=0.9, exact=exact)
+    model.train()
     free = LanguageModelLoss(model)
     with warnings.catch_warnings(record=True):  # float mode warns about its drift
         warnings.simplefilter("always")
@@ -97,12 +106,8 @@ def test_exact_forward_costs_no_more_than_float32_rounding(cache: Path) -> None:
     """The exact forward (memory-free, on its per-row grid) of the converted pretrained model
     differs from the plain float32 forward by at most 4x what float32 rounding itself costs
     there: the float32 forward against the float64 one, logits compared, at gamma 0.1 and 0.9."""
-    model, tokenizer = smollm2.load_smollm2(cache)
-    model.config.use_cache = False
-    model = transform_to_momentumnet(
-        model, smollm2.LAYERS, keep_first_layer=False, gamma=0.1, exact=False
-    ).eval()
-    ids = tokenizer("def mean(xs):\n    return sum(xs) / len(xs)", return_tensors="pt").input_ids
+    model, ids = converted(cache, gamma=0.1, exact=False)
+    model.eval()
     stack = model.get_submodule(smollm2.LAYERS)
     for gamma in (0.1, 0.9):
         stack.gamma, stack.exact = gamma, False
