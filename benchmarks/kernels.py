@@ -44,13 +44,13 @@ def cases(n: int) -> dict[str, Callable[[], object]]:
     c = torch.full((1, 1), 2.0**20 * 0.1, dtype=torch.float64)
     inv = torch.full((1, 1), 2.0**-20, dtype=torch.float64)
     runs: dict[str, Callable[[], object]] = {}
-    for name, kernel in (
-        ("exact update, int64 form", kernels.step),
-        ("exact update, float64 form", kernels.step_narrow),
-        ("exact inverse, int64 form", kernels.unstep_velocity),
-        ("exact inverse, float64 form", kernels.unstep_velocity_narrow),
+    for name, kernel, rest in (
+        ("exact update, int64 form", kernels.step, (p, q, c, inv, torch.float32)),
+        ("exact update, float64 form", kernels.step_narrow, (p, q, c, inv, torch.float32)),
+        ("exact inverse, int64 form", kernels.unstep_velocity, (p, q, c)),
+        ("exact inverse, float64 form", kernels.unstep_velocity_narrow, (p, q, c)),
     ):
-        args = (*state(), p, q, c, inv, torch.float32)
+        args = (*state(), *rest)
         runs[name] = lambda kernel=kernel, args=args: kernel(*args)
     x, v, out = (torch.randn(n, generator=gen) for _ in "xvo")
     gamma, rest = torch.tensor(0.9), torch.tensor(1 - 0.9)

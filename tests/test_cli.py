@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,7 +47,8 @@ def test_train_writes_metrics_and_summary(
     assert status == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("inertia train: momentum_resnet18_cifar on synthetic, 2/2 epochs")
-    assert "bytes saved for backward: memory-free" in summary
+    assert "one step holds" in summary
+    assert "x backprop's" in summary
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert float(rows[-1]["test_accuracy"]) > 0.5  # 4 classes: well above chance
@@ -146,10 +148,85 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     config = TrainConfig(dataset="synthetic", epochs=1, batch_size=32, exact=False,
                          out=str(tmp_path), progress=False)  # fmt: skip
     fit(config)
-    for other in ({"epochs": 2}, {"exact": None}, {"lr": 0.1}):
+    for other in ({"batch_size": 16}, {"exact": None}, {"lr": 0.1}):
         with pytest.raises(InertiaError, match=f"{next(iter(other))} .*Repeat the first run's"):
             fit(replace(config, resume=True, **other))
     assert fit(replace(config, resume=True, progress=True)).metrics  # nothing left to train
+
+
+def test_resume_with_more_epochs_extends_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--resume with a larger --epochs trains on, the cosine schedule recomputed for the new total
+    from where the run stopped (and says so); fewer epochs than trained is refused."""
+    config = TrainConfig(dataset="synthetic", epochs=1, batch_size=32, out=str(tmp_path),
+                         progress=False)  # fmt: skip
+    fit(config)
+    capsys.readouterr()
+    result = fit(replace(config, epochs=3, resume=True))
+    assert [int(m["epoch"]) for m in result.metrics] == [1, 2, 3]
+    assert "extends the run from 1 to 3 epochs" in capsys.readouterr().err
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["config"]["epochs"] == 3
+    assert state["scheduler"]["T_max"] == 3
+    # After epoch 3 of 3 the cosine is at its end; the run's rate before it was the new cosine's.
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InertiaError, match="holds 3 trained epochs, more than --epochs 2"):
+        fit(replace(config, epochs=2, resume=True))
+
+
+def test_extended_schedule_is_the_cosine_of_the_new_total() -> None:
+    from inertia.training import _extend_schedule
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    _extend_schedule(sched, 10)
+    rates = []
+    for _ in range(8):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(2, 10)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+
+
+class Payload:
+    """Any object in a checkpoint: unpickling it may run code (here it would not)."""
+
+
+def test_resume_refuses_a_checkpoint_with_pickled_objects(tmp_path: Path) -> None:
+    config = TrainConfig(dataset="synthetic", epochs=1, batch_size=32, out=str(tmp_path),
+                         progress=False)  # fmt: skip
+    fit(config)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # what fit writes loads
+    torch.save({**state, "extra": Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(InertiaError, match=r"holds objects other than tensors.*could run any code"):
+        fit(replace(config, epochs=2, resume=True))
+
+
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["train", "--dataset", "nope"], "--dataset 'nope': choose one of digits, synthetic"),
+        (["train", "--gamma", "1.5"], "--gamma 1.5: the momentum must be in [0, 1]"),
+        (["train", "--model", "nope"], "--model 'nope' is not a registered model; choose one of"),
+        (["train", "--epochs", "-1"], "--epochs must be 0 or more"),
+        (["bench", "--depths", "0", "--quick"], "--depths 0: each must be 1 or more"),
+        (["bench", "--batches", "0", "--quick"], "--batches 0: each must be 1 or more"),
+        (["experiment", "nope"], "unknown experiment 'nope'; choose one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_two(
+    argv: list[str], fix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"inertia {argv[0]}: error: {fix}"), lines[0]
 
 
 def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,7 +238,9 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     args = ["bench", "--quick", "--depths", "4", "16", "--batches", "8", "32"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert summary.startswith("inertia bench: depth 16, memory-free")
+    assert summary.startswith("inertia bench: mlp batch 32, depth 16, against plain ")
+    assert "inertia exact (the default) " in summary
+    assert "checkpointing " in summary
     rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
     assert {r["case"] for r in rows} == {"mlp batch 8", "mlp batch 32"}
     variants = {r["variant"] for r in rows}
@@ -190,7 +269,8 @@ def test_bench_true_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = ["bench", "--quick", "--depths", "4", "--variants", "plain", "momentum_free"]
     assert main([*args, "--true-peak", "--out", str(tmp_path)]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "saved for backward, true peak" in summary
+    assert "inertia float " in summary
+    assert "saved, true peak" in summary
     rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
     assert [r["variant"] for r in rows] == ["plain", "momentum_free"]
     assert all(float(r["true_peak_bytes"]) >= 0 for r in rows)
@@ -199,7 +279,7 @@ def test_bench_true_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_bench_variants_must_name_the_compared_pair(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--quick", "--variants", "plain", "checkpoint"]) == 1
+    assert main(["bench", "--quick", "--variants", "plain", "checkpoint"]) == 2
     assert "name both" in capsys.readouterr().err
 
 
@@ -220,7 +300,7 @@ def test_experiment_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert summary.startswith("inertia experiment linear-maps: claim holds: ")
     assert {p.name for p in out.iterdir()} >= {"linear-maps.csv", "linear-maps.md"}
     assert "`inertia experiment linear-maps --quick --out " in (out / "linear-maps.md").read_text()
-    assert main(["experiment", "nope"]) == 1
+    assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
 
 
@@ -229,7 +309,8 @@ def test_train_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     from inertia.training import TrainConfig, build_model
 
     for exact, want in ((None, True), (True, True), (False, False)):  # None: exact when memory-free
-        model = build_model(TrainConfig(exact=exact), channels=1, num_classes=4)
+        config = TrainConfig(exact=exact, method="memory_free")
+        model = build_model(config, channels=1, num_classes=4)
         stacks = [m for m in model.modules() if isinstance(m, MomentumNet)]
         assert len(stacks) == 4
         assert all(m.exact == want for m in stacks)

@@ -87,7 +87,13 @@ def test_compiling_a_converted_resnet() -> None:
         return gm.forward
 
     torch.manual_seed(0)
-    model = transform_to_momentumnet(tvm.resnet18(num_classes=10), gamma=0.9, use_backprop=False)
+    model = transform_to_momentumnet(
+        tvm.resnet18(num_classes=10),
+        gamma=0.9,
+        method="memory_free",
+        checkpoint_kept=False,
+        checkpoint_stem=False,
+    )
     model = model.double()
     compiled = copy.deepcopy(model)
     compiled.compile(backend=recording)

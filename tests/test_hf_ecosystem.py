@@ -31,7 +31,8 @@ def gpt2() -> nn.Module:
 def converted(model: nn.Module | None = None, **kwargs: Any) -> nn.Module:
     """GPT-2 with its blocks converted memory-free, with inertia's defaults (exact arithmetic)."""
     model = gpt2() if model is None else model
-    return transform_to_momentumnet(model, "transformer.h", keep_first_layer=False, **kwargs)
+    options = {"keep_first_layer": False, "method": "memory_free", **kwargs}
+    return transform_to_momentumnet(model, "transformer.h", **options)
 
 
 def batches(n: int, size: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:

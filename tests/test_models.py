@@ -91,7 +91,7 @@ def test_arguments_reach_momentumnet_and_torchvision() -> None:
 
 
 def test_memory_free_gradients_match_backprop() -> None:
-    free = create_model("momentum_resnet18_cifar").double().train()
+    free = create_model("momentum_resnet18_cifar", method="memory_free").double().train()
     backprop = backprop_twin(free)
     for stage in STAGES:
         layer = backprop.get_submodule(stage)

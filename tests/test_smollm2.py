@@ -56,6 +56,7 @@ def converted(
     model = transform_to_momentumnet(
         model, smollm2.LAYERS, keep_first_layer=False, gamma=gamma, exact=exact
     )
+    assert model.inertia_plan[smollm2.LAYERS].method == "memory_free"  # one stack of 30 layers
     ids = tokenizer("def mean(xs):\n    return sum(xs) / len(xs)", return_tensors="pt").input_ids
     return model, ids
 

@@ -80,15 +80,19 @@ def test_gamma_zero_is_the_original(train: bool) -> None:
     assert relative_error(converted(x), original(x)) <= TOLERANCES[torch.float64]
 
 
-def test_gamma_zero_with_the_default_falls_back_to_backprop() -> None:
+def test_gamma_zero_with_the_default_checkpoints_each_block() -> None:
     """momentumnet's example, transform_to_momentumnet(resnet, gamma=0.0): memory-free is
-    impossible at gamma 0, so the stacks train with backprop after a warning."""
+    impossible at gamma 0, so the plan checkpoints each block; forced memory-free, the stacks
+    train with backprop after a warning."""
     original = small_resnet().double()
-    with pytest.warns(UserWarning, match="trains with backprop"):
-        converted = transform_to_momentumnet(original, gamma=0.0)
+    converted = transform_to_momentumnet(original, gamma=0.0)
+    assert {s.method for s in converted.inertia_plan.stacks} == {"checkpoint"}
+    assert converted.inertia_plan["layer1"].reason == "gamma=0 cannot be inverted"
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     assert relative_error(converted(x), original(x)) <= TOLERANCES[torch.float64]
     converted(x).sum().backward()
+    with pytest.warns(UserWarning, match="trains with backprop"):
+        transform_to_momentumnet(original, gamma=0.0, method="memory_free")
 
 
 def momentum_loop(model: nn.Module, x: Tensor, gamma: float) -> Tensor:
@@ -118,7 +122,7 @@ def test_gamma_point_nine_is_a_momentum_loop() -> None:
 def test_memory_free_gradients_match(name: str, dtype: torch.dtype, exact: bool) -> None:
     model = small_resnet(name).to(dtype).train()
     backprop = transform_to_momentumnet(model, gamma=0.9, use_backprop=True, exact=exact)
-    free = transform_to_momentumnet(model, gamma=0.9, use_backprop=False, exact=exact)
+    free = transform_to_momentumnet(model, gamma=0.9, exact=exact, method="memory_free")
     x = torch.randn(4, 3, 32, 32, dtype=dtype, requires_grad=True)
     errors = assert_gradients_match(backprop, free, x, steps=2)
     assert errors["buffer.layer3.1.bn1.num_batches_tracked"] == 0.0
@@ -142,14 +146,14 @@ def test_default_memory_free_is_as_accurate_as_backprop(name: str) -> None:
     x = torch.randn(4, 3, 32, 32)
     truth = _gradients(transform_to_momentumnet(model, use_backprop=True).double(), x.double())
     backprop = _gradients(transform_to_momentumnet(model, use_backprop=True), x)
-    free = transform_to_momentumnet(model)
+    free = transform_to_momentumnet(model, method="memory_free")
     assert all(m.exact for m in free.modules() if isinstance(m, MomentumNet))
     assert relative_error(_gradients(free, x), truth) <= 2 * relative_error(backprop, truth)
 
 
 def test_checkpointed_first_blocks_keep_gradients_and_statistics() -> None:
     model = small_resnet().double().train()
-    free = transform_to_momentumnet(model, gamma=0.9)
+    free = transform_to_momentumnet(model, gamma=0.9, checkpoint_kept=False)
     checkpointed = transform_to_momentumnet(model, gamma=0.9, checkpoint_kept=True)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     errors = assert_gradients_match(free, checkpointed, x, steps=2)
@@ -191,8 +195,8 @@ def test_checkpointed_stem_keeps_gradients_and_saves_memory() -> None:
     from inertia.testing import SavedTensorMeter
 
     model = small_resnet().double().train()
-    plain = transform_to_momentumnet(model, checkpoint_kept=True)
-    stem = transform_to_momentumnet(model, checkpoint_kept=True, checkpoint_stem=True)
+    plain = transform_to_momentumnet(model, checkpoint_stem=False)
+    stem = transform_to_momentumnet(model, checkpoint_stem=True)
     assert type(stem) is CheckpointedStemResNet
     assert list(stem.state_dict()) == list(model.state_dict())
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64, requires_grad=True)

@@ -163,7 +163,9 @@ def test_causal_decoder_stays_causal(use_backprop: bool) -> None:
 @pytest.mark.parametrize("train", [True, False])
 def test_padding_mask_reaches_every_layer(train: bool) -> None:
     model = make_transformer(True, dropout=0.0)
-    encoder = transform_to_momentumnet(model.encoder, "layers", keep_first_layer=False).train(train)
+    encoder = transform_to_momentumnet(
+        model.encoder, "layers", keep_first_layer=False, method="memory_free"
+    ).train(train)
     src = torch.randn(B, S, D, dtype=F64)
     pad = torch.zeros(B, S, dtype=torch.bool)
     pad[:, -2:] = True
@@ -249,7 +251,7 @@ class TupleEncoder(nn.Module):
 def test_layers_returning_tuples(use_backprop: bool) -> None:
     model = TupleEncoder().double()
     converted = transform_to_momentumnet(
-        model, "layer", keep_first_layer=False, use_backprop=use_backprop
+        model, "layer", keep_first_layer=False, use_backprop=use_backprop, method="memory_free"
     )
     backprop = transform_to_momentumnet(model, "layer", keep_first_layer=False, use_backprop=True)
     h = torch.randn(2, 4, dtype=F64, requires_grad=True)

@@ -8,6 +8,7 @@ from ._errors import InertiaError, InversionError, InversionWarning
 from ._layerlist import MomentumLayerList
 from .models import create_model, list_models, register_model
 from .nn import MomentumNet, from_momentumnet_state_dict
+from .plan import Plan, StackPlan, plan_stack
 from .transform import find_residual_stacks, from_pretrained, transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
@@ -19,6 +20,8 @@ __all__ = [
     "InversionWarning",
     "MomentumLayerList",
     "MomentumNet",
+    "Plan",
+    "StackPlan",
     "Word",
     "__version__",
     "create_model",
@@ -26,6 +29,7 @@ __all__ = [
     "from_momentumnet_state_dict",
     "from_pretrained",
     "list_models",
+    "plan_stack",
     "register_model",
     "transform_to_momentumnet",
 ]

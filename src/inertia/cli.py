@@ -24,7 +24,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     from .training import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a registered model (memory-free by default)")
+    p = sub.add_parser("train", help="train a registered model (saving memory by default)")
     p.add_argument("--model", default=d.model, help="a registered model (see --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the registered models")
     p.add_argument("--dataset", default=d.dataset,
@@ -34,12 +34,17 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--gamma", type=float, default=d.gamma)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--memory-free", dest="memory_free", action="store_true", default=True,
-                      help="memory-free backward (default)")  # fmt: skip
+                      help="save memory, each stage as --method says (default)")  # fmt: skip
     mode.add_argument("--backprop", dest="memory_free", action="store_false",
                       help="ordinary backpropagation")  # fmt: skip
-    p.add_argument("--checkpoint-kept", action="store_true",
-                   help="checkpoint the first block of each ResNet stage")  # fmt: skip
-    p.add_argument("--checkpoint-stem", action="store_true", help="checkpoint the ResNet stem")
+    p.add_argument("--method", choices=["auto", "memory_free", "checkpoint"], default=d.method,
+                   help="how each stage saves memory: auto (default) chooses by the bytes each "
+                   "method keeps (memory-free for stages of three blocks and more)")  # fmt: skip
+    p.add_argument("--checkpoint-kept", action="store_const", const=True, default=None,
+                   help="checkpoint the first block of each ResNet stage (default: when "
+                   "saving memory)")  # fmt: skip
+    p.add_argument("--checkpoint-stem", action="store_const", const=True, default=None,
+                   help="checkpoint the ResNet stem (default: when saving memory)")  # fmt: skip
     arith = p.add_mutually_exclusive_group()
     arith.add_argument("--exact", dest="exact", action="store_const", const=True, default=None,
                        help="fixed-point momentum, whose memory-free backward rebuilds every "
@@ -58,6 +63,31 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+class UsageError(InertiaError):
+    """A bad flag: ``inertia`` prints it on one line and exits with status 2, as argparse does."""
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    from .data import DATASETS
+    from .models import list_models
+
+    if args.model not in list_models():
+        raise UsageError(
+            f"--model {args.model!r} is not a registered model; choose one of "
+            f"{', '.join(list_models())} (inertia train --list-models)."
+        )
+    if args.dataset not in DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}.")
+    if not 0 <= args.gamma <= 1:  # NaN too
+        raise UsageError(
+            f"--gamma {args.gamma}: the momentum must be in [0, 1] (the paper uses 0.9)."
+        )
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size - 1)):
+        if value < 0:
+            floor = 0 if flag == "--epochs" else 1
+            raise UsageError(f"{flag} must be {floor} or more.")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .models import list_models
     from .training import TrainConfig, fit
@@ -65,6 +95,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(list_models()))
         return 0
+    _check_train(args)
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     result = fit(config)
@@ -74,9 +105,17 @@ def _train(args: argparse.Namespace) -> int:
     if result.peak_cuda_bytes is not None:
         memory = f"peak CUDA memory {result.peak_cuda_bytes / 2**20:,.0f} MiB"
     else:
-        free, plain = result.saved_bytes["memory-free"], result.saved_bytes["backprop"]
-        ratio = f"{plain / free:.2f}x less" if free < plain else f"{free / plain:.2f}x more"
-        memory = f"bytes saved for backward: memory-free {free:,} vs backprop {plain:,} ({ratio})"
+        peaks = result.step_bytes
+        this = peaks["this run"]
+        grads = result.gradient_bytes / 2**20
+        memory = (
+            f"one step holds {this / 2**20:,.2f} MiB ({grads:,.2f} of gradients): "
+            + ", ".join(
+                f"{this / other:.2f}x {name}'s {other / 2**20:,.2f}"
+                for name, other in peaks.items()
+                if name != "this run"
+            )
+        )
     state = "interrupted, checkpoint kept; continue with --resume" if result.interrupted else "done"
     print(
         f"inertia train: {config.model} on {config.dataset}, {len(result.metrics)}/"
@@ -100,21 +139,24 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, describe, run, write_csv, write_markdown
+    from .bench import PAPER, BenchConfig, describe, run, write_csv, write_markdown
     from .plots import plot_bench
 
     config = BenchConfig(device=args.device)
     if args.quick:
-        config = BenchConfig(depths=(4, 16, 64), width=64, batch=64, repeats=3, device=args.device)
+        config = BenchConfig(
+            depths=(4, 16, 64), width=512, batch=256, repeats=3, device=args.device
+        )
+    for flag, values in (("--depths", args.depths), ("--batches", args.batches)):
+        if values and min(values) < 1:
+            raise UsageError(f"{flag} {' '.join(map(str, values))}: each must be 1 or more.")
     if args.depths:
         config = dataclasses.replace(config, depths=tuple(args.depths))
     if args.batches:
         config = dataclasses.replace(config, batches=tuple(args.batches))
     if args.variants:
         if not {"plain", "momentum_free"} <= set(args.variants):
-            raise InertiaError(
-                "--variants: the summary compares momentum_free with plain; name both"
-            )
+            raise UsageError("--variants: the summary compares momentum_free with plain; name both")
         config = dataclasses.replace(config, variants=tuple(args.variants))
     config = dataclasses.replace(config, true_peak=args.true_peak)
     rows = run(config)
@@ -125,17 +167,23 @@ def _bench(args: argparse.Namespace) -> int:
     plots = _try_plots(lambda: plot_bench(out / "bench.csv"))
     deepest = max(config.depths)
     cell = {r.variant: r for r in rows if r.depth == deepest}  # the last batch size
-    free, plain = cell["momentum_free"], cell["plain"]
-    peak = ""
-    if config.true_peak:
-        peak = (
-            f", true peak {free.true_peak_bytes / 2**20:.1f} MiB vs "
-            f"{plain.true_peak_bytes / 2**20:.1f} MiB (.grad unset)"
-        )
+    names = {"momentum_exact": "inertia exact (the default)", "momentum_free": "inertia float",
+             "checkpoint": "checkpointing", PAPER: "momentumnet 0.10"}  # fmt: skip
+    parts = []
+    for variant, name in names.items():
+        if variant in cell:
+            r = cell[variant]
+            peak = f", true peak {r.true_peak_bytes / 2**20:.1f}" if config.true_peak else ""
+            parts.append(
+                f"{name} {r.peak_saved_bytes / 2**20:.2f} MiB saved{peak}, {r.time_ratio:.2f}x"
+            )
+    plain = cell["plain"]
+    base = f"plain {plain.peak_saved_bytes / 2**20:.2f} MiB saved" + (
+        f", true peak {plain.true_peak_bytes / 2**20:.1f}" if config.true_peak else ""
+    )
     print(
-        f"inertia bench: depth {deepest}, memory-free {free.peak_saved_bytes / 2**20:.2f} MiB "
-        f"vs plain {plain.peak_saved_bytes / 2**20:.2f} MiB saved for backward{peak}, "
-        f"{free.time_ratio:.2f}x plain's step | {out / 'bench.md'}{plots}"
+        f"inertia bench: {plain.case}, depth {deepest}, against {base} (MiB; steps as "
+        f"multiples of plain's): {'; '.join(parts)} | {out / 'bench.md'}{plots}"
     )
     return 0
 
@@ -202,9 +250,9 @@ def _experiment(args: argparse.Namespace) -> int:
         print("\n".join(f"{n:<{width}}  {e.title}" for n, e in EXPERIMENTS.items()))
         return 0
     if args.name is None:
-        raise InertiaError("name an experiment, or pass --list to see them")
+        raise UsageError("name an experiment, or pass --list to see them")
     if args.name not in EXPERIMENTS:
-        raise InertiaError(
+        raise UsageError(
             f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}"
         )
     config = ExperimentConfig(
@@ -253,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except InertiaError as err:
         print(f"inertia {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1

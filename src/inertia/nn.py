@@ -10,7 +10,6 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ._core import (
     Arithmetic,
@@ -19,8 +18,8 @@ from ._core import (
     FloatArithmetic,
     StackSpec,
     State,
-    StatsOnce,
     Word,
+    checkpointed_call,
     communicates,
     inverse,
     momentum_forward,
@@ -31,6 +30,7 @@ from ._errors import InertiaError
 __all__ = ["MomentumNet", "from_momentumnet_state_dict"]
 
 _CHECK_INVERSION = ("warn", "raise", None)
+METHODS = ("memory_free", "checkpoint")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -60,7 +60,8 @@ class MomentumNet(nn.Module):
         gamma: The momentum, ``0 <= gamma <= 1``. Memory-free mode needs ``gamma > 0``.
         init_speed: Start from ``v_0 = init_function(x_0)`` instead of zero.
         init_function: Module mapping ``x_0`` to ``v_0`` (same shape); child ``"init"``.
-        use_backprop: True: ordinary autograd through the loop. False: the memory-free backward.
+        use_backprop: True: ordinary autograd through the loop. False: save memory, the way
+            ``method`` says.
         is_residual: True: blocks are residuals ``f``. False: each block is a whole map ``g``, and
             ``f(x) = g(x) - x``.
         check_inversion: Memory-free mode only. ``"warn"`` or ``"raise"`` when the backward's
@@ -73,6 +74,13 @@ class MomentumNet(nn.Module):
             They keep their activations for backward unless ``checkpoint_kept``.
         checkpoint_kept: Run the ``keep_first`` blocks under ``torch.utils.checkpoint`` while
             training, so that they store only their input.
+        method: How ``use_backprop=False`` saves memory: ``"memory_free"`` (the default) keeps
+            only the final state and rebuilds the activations in backward;
+            ``"checkpoint"`` runs each block under ``torch.utils.checkpoint`` (float
+            arithmetic, unless ``exact=True``), keeping each block's input: fewer bytes than
+            memory-free for stacks of one or two blocks (see `inertia.Plan`), and no inversion.
+            Both replay each block's random numbers (its own generators too) and update norm
+            statistics once. `transform_to_momentumnet` chooses it per stack.
         exact: Hold ``x`` and ``v`` in fixed point (integer words on a grid: ``fraction_bits``)
             with a buffer for the bits that multiplying by gamma destroys, so that the memory-free
             backward rebuilds every activation bit for bit, at any depth and gamma (float
@@ -133,6 +141,7 @@ class MomentumNet(nn.Module):
         checkpoint_kept: bool = False,
         exact: bool | None = None,
         fraction_bits: int | None = None,
+        method: str = "memory_free",
     ) -> None:
         super().__init__()
         blocks = list(functions)
@@ -181,7 +190,8 @@ class MomentumNet(nn.Module):
         # Exact mode's integer word for x and v (int32 until a memory-free forward overflows it).
         self.word = Word()
         self.exact = exact
-        self._gamma = _validate_gamma(gamma, use_backprop)
+        self._method = _validate_method(method)
+        self._gamma = _validate_gamma(gamma, not use_backprop and method == "memory_free")
         self._use_backprop = bool(use_backprop)
 
     @property
@@ -191,7 +201,7 @@ class MomentumNet(nn.Module):
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        self._gamma = _validate_gamma(value, self._use_backprop)
+        self._gamma = _validate_gamma(value, self._inverts())
         self._note(gamma=self._gamma)
 
     @property
@@ -201,17 +211,34 @@ class MomentumNet(nn.Module):
 
     @use_backprop.setter
     def use_backprop(self, value: bool) -> None:
-        _validate_gamma(self._gamma, value)
+        _validate_gamma(self._gamma, not value and self._method == "memory_free")
         self._use_backprop = bool(value)
         self._note(use_backprop=self._use_backprop)
+
+    @property
+    def method(self) -> str:
+        """How ``use_backprop=False`` saves memory: ``"memory_free"`` or ``"checkpoint"`` (see
+        the class's docstring); validated when set."""
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        _validate_gamma(self._gamma, not self._use_backprop and value == "memory_free")
+        self._method = _validate_method(value)
+        self._note(method=value)
+
+    def _inverts(self) -> bool:
+        """Whether the backward inverts the update (memory-free), where autograd records."""
+        return not self._use_backprop and self._method == "memory_free"
 
     @property
     def exact(self) -> bool:
         """True where the stack runs fixed-point arithmetic with a bit-exact inverse: the value
         set, or where it was left None, whether the backward is memory-free (``use_backprop``
-        False and ``gamma > 0``). Set True, False or None (the default) at any time."""
+        False, ``method="memory_free"`` and ``gamma > 0``). Set True, False or None (the default)
+        at any time."""
         if self._exact is None:
-            return not self._use_backprop and self._gamma > 0
+            return self._inverts() and self._gamma > 0
         return self._exact
 
     @exact.setter
@@ -298,6 +325,7 @@ class MomentumNet(nn.Module):
                     checkpoint_kept=self.checkpoint_kept,
                     exact=self._exact,
                     fraction_bits=self.fraction_bits,
+                    method=self._method,
                 )
         if not -self._depth <= idx < self._depth:
             raise IndexError(
@@ -350,7 +378,7 @@ class MomentumNet(nn.Module):
         for i in range(self.keep_first):
             block = self._block(i)
             if self.checkpoint_kept and torch.is_grad_enabled():
-                x = checkpoint(StatsOnce(block, block), x, *args, use_reentrant=False, **kwargs)
+                x = checkpointed_call(block)(x, *args, **kwargs)
             else:
                 x = block(x, *args, **kwargs)
             x = spec.unpack(x)
@@ -415,7 +443,8 @@ class MomentumNet(nn.Module):
         if isinstance(spec.arith, ExactArithmetic) and not integers and not recording:
             spec = dataclasses.replace(spec, arith=FloatArithmetic(spec.arith.gamma))
         # Memory-free where a backward will come and can invert (gamma = 0 cannot).
-        memory_free = recording and not self._use_backprop and self._gamma > 0
+        memory_free = recording and self._inverts() and self._gamma > 0
+        checkpointed = recording and not self._use_backprop and self._method == "checkpoint"
         if isinstance(spec.arith, ExactArithmetic) and (
             not (memory_free and spec.blocks) or communicates(spec.blocks)
         ):
@@ -424,7 +453,14 @@ class MomentumNet(nn.Module):
             # the memory-free forward's values, which need no rerun.
             spec.arith.widen(count=False)
         state = momentum_forward(
-            spec, x, args, kwargs, memory_free=memory_free, integers=integers, velocity=velocity
+            spec,
+            x,
+            args,
+            kwargs,
+            memory_free=memory_free,
+            checkpointed=checkpointed,
+            integers=integers,
+            velocity=velocity,
         )
         return state, spec
 
@@ -481,12 +517,23 @@ class MomentumNet(nn.Module):
             f"gamma={self._gamma}, use_backprop={self._use_backprop}, "
             f"is_residual={self.is_residual}, init_speed={self.init_speed}"
             + (f", keep_first={self.keep_first}" if self.keep_first else "")
+            + (f", method={self._method!r}" if self._method != "memory_free" else "")
             + (f", exact={self._exact}" if self._exact is not None else "")
             + (f", fraction_bits={self.fraction_bits}" if self.fraction_bits is not None else "")
         )
 
 
-def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
+def _validate_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f"method={method!r}; use 'memory_free' (keep the final state, rebuild the "
+            "activations in backward) or 'checkpoint' (keep each block's input)."
+        )
+    return str(method)
+
+
+def _validate_gamma(gamma: Any, inverts: bool) -> float:
+    """``gamma`` as a float; ``inverts``: the backward would invert the update (memory-free)."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a real number in [0, 1]; got {type(gamma).__name__}.")
     value = float(gamma)
@@ -494,12 +541,13 @@ def _validate_gamma(gamma: Any, use_backprop: bool) -> float:
         raise ValueError(
             f"gamma={value!r} is outside [0, 1]; the momentum must satisfy 0 <= gamma <= 1."
         )
-    if value == 0.0 and not use_backprop:
+    if value == 0.0 and inverts:
         warnings.warn(
             "gamma=0 with use_backprop=False: the memory-free backward inverts the velocity update "
             "by dividing by gamma, so this stack trains with backprop instead (gamma=0 is the "
             "plain ResNet, which stores its activations). Use gamma > 0 (the paper uses 0.9) to "
-            "train memory-free, or use_backprop=True to silence this.",
+            "train memory-free, method='checkpoint' to keep only each block's input, or "
+            "use_backprop=True to silence this.",
             UserWarning,
             stacklevel=3,
         )

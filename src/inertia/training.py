@@ -8,16 +8,18 @@ run would be. Ctrl-C (SIGINT) stops at the next step and keeps the last complete
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,8 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ._errors import InertiaError
 from .data import load_dataset
 from .models import create_model
-from .nn import MomentumNet
-from .testing import SavedTensorMeter
+from .testing import LiveTensorMeter
 
 __all__ = ["TrainConfig", "TrainResult", "fit"]
 
@@ -46,9 +47,10 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     gamma: float = 0.9
-    memory_free: bool = True
-    checkpoint_kept: bool = False  # checkpoint the first block of each ResNet stage
-    checkpoint_stem: bool = False  # checkpoint the ResNet stem
+    memory_free: bool = True  # save memory (each stack as `method` says); False: plain backprop
+    method: str = "auto"  # "auto" (each stack's plan), "memory_free" or "checkpoint"
+    checkpoint_kept: bool | None = None  # the first block of each ResNet stage (None: the plan's)
+    checkpoint_stem: bool | None = None  # the ResNet stem (None: the plan's)
     exact: bool | None = None  # fixed point (None: exactly when memory-free), bit-exact backward
     amp: str | None = None  # "bf16" or "fp16"
     device: str = "auto"  # "auto": cuda when available
@@ -68,7 +70,10 @@ class TrainResult:
 
     metrics: list[dict[str, float]]
     test_accuracy: float
-    saved_bytes: dict[str, int] = field(default_factory=dict)  # CPU: per mode, one batch
+    # CPU: the live-tensor peak of one training step, this run's model against backprop's and
+    # checkpointing every block's (`step_peaks`).
+    step_bytes: dict[str, int] = field(default_factory=dict)
+    gradient_bytes: int = 0  # of the weights' gradients, which every step's peak includes
     peak_cuda_bytes: int | None = None
     interrupted: bool = False
     out: Path = Path()
@@ -131,11 +136,13 @@ class _Ranks:
 
 def build_model(config: TrainConfig, channels: int, num_classes: int) -> nn.Module:
     """The registered model, with its first convolution taking ``channels`` inputs."""
-    options = {"checkpoint_kept": True} if config.checkpoint_kept else {}
-    if config.checkpoint_stem:
-        options["checkpoint_stem"] = True
-    if config.exact is not None:
-        options["exact"] = config.exact
+    options: dict[str, Any] = {
+        name: value
+        for name in ("checkpoint_kept", "checkpoint_stem", "exact")
+        if (value := getattr(config, name)) is not None
+    }
+    if config.method != "auto":
+        options["method"] = config.method
     model = create_model(
         config.model, num_classes=num_classes, gamma=config.gamma,
         use_backprop=not config.memory_free, **options,
@@ -148,12 +155,6 @@ def build_model(config: TrainConfig, channels: int, num_classes: int) -> nn.Modu
             conv1.padding, bias=conv1.bias is not None,  # type: ignore[arg-type]
         )  # fmt: skip
     return model
-
-
-def _set_memory_free(model: nn.Module, memory_free: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, MomentumNet):
-            m.use_backprop = not memory_free
 
 
 @contextmanager
@@ -207,19 +208,35 @@ def _evaluate(
     return loss_sum / total, correct / total
 
 
-def _saved_bytes(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig) -> dict[str, int]:
-    """Peak bytes saved for backward on one batch, memory-free and with backprop (same model)."""
-    out = {}
-    for memory_free in (True, False):
-        _set_memory_free(model, memory_free)
-        with SavedTensorMeter(ignore=model.parameters()) as meter:
+#: The baselines of `step_peaks`: plain backprop, and checkpointing every block (the stacks' and
+#: each stage's first), as users of ``torch.utils.checkpoint`` do.
+BASELINES: dict[str, dict[str, Any]] = {
+    "backprop": {"memory_free": False, "checkpoint_kept": False, "checkpoint_stem": False},
+    "checkpointing": {"memory_free": True, "method": "checkpoint", "checkpoint_kept": True,
+                      "checkpoint_stem": False, "exact": False},
+}  # fmt: skip
+
+
+def step_peaks(
+    model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig, channels: int, num_classes: int
+) -> dict[str, int]:
+    """The most bytes that one training step's tensors hold at once (`LiveTensorMeter`: forward,
+    backward and the parameters' gradients, not the parameters), for a copy of ``model`` ("this
+    run") and for the same weights trained the `BASELINES` ways."""
+    models = {"this run": copy.deepcopy(model)}
+    for name, changes in BASELINES.items():
+        baseline = build_model(replace(config, **changes), channels, num_classes).to(x.device)
+        baseline.load_state_dict(model.state_dict())
+        models[name] = baseline
+    peaks = {}
+    for name, m in models.items():
+        m.train().zero_grad(set_to_none=True)
+        with LiveTensorMeter() as meter:
             with _autocast(config, x.device):
-                loss = nn.functional.cross_entropy(model(x).float(), y)
+                loss = nn.functional.cross_entropy(m(x).float(), y)
             loss.backward()  # type: ignore[no-untyped-call]
-        model.zero_grad(set_to_none=True)
-        out["memory-free" if memory_free else "backprop"] = meter.peak
-    _set_memory_free(model, config.memory_free)
-    return out
+        peaks[name] = meter.peak
+    return peaks
 
 
 def fit(config: TrainConfig) -> TrainResult:
@@ -239,8 +256,9 @@ def fit(config: TrainConfig) -> TrainResult:
         ranks.close()
 
 
-#: Settings that a resumed run may change: they do not alter what it computes.
-_RESUMABLE = frozenset({"resume", "progress", "out", "device"})
+#: Settings that a resumed run may change: they do not alter what it computes, except ``epochs``,
+#: which may grow (`_extend_schedule`).
+_RESUMABLE = frozenset({"resume", "progress", "out", "device", "epochs"})
 
 
 def _check_resumed(config: TrainConfig, saved: dict[str, Any], path: Path) -> None:
@@ -256,6 +274,31 @@ def _check_resumed(config: TrainConfig, saved: dict[str, Any], path: Path) -> No
             f"--resume: {path} was trained with other settings: {diff}. Repeat the first run's "
             f"flags (they are in {path.parent / 'config.json'}), or train into a new --out."
         )
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded with torch's safe unpickler (tensors, numbers, strings
+    and plain containers only: what `fit` writes), which runs no code from the file."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise InertiaError(
+            f"--resume: {path} holds objects other than tensors, numbers, strings and plain "
+            "containers, which inertia train never writes, so it is not loaded: unpickling them "
+            f"could run any code ({reason}). Train into a new --out."
+        ) from err
+    return state
+
+
+def _extend_schedule(sched: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
+    """Make ``sched`` anneal over ``epochs`` in all, from the epoch it is at: its learning rates
+    set to the cosine's value there, from which its recursive steps follow the new cosine."""
+    sched.T_max = epochs
+    t, floor = sched.last_epoch, sched.eta_min
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = floor + (base - floor) * (1 + math.cos(math.pi * t / epochs)) / 2
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
@@ -281,8 +324,15 @@ def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
     if config.resume:
         if not ckpt_path.exists():
             raise InertiaError(f"--resume: no checkpoint at {ckpt_path}; run without --resume.")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = _load_checkpoint(ckpt_path, device)
         _check_resumed(config, state["config"], ckpt_path)
+        start_epoch, trained_for = state["epoch"] + 1, state["config"]["epochs"]
+        if config.epochs < start_epoch:
+            raise InertiaError(
+                f"--resume: {ckpt_path} holds {start_epoch} trained epochs, more than --epochs "
+                f"{config.epochs}; pass --epochs {trained_for} to finish that run, or more to "
+                "extend it."
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -290,7 +340,17 @@ def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        metrics, start_epoch = state["metrics"], state["epoch"] + 1
+        metrics = state["metrics"]
+        if config.epochs != trained_for:
+            _extend_schedule(sched, config.epochs)
+            if ranks.is_main:
+                print(
+                    f"inertia train: --resume extends the run from {trained_for} to "
+                    f"{config.epochs} epochs: the cosine learning-rate schedule is recomputed "
+                    f"for {config.epochs} epochs, from epoch {start_epoch + 1} on (learning rate "
+                    f"{opt.param_groups[0]['lr']:.4g}).",
+                    file=sys.stderr,
+                )
     if ranks.is_main:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     train_model: nn.Module = model
@@ -368,7 +428,12 @@ def _fit(config: TrainConfig, ranks: _Ranks) -> TrainResult:
     if device.type == "cuda":
         result.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
     else:
-        result.saved_bytes = _saved_bytes(model.train(), x.to(device), y.to(device), config)
+        result.step_bytes = step_peaks(
+            model, x.to(device), y.to(device), config, split.channels, split.num_classes
+        )
+        result.gradient_bytes = sum(
+            p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
+        )
     return result
 
 

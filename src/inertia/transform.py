@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._discover import find_residual_stacks
 from ._errors import InertiaError
 from ._layerlist import MomentumLayerList
 from .nn import MomentumNet
+from .plan import Plan, StackPlan, check_method, plan_stack
 
 __all__ = ["find_residual_stacks", "from_pretrained", "transform_to_momentumnet"]
 
@@ -33,8 +36,9 @@ def transform_to_momentumnet(
     inplace: bool = False,
     example_inputs: Any = None,
     sub_layers: Sequence[str] | str | None = None,
-    checkpoint_kept: bool = False,
-    checkpoint_stem: bool = False,
+    method: str = "auto",
+    checkpoint_kept: bool | None = None,
+    checkpoint_stem: bool | None = None,
     check_inversion: str | None = "warn",
     inversion_tol: float | None = None,
     exact: bool | None = None,
@@ -59,7 +63,8 @@ def transform_to_momentumnet(
         keep_first_layer: Run each stack's first block as an ordinary layer; it may change the
             shape (stride, channels), as the first block of a ResNet stage does.
         gamma: The momentum, as in `MomentumNet`.
-        use_backprop: False (the default, as in ``momentumnet``): the memory-free backward.
+        use_backprop: False (the default, as in ``momentumnet``): save memory, each stack the
+            way ``method`` chooses. True: plain autograd everywhere.
         is_residual: False (the default): each block is a whole map ``g(x)``, as torchvision's
             ``BasicBlock`` and ``Bottleneck`` are (they add their own skip connection), and the
             momentum update uses ``f(x) = g(x) - x``. With ``gamma=0`` the converted model then
@@ -68,10 +73,20 @@ def transform_to_momentumnet(
         example_inputs: For ``residual_layers="auto"``: a tensor, a tuple of positional
             arguments or a dict of keyword arguments for one forward pass.
         sub_layers: ``momentumnet``'s name for ``residual_layers``.
-        checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), so that they stop
-            dominating memory in the memory-free mode.
+        method: How each stack saves memory where ``use_backprop=False``: ``"auto"`` (the
+            default) chooses per stack by the bytes each method keeps (`inertia.plan`):
+            memory-free for a stack long enough to keep fewer bytes than checkpointing each
+            block (three float32 blocks and more in exact arithmetic), checkpointing for a
+            shorter one. ``"memory_free"`` or ``"checkpoint"`` forces one method on every stack
+            (`MomentumNet`'s ``method``). The plan is logged (logger ``"inertia"``, level INFO)
+            and kept as ``model.inertia_plan`` (``print(model.inertia_plan)`` shows it with its
+            byte counts).
+        checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), which then keep
+            their input only. None (the default): where ``use_backprop=False``.
         checkpoint_stem: For a torchvision ResNet, also checkpoint the stem (``conv1`` to
-            ``maxpool``), whose activations are the largest.
+            ``maxpool``), whose activations are the model's largest. None (the default): a
+            torchvision ResNet's where ``use_backprop=False``; True for another model is an
+            error.
         check_inversion: As in `MomentumNet`.
         inversion_tol: As in `MomentumNet`.
         exact: Fixed-point arithmetic with a bit-exact inverse, as in `MomentumNet`: None (the
@@ -111,6 +126,12 @@ def transform_to_momentumnet(
     paths = [residual_layers] if isinstance(residual_layers, str) else list(residual_layers)
     if not paths:
         raise ValueError("residual_layers is empty: there is nothing to convert.")
+    check_method(method)  # before anything is changed
+    if checkpoint_kept is None:
+        checkpoint_kept = not use_backprop
+    resnet = _torchvision_resnet(model)
+    if checkpoint_stem is None:
+        checkpoint_stem = resnet and not use_backprop
     if not inplace:
         model = copy.deepcopy(model)
     if checkpoint_stem:  # first: it checks the model's type before anything is changed
@@ -118,8 +139,24 @@ def transform_to_momentumnet(
 
         checkpoint_resnet_stem(model)
     converted_stacks: list[MomentumNet] = []
+    plans: list[StackPlan] = []
     for path in paths:
         stack = _resolve(model, path)
+        keep_first = 1 if keep_first_layer and len(stack) > 0 else 0
+        plan = plan_stack(
+            path,
+            len(stack) - keep_first,
+            kept=keep_first,
+            dtype=_dtype(stack),
+            gamma=gamma,
+            exact=exact,
+            method=method,
+            checkpoint_kept=checkpoint_kept,
+        )
+        saving = plan.method  # with use_backprop=True too: for a later use_backprop=False
+        if use_backprop:
+            plan = dataclasses.replace(plan, method="backprop", reason="use_backprop=True")
+        plans.append(plan)
         # A ModuleList has no forward: its parent loops over it, and needs MomentumLayerList.
         cls = MomentumLayerList if isinstance(stack, nn.ModuleList) else MomentumNet
         converted = cls(
@@ -131,8 +168,9 @@ def transform_to_momentumnet(
             inversion_tol=inversion_tol,
             exact=exact,
             fraction_bits=fraction_bits,
-            keep_first=1 if keep_first_layer and len(stack) > 0 else 0,
+            keep_first=keep_first,
             checkpoint_kept=checkpoint_kept,
+            method=saving,
         )
         converted.train(stack.training)
         converted_stacks.append(converted)
@@ -143,6 +181,10 @@ def transform_to_momentumnet(
             # Its nested-tensor fast path (eval mode with a padding mask) hands the layers nested
             # tensors, which have no fixed shape to keep; the padded path computes the same.
             parent.use_nested_tensor = False
+    new = Plan(tuple(plans), checkpoint_stem if resnet else None)
+    previous = getattr(model, "inertia_plan", None)
+    model.inertia_plan = previous + new if isinstance(previous, Plan) else new  # type: ignore[assignment]
+    _log.info("transform_to_momentumnet: %s", new)
     _record(
         model,
         converted_stacks,
@@ -152,6 +194,7 @@ def transform_to_momentumnet(
             "gamma": gamma,
             "use_backprop": use_backprop,
             "is_residual": is_residual,
+            "method": method,
             "checkpoint_kept": checkpoint_kept,
             "check_inversion": check_inversion,
             "inversion_tol": inversion_tol,
@@ -160,6 +203,24 @@ def transform_to_momentumnet(
         },
     )
     return model
+
+
+def _torchvision_resnet(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision ``ResNet`` (its stem can be checkpointed), without
+    importing torchvision."""
+    cls = type(model)
+    return cls.__name__ in ("ResNet", "CheckpointedStemResNet") and cls.__module__ in (
+        "torchvision.models.resnet",
+        "inertia.models._stem",
+    )
+
+
+def _dtype(stack: nn.Module) -> torch.dtype:
+    """The dtype of a stack's floating-point parameters (its activation's), else the default."""
+    for p in stack.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 def _record(model: nn.Module, stacks: list[MomentumNet], settings: dict[str, Any]) -> None:

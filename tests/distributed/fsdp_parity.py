@@ -147,7 +147,7 @@ def converted_resnet(rank: int, world: int) -> tuple[float, float]:
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
-    base = transform_to_momentumnet(resnet18(num_classes=10), gamma=0.9, use_backprop=False)
+    base = transform_to_momentumnet(resnet18(num_classes=10), gamma=0.9, method="memory_free")
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64) + rank
     grads, buffers = [], []
     for net in (backprop_twin(base).double(), copy.deepcopy(base).double()):

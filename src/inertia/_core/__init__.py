@@ -7,8 +7,14 @@ Everything outside this package reaches the core through the names below.
 
 from .arith import Arithmetic, FloatArithmetic, State
 from .chain import StackSpec, communicates, inverse, momentum_forward, records_autograd
-from .exact import ExactArithmetic, ExactState, Word, bits_per_element
-from .replay import StatsOnce
+from .exact import (
+    ExactArithmetic,
+    ExactState,
+    Word,
+    bits_per_element,
+    kept_bytes_per_element,
+)
+from .replay import StatsOnce, checkpointed_call
 
 __all__ = [
     "Arithmetic",
@@ -20,8 +26,10 @@ __all__ = [
     "StatsOnce",
     "Word",
     "bits_per_element",
+    "checkpointed_call",
     "communicates",
     "inverse",
+    "kept_bytes_per_element",
     "momentum_forward",
     "records_autograd",
 ]

@@ -28,11 +28,12 @@ block). The gradients that a node hands down are tensors it allocated, with no o
 the node below computes its own into them in place; for a block that is not ``is_residual``,
 ``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. At the peak of the
 backward, beside the saved state (float: ``x_N`` and ``v_N``; exact: their int32 words and the
-buffer, which the nodes rewrite in place), live one block's recomputation and at most six tensors
+buffer, which the nodes rewrite in place), live one block's recomputation and at most five tensors
 of the state's size in its dtype in exact mode: the incoming gradient, the adjoint, the block's
-output and its input's gradient, ``x_n`` and ``x_{n-1}`` computed one step ahead (float mode:
-``v_n`` for ``x_{n-1}``, and at block 0 the inversion check's random direction where the state has
-fewer than 2**16 elements); no integer or float64 tensor of the state's size
+output and its input's gradient, and ``x_n`` (the float of ``x_{n-1}`` is made after the block's
+pullback; float mode: seven, with ``v_n`` and ``x_{n-1}``, and at block 0 the inversion check's
+random direction where the state has fewer than 2**16 elements); no integer or float64 tensor of
+the state's size
 (`tests/test_memory.py::test_live_set_of_a_memory_free_step`, with
 `inertia.testing.LiveTensorMeter`). Where exact mode's
 forward met a NaN or inf, its output is NaN and every node returns NaN gradients, rebuilding
@@ -58,7 +59,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._errors import InertiaError
@@ -67,8 +67,11 @@ from .exact import WordOverflow
 from .kernels import eager
 from .replay import (
     AutocastState,
+    GeneratorWatch,
     RngTracker,
+    checkpointed_call,
     frozen_running_stats,
+    replaying,
     running_statistics,
     same_state,
 )
@@ -161,14 +164,22 @@ def call_block(
     return out - x
 
 
-def run_forward(spec: StackSpec, x: Tensor, args: Sequence[Any], kwargs: dict[str, Any]) -> State:
-    """The momentum loop, as autograd records it (backprop) or without autograd."""
+def run_forward(
+    spec: StackSpec,
+    x: Tensor,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    checkpointed: bool = False,
+) -> State:
+    """The momentum loop, as autograd records it (backprop; each block under
+    ``torch.utils.checkpoint`` where ``checkpointed``) or without autograd."""
     arith = spec.arith
     v = call_block(spec, _INIT, arith.on_grid(x), args, kwargs) if spec.init_function else None
     state = arith.encode(x, v)
     subtract = not spec.is_residual
     for n in range(len(spec.blocks)):
-        out = call_block(spec, n, arith.position(state), args, kwargs, subtract=False)
+        call = checkpointed_call(spec.module(n)) if checkpointed else None
+        out = call_block(spec, n, arith.position(state), args, kwargs, call, subtract=False)
         state = arith.step_output(state, out, subtract, n)
     return state if arith.check_range() else arith.poisoned(state)
 
@@ -225,40 +236,6 @@ class _Record:
         buffers = dict(zip(self.buffers, saved[n_p : n_p + n_b], strict=True))
         rng = tuple(saved[n_p + n_b : n_p + n_b + self.n_rng])
         return params, buffers, rng, tuple(saved[n_p + n_b + self.n_rng :])
-
-
-class _GeneratorWatch(TorchFunctionMode):
-    """Notes each generator passed as ``generator=`` and its state before its first use."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[int, tuple[torch.Generator, Tensor]] = {}
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        generator = kwargs.get("generator")
-        if isinstance(generator, torch.Generator) and id(generator) not in self.seen:
-            self.seen[id(generator)] = generator, generator.get_state()
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _replaying(generators: Sequence[torch.Generator], states: Sequence[Tensor]) -> Iterator[None]:
-    """``generators`` set to ``states``, then back to where they are now."""
-    now = [g.get_state() for g in generators]
-    try:
-        for g, state in zip(generators, states, strict=True):
-            g.set_state(state)
-        yield
-    finally:
-        for g, state in zip(generators, now, strict=True):
-            g.set_state(state)
 
 
 def _input(x: Tensor, need: bool) -> Tensor:
@@ -339,7 +316,7 @@ def _record_call(
     training = tuple(m.training for _, m in modules)
     statistics = running_statistics(module, modules)
     state = rng.get_state()
-    watch = _GeneratorWatch()
+    watch = GeneratorWatch()
     # The recomputation records autograd with the input requiring grad as here: kernels that
     # choose on either (attention backends, fused fast paths) then compute the same values. The
     # graph is dropped at once, so it saves nothing (nor do the caller's saved-tensor hooks see
@@ -796,7 +773,7 @@ def _evaluate(
     replay = contextlib.ExitStack()
     replay.enter_context(_training(record))
     if record.generators:
-        replay.enter_context(_replaying(record.generators, own))
+        replay.enter_context(replaying(record.generators, own))
     if rng_state:
         replay.enter_context(run.rng.fork())
     with replay:
@@ -900,34 +877,41 @@ def momentum_forward(
     kwargs: dict[str, Any],
     *,
     memory_free: bool,
+    checkpointed: bool = False,
     integers: bool = False,
     velocity: bool = True,
 ) -> State:
-    """Run the stack: memory-free when asked (the caller asks where autograd records the stack,
-    see `records_autograd`), with autograd or without it otherwise. ``integers``: the caller keeps
+    """Run the stack: memory-free, or each block under ``torch.utils.checkpoint``
+    (``checkpointed``), when asked (the caller asks where autograd records the stack, see
+    `records_autograd`), with autograd or without it otherwise. ``integers``: the caller keeps
     the final state's integers (``return_state=True``); else the backward may write into them.
     ``velocity``: the caller reads ``v_N``; else the memory-free stack returns a placeholder of its
     shape, which exact mode does not convert from its integers."""
-    if not (memory_free and spec.blocks):
+    if not ((memory_free or checkpointed) and spec.blocks):
         return run_forward(spec, x, args, kwargs)
-    checkpointed = [
+    mode = "memory-free" if memory_free else "checkpointed"
+    hf = [
         n
         for n, block in enumerate(spec.blocks)
         if any(getattr(m, "gradient_checkpointing", False) is True for m in block.modules())
     ]
-    if checkpointed and any(block.training for block in spec.blocks):
+    if hf and any(block.training for block in spec.blocks):
+        why = (
+            "the memory-free stack keeps no activations"
+            if memory_free
+            else "the stack checkpoints each block already"
+        )
         raise InertiaError(
-            f"HuggingFace's activation checkpointing is on in blocks {checkpointed[0]} to "
-            f"{checkpointed[-1]} ({len(checkpointed)} of {len(spec.blocks)}) of "
-            "a memory-free MomentumNet: their backward would run each of them twice more (the "
-            "checkpoint's recomputation inside the stack's own), for no memory saved, since the "
-            "memory-free stack keeps no activations. Turn it off: "
+            f"HuggingFace's activation checkpointing is on in blocks {hf[0]} to {hf[-1]} "
+            f"({len(hf)} of {len(spec.blocks)}) of a {mode} MomentumNet: their backward would "
+            "run each of them twice more (the checkpoint's recomputation inside the stack's "
+            f"own), for no memory saved, since {why}. Turn it off: "
             "model.activation_checkpointing_disable() (gradient_checkpointing_disable() before "
             "transformers 5; in a Trainer, TrainingArguments(gradient_checkpointing=False))."
         )
     if any(_is_cache(v) for v in (*args, *kwargs.values())):
         warnings.warn(
-            "a key/value cache was passed to a memory-free MomentumNet (use_cache=True, "
+            f"a key/value cache was passed to a {mode} MomentumNet (use_cache=True, "
             "HuggingFace's default): the backward runs every block again and would update it "
             "twice, so this forward runs without it, as HuggingFace's gradient checkpointing does "
             "in training. Pass use_cache=False to silence this (generation, which runs no "
@@ -937,6 +921,8 @@ def momentum_forward(
         )
         args = tuple(None if _is_cache(a) else a for a in args)
         kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+    if checkpointed:
+        return run_forward(spec, x, args, kwargs, checkpointed=True)
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     arg_tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     run = _Run(

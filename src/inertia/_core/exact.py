@@ -70,7 +70,14 @@ from .kernels import (
     unstep_velocity_pop,
 )
 
-__all__ = ["ExactArithmetic", "ExactState", "Word", "bits_per_element", "rational_gamma"]
+__all__ = [
+    "ExactArithmetic",
+    "ExactState",
+    "Word",
+    "bits_per_element",
+    "kept_bytes_per_element",
+    "rational_gamma",
+]
 
 _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
@@ -278,8 +285,8 @@ class ExactArithmetic:
         self._largest: list[Tensor] = []
         self.finite = True  # what the last `check_range` found
         self._fits = False  # the last forward's values fitted an int32 word
-        # (v_n, the float of x_{n-1}): from `unstep_velocity`, for the next `unstep_position`.
-        self._ahead: tuple[Tensor, Tensor] | None = None
+        # v_n, from `unstep_velocity`, which moved x to x_{n-1}: for the next `unstep_position`.
+        self._ahead: Tensor | None = None
         self.dtype = torch.float32  # of the floats, set by `encode`
 
     @property
@@ -564,8 +571,8 @@ class ExactArithmetic:
         ahead, self._ahead = self._ahead, None
         # `unstep_velocity` has moved x already; `is` rejects a stale one from a backward that
         # stopped midway (a new walk starts on new integers, `restore`'s or `from_exact_state`'s).
-        if ahead is not None and ahead[0] is vi:
-            return (ahead[1], vf, xi, vi, *rest)
+        if ahead is vi:
+            return (self._to_float(xi, xf.dtype), vf, xi, vi, *rest)
         grid = self.grid
         assert grid is not None
         new_xf = unstep_position(grid.view(xi), grid.view(vi), grid.inv, xf.dtype)
@@ -573,22 +580,23 @@ class ExactArithmetic:
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
         """In place, and one step ahead: below block 0, the state's ``x`` already holds
-        ``x_{n-1}``, which the next `unstep_position` returns with its float."""
+        ``x_{n-1}``, whose float the next `unstep_position` computes, once the block's pullback
+        has run (no float of the state's size more lives through it)."""
         xf, _, xi, vi, buffer, *words = state
         if self.p == 0:
             raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
         grid = self.grid
         assert grid is not None
         views = [grid.view(t) for t in (xi, vi, buffer)]
-        args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c, grid.inv, xf.dtype)
+        args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c)
         if n in self.pushes:
-            xf_prev = unstep_velocity_pop(*args, grid.view(words.pop()))
+            unstep_velocity_pop(*args, grid.view(words.pop()))
         elif xi.dtype == torch.int32 and self.q <= NARROW_Q:
-            xf_prev = unstep_velocity_narrow(*args)  # the same integers, in float64 arithmetic
+            unstep_velocity_narrow(*args)  # the same integers, in float64 arithmetic
         else:
-            xf_prev = unstep_velocity(*args)
+            unstep_velocity(*args)
         if n > 0:
-            self._ahead = (vi, xf_prev.view(xi.shape))
+            self._ahead = vi
         else:
             xi.add_(vi)  # x_0 again: the kernel moved it one step ahead
         return (xf, _LAZY, xi, vi, buffer, *words)
@@ -648,3 +656,17 @@ def bits_per_element(gamma: float, depth: int) -> int:
         return 0
     pushes, kept = _schedule(ratio.numerator, ratio.denominator, depth)
     return 64 + WORD * len(pushes) if pushes else torch.iinfo(kept).bits
+
+
+def kept_bytes_per_element(gamma: float, depth: int, dtype: torch.dtype) -> int:
+    """Bytes per element of the state that a memory-free stack of ``depth`` blocks in exact mode
+    keeps from its forward to its backward (`ExactArithmetic.saved`), beside its float output:
+    ``x`` and ``v`` in their words (int32 for float32 and 16-bit stacks while their values fit,
+    int64 for float64 ones), and the buffer in the smallest dtype its bound allows, with its word
+    planes."""
+    word = 8 if dtype == torch.float64 else 4
+    ratio = rational_gamma(gamma)
+    if ratio.numerator == 0:
+        return 2 * word
+    pushes, kept = _schedule(ratio.numerator, ratio.denominator, depth)
+    return 2 * word + kept.itemsize + (WORD // 8) * len(pushes)

@@ -180,15 +180,14 @@ def _unstep_velocity(
     p: Tensor,
     q: Tensor,
     c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
     word: Tensor | None = None,
-) -> Tensor:
+) -> None:
     """The inverse of `_step`'s velocity update, from ``v_{n+1}`` to ``v_n`` given ``x = x_n``,
-    written into ``v`` and ``buffer``; and, one step ahead (saving a kernel), ``x_{n-1} = x_n -
-    v_n`` written into ``x``. Returns the float of ``x_{n-1}``. Below block 0, ``x_0 - v_0`` is no
-    state and may leave an int32 word: it wraps there, and the caller's ``x += v`` wraps back to
-    ``x_0`` (integer arithmetic modulo ``2**32``)."""
+    written into ``v`` and ``buffer``; and, one step ahead (saving a pass over the integers),
+    ``x_{n-1} = x_n - v_n`` written into ``x``, whose float the caller converts once the block's
+    pullback has freed its memory. Below block 0, ``x_0 - v_0`` is no state and may leave an
+    int32 word: it wraps there, and the caller's ``x += v`` wraps back to ``x_0`` (integer
+    arithmetic modulo ``2**32``)."""
     d = (f.double() * c).round().long()
     new_buffer, r = _divmod(buffer.long(), q, small=True)
     if word is not None:
@@ -196,12 +195,9 @@ def _unstep_velocity(
     a, t = _divmod(v.long() - d, p, small=False)
     high, s = _divmod(t * q + r, p, small=True)
     new_v = a * q + high
-    new_x = x.long() - new_v
-    position = to_float(new_x, inv, dtype)
     v.copy_(new_v)
     buffer.copy_(new_buffer * p + s)
-    x.copy_(new_x)
-    return position
+    x.copy_(x.long() - new_v)
 
 
 def _unstep_velocity_pop(
@@ -212,12 +208,10 @@ def _unstep_velocity_pop(
     p: Tensor,
     q: Tensor,
     c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
     word: Tensor,
-) -> Tensor:
+) -> None:
     """`_unstep_velocity` at a layer that pops a word plane."""
-    return _unstep_velocity(x, v, buffer, f, p, q, c, inv, dtype, word)
+    _unstep_velocity(x, v, buffer, f, p, q, c, word)
 
 
 # -- int32 words, in float64 arithmetic ----------------------------------------------------------
@@ -280,9 +274,7 @@ def _unstep_velocity_narrow(
     p: Tensor,
     q: Tensor,
     c: Tensor,
-    inv: Tensor,
-    dtype: torch.dtype,
-) -> Tensor:
+) -> None:
     """`_unstep_velocity` for int32 words and ``q <= NARROW_Q``, at a layer that pops no word
     plane. ``x_{n-1} = x_n - v_n`` below block 0 may leave the word: it is stored modulo
     ``2**32``, as an int64 would be truncated, and the caller's ``x += v`` wraps back."""
@@ -290,12 +282,10 @@ def _unstep_velocity_narrow(
     high, r = _divmod_exact(buffer.double(), qd)
     new_v, s = _divmod_exact((v.double() - (f.double() * c).round()) * qd + r, pd)
     new_x = x.double() - new_v
-    position = (new_x * inv).to(dtype)
     wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
     v.copy_(new_v)
     buffer.copy_(high * pd + s)
     x.copy_(wrapped)
-    return position
 
 
 def _momentum_update(

@@ -1,7 +1,9 @@
 """What a block's recomputation must reproduce of its forward: random numbers, autocast, norm stats.
 
-- Random numbers: the generator state before a block is kept only when the block changed it (it drew
-  random numbers, as dropout does), and restored before that block's recomputation.
+- Random numbers: the default generators' state before a block is kept only when the block changed
+  it (it drew random numbers, as dropout does), and restored before that block's recomputation;
+  so is the state of each generator of the block's own that it passed as ``generator=``
+  (`GeneratorWatch`), which ``torch.utils.checkpoint`` alone does not replay.
 - Autocast: the forward's autocast state is captured once and re-entered around the recomputation.
 - Norm layers: running statistics (BatchNorm, InstanceNorm with ``track_running_stats``) are updated
   by the forward only; the recomputation's update is undone, so one training step updates them once.
@@ -10,19 +12,24 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "AutocastState",
+    "GeneratorWatch",
     "RngTracker",
     "StatsOnce",
+    "checkpointed_call",
     "frozen_running_stats",
+    "replaying",
     "running_statistics",
 ]
 
@@ -60,6 +67,40 @@ class RngTracker:
             yield
         finally:
             self.set_state(saved)
+
+
+class GeneratorWatch(TorchFunctionMode):
+    """Notes each generator passed as ``generator=`` and its state before its first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, tuple[torch.Generator, Tensor]] = {}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) not in self.seen:
+            self.seen[id(generator)] = generator, generator.get_state()
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def replaying(generators: Sequence[torch.Generator], states: Sequence[Tensor]) -> Iterator[None]:
+    """``generators`` set to ``states``, then back to where they are now."""
+    now = [g.get_state() for g in generators]
+    try:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        yield
+    finally:
+        for g, state in zip(generators, now, strict=True):
+            g.set_state(state)
 
 
 def same_state(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
@@ -126,16 +167,36 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
 
 
 class StatsOnce:
-    """``fn`` for ``torch.utils.checkpoint``: from its second call on (the recomputation), the
-    running statistics of the norm layers in ``module`` are kept as they were, so that one
-    training step updates them once."""
+    """``fn`` for ``torch.utils.checkpoint``, whose recomputation (its second call) replays what
+    checkpointing alone does not: the running statistics of the norm layers in ``module`` are
+    kept as the first call left them, so that one training step updates them once, and each
+    generator of the block's own that the first call passed as ``generator=`` starts from the
+    state it had then (``torch.utils.checkpoint`` replays the default generators only), so that
+    the recomputation draws the forward's random numbers."""
 
     def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
         self.fn, self.module, self.calls = fn, module, 0
+        self.generators: tuple[torch.Generator, ...] = ()
+        self.states: tuple[Tensor, ...] = ()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         if self.calls == 1:
+            watch = GeneratorWatch()
+            with watch:
+                out = self.fn(*args, **kwargs)
+            self.generators = tuple(g for g, _ in watch.seen.values())
+            self.states = tuple(s for _, s in watch.seen.values())
+            return out
+        with frozen_running_stats(self.module), replaying(self.generators, self.states):
             return self.fn(*args, **kwargs)
-        with frozen_running_stats(self.module):
-            return self.fn(*args, **kwargs)
+
+
+def checkpointed_call(module: nn.Module) -> Callable[..., Any]:
+    """``module``'s call under ``torch.utils.checkpoint`` (non-reentrant), replaying its norm
+    statistics and its own generators as `StatsOnce` does."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(StatsOnce(module, module), *args, use_reentrant=False, **kwargs)
+
+    return call

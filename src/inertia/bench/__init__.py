@@ -6,9 +6,12 @@ Variants, all on the same blocks and inputs:
 - ``checkpoint``: the same with ``torch.utils.checkpoint`` around every block;
 - ``momentum_backprop``: `MomentumNet` with ``use_backprop=True``;
 - ``momentum_free``: `MomentumNet` with ``use_backprop=False, exact=False`` (memory-free backward,
-  float arithmetic);
+  float arithmetic; in a conversion, ``method="memory_free"`` on every stack);
 - ``momentum_exact``: the same with ``exact=True`` (fixed point, bit-exact inverse: the default of
   ``use_backprop=False``);
+- ``default``: the conversion as a user writes it, ``transform_to_momentumnet(model, gamma=...)``,
+  each stack as its plan chooses (`inertia.plan`), the stem and first blocks of a ResNet
+  checkpointed; on a stack alone, `MomentumNet` with ``use_backprop=False``;
 - ``floor``, timed only: ``checkpoint`` plus exact mode's integer update and its inverse
   (`IntegerFloor`), the least time that a memory-free exact stack can take;
 - on torchvision ResNets in `true_peak`, ``momentum_free_ckpt_stem_first`` and
@@ -45,6 +48,7 @@ from .._errors import InertiaError
 from ._fresh import TruePeak, time_variants, true_peak
 from ._peak import StepPeak, measure_step_peaks
 from ._steps import (
+    DEFAULT,
     FLOOR,
     LEAN_RESNET,
     PAPER,
@@ -71,6 +75,7 @@ from ._table import (
 )
 
 __all__ = [
+    "DEFAULT",
     "FLOOR",
     "LEAN_RESNET",
     "PAPER",
@@ -288,14 +293,19 @@ def _builders(
             paths,
             keep_first_layer=keep_first,
             gamma=gamma,
+            method="memory_free",
             checkpoint_kept=checkpointed,
             checkpoint_stem=checkpointed,
             exact=exact,
         )
 
+    def default(for_memory: bool) -> nn.Module:
+        return transform_to_momentumnet(model, paths, keep_first_layer=keep_first, gamma=gamma)
+
     builders: dict[str, Callable[[bool], nn.Module]] = {
         "plain": lambda for_memory: model,
         "checkpoint": functools.partial(checkpoint_every_block, model, paths),
+        DEFAULT: default,
         "momentum_free": functools.partial(momentum, False, False),
         "momentum_exact": functools.partial(momentum, None, False),  # the default
     }

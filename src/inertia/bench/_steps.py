@@ -25,6 +25,9 @@ from ..nn import MomentumNet
 from ..testing import SavedTensorMeter
 
 VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "momentum_exact")
+#: The conversion as a user writes it, with no option but gamma: each stack's plan (`inertia.plan`);
+#: on a stack alone, `MomentumNet` with ``use_backprop=False``.
+DEFAULT = "default"
 #: Timed only: checkpointing plus exact mode's integer update and its inverse (`IntegerFloor`).
 FLOOR = "floor"
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
@@ -78,12 +81,14 @@ def variant_model(
         return MomentumNet(blocks, gamma, use_backprop=False, exact=False)
     if variant == "momentum_exact":
         return MomentumNet(blocks, gamma, use_backprop=False, exact=True)
+    if variant == DEFAULT:
+        return MomentumNet(blocks, gamma, use_backprop=False)
     if variant == PAPER:
         import momentumnet
 
         net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
         return net
-    known = ", ".join((*VARIANTS, FLOOR, PAPER))
+    known = ", ".join((*VARIANTS, DEFAULT, FLOOR, PAPER))
     raise ValueError(f"unknown variant {variant!r}; choose from {known}")
 
 
@@ -136,14 +141,16 @@ class IntegerFloor(Checkpointed):
         ints = self.integers[f.numel()]
         grid = self.arith._set_grid(torch.full((1,), 24, device=f.device), f.shape)
         p, q = self.arith._on(f.device)
-        kernels.step(*ints, f, p, q, grid.c, grid.inv, f.dtype)
+        kernels.step_narrow(*ints, f, p, q, grid.c, grid.inv, f.dtype)  # int32 words: q <= 2**19
 
         def inverse(grad: Tensor) -> None:
             if self.where in ("last", "only"):  # x_n from x_{n+1}; below, the kernel reads ahead
                 kernels.unstep_position(ints[0], ints[1], grid.inv, f.dtype)
-            kernels.unstep_velocity(*ints, f, p, q, grid.c, grid.inv, f.dtype)
+            kernels.unstep_velocity_narrow(*ints, f, p, q, grid.c)
             if self.where in ("first", "only"):
                 ints[0].add_(ints[1])  # x_0 again: the kernel moved it one step ahead
+            else:
+                kernels.convert(ints[0], grid.inv, f.dtype)  # the float of x_{n-1}
 
         if first.requires_grad:
             first.register_hook(inverse)
@@ -322,6 +329,10 @@ def build(
         stacks = [paths] if isinstance(paths, str) else paths
         floor = case.gamma if variant == FLOOR else None
         model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
+    elif variant == DEFAULT:
+        model = transform_to_momentumnet(
+            base, paths, keep_first_layer=keep_first, gamma=case.gamma, inplace=True
+        )
     elif variant in ("momentum_backprop", "momentum_free", "momentum_exact", *LEAN_RESNET):
         lean = variant in LEAN_RESNET
         model = transform_to_momentumnet(
@@ -331,6 +342,7 @@ def build(
             gamma=case.gamma,
             use_backprop=variant == "momentum_backprop",
             exact=variant.startswith("momentum_exact"),
+            method="memory_free",
             checkpoint_kept=lean,
             checkpoint_stem=lean,
             inplace=True,

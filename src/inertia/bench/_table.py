@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ._fresh import time_variants, true_peak
-from ._steps import FLOOR, LEAN_RESNET, PeakCase
+from ._steps import DEFAULT, FLOOR, LEAN_RESNET, PeakCase
 
 #: The cases of ``benchmarks/true_peak.py``: parameters dominate, activations dominate, an encoder,
 #: two ResNets.
@@ -31,7 +31,7 @@ DEFAULT_CASES = (
     PeakCase("resnet101", batch=16, image_size=224),
 )
 #: The variants of the true-peak table (`LEAN_RESNET` on the ResNets only).
-PEAK_VARIANTS = ("plain", "checkpoint", "momentum_free", "momentum_exact", *LEAN_RESNET)
+PEAK_VARIANTS = ("plain", "checkpoint", DEFAULT, "momentum_free", "momentum_exact", *LEAN_RESNET)
 
 
 @dataclass(frozen=True)

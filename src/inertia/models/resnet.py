@@ -16,10 +16,15 @@ Every builder takes the same keyword arguments:
 Args:
     num_classes: Outputs of ``fc``; 1000 (ImageNet stem) or 10 (CIFAR stem) by default.
     gamma: The momentum, as in `MomentumNet` (the paper uses 0.9).
-    use_backprop: False: the memory-free backward. True: ordinary autograd.
-    checkpoint_kept: Checkpoint each stage's first block (see `MomentumNet`).
+    use_backprop: False: save memory, each stage the way its plan chooses
+        (`transform_to_momentumnet`'s ``method``). True: ordinary autograd.
+    method: ``"auto"`` (default: each stage's plan, `inertia.plan`), ``"memory_free"`` or
+        ``"checkpoint"``.
+    checkpoint_kept: Checkpoint each stage's first block (see `MomentumNet`). Default None: where
+        ``use_backprop=False``.
     checkpoint_stem: Run the stem (``conv1``, ``bn1``, ``relu``, ``maxpool``) under
-        ``torch.utils.checkpoint``, so that its large activations are not stored (default False).
+        ``torch.utils.checkpoint``, so that its large activations are not stored. Default None:
+        where ``use_backprop=False``.
     init_speed: Start each stage's velocity at ``v_0 = init(x)``, where ``init`` is a freshly
         initialised block of the stage's kind (child ``layerN.init``: it adds parameters and
         ``state_dict`` keys, so torchvision's weights then load with ``strict=False``). Default
@@ -101,7 +106,7 @@ def _build(
     num_classes: int,
     gamma: float,
     use_backprop: bool,
-    checkpoint_kept: bool,
+    checkpoint_kept: bool | None,
     kwargs: dict[str, Any],
 ) -> nn.Module:
     if "weights" in kwargs:
@@ -109,7 +114,8 @@ def _build(
             "weights is not supported (inertia never downloads); build the model, then load "
             "torchvision's weights with model.load_state_dict(state_dict, strict=True)."
         )
-    checkpoint_stem = bool(kwargs.pop("checkpoint_stem", False))
+    checkpoint_stem = kwargs.pop("checkpoint_stem", None)
+    method = kwargs.pop("method", "auto")
     init_speed = bool(kwargs.pop("init_speed", False))
     exact = kwargs.pop("exact", None)
     model: nn.Module = getattr(tv, arch)(num_classes=num_classes, **kwargs)
@@ -127,6 +133,7 @@ def _build(
         is_residual=True,
         keep_first_layer=True,
         inplace=True,
+        method=method,
         checkpoint_kept=checkpoint_kept,
         checkpoint_stem=checkpoint_stem,
         exact=exact,
@@ -148,42 +155,42 @@ def _build(
 # fmt: off
 @register_model
 def momentum_resnet18(*, num_classes: int = 1000, gamma: float = 0.9, use_backprop: bool = False,
-                      checkpoint_kept: bool = False, **kwargs: Any) -> nn.Module:
+                      checkpoint_kept: bool | None = None, **kwargs: Any) -> nn.Module:
     """Momentum ResNet-18 (BasicBlock, stages of 2, 2, 2, 2), ImageNet stem."""
     return _build("resnet18", False, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
 
 
 @register_model
 def momentum_resnet34(*, num_classes: int = 1000, gamma: float = 0.9, use_backprop: bool = False,
-                      checkpoint_kept: bool = False, **kwargs: Any) -> nn.Module:
+                      checkpoint_kept: bool | None = None, **kwargs: Any) -> nn.Module:
     """Momentum ResNet-34 (BasicBlock, stages of 3, 4, 6, 3), ImageNet stem."""
     return _build("resnet34", False, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
 
 
 @register_model
 def momentum_resnet50(*, num_classes: int = 1000, gamma: float = 0.9, use_backprop: bool = False,
-                      checkpoint_kept: bool = False, **kwargs: Any) -> nn.Module:
+                      checkpoint_kept: bool | None = None, **kwargs: Any) -> nn.Module:
     """Momentum ResNet-50 (Bottleneck, stages of 3, 4, 6, 3), ImageNet stem."""
     return _build("resnet50", False, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
 
 
 @register_model
 def momentum_resnet101(*, num_classes: int = 1000, gamma: float = 0.9, use_backprop: bool = False,
-                       checkpoint_kept: bool = False, **kwargs: Any) -> nn.Module:
+                       checkpoint_kept: bool | None = None, **kwargs: Any) -> nn.Module:
     """Momentum ResNet-101 (Bottleneck, stages of 3, 4, 23, 3), ImageNet stem."""
     return _build("resnet101", False, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
 
 
 @register_model
 def momentum_resnet152(*, num_classes: int = 1000, gamma: float = 0.9, use_backprop: bool = False,
-                       checkpoint_kept: bool = False, **kwargs: Any) -> nn.Module:
+                       checkpoint_kept: bool | None = None, **kwargs: Any) -> nn.Module:
     """Momentum ResNet-152 (Bottleneck, stages of 3, 8, 36, 3), ImageNet stem."""
     return _build("resnet152", False, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
 
 
 @register_model
 def momentum_resnet18_cifar(*, num_classes: int = 10, gamma: float = 0.9,
-                            use_backprop: bool = False, checkpoint_kept: bool = False,
+                            use_backprop: bool = False, checkpoint_kept: bool | None = None,
                             **kwargs: Any) -> nn.Module:
     """Momentum ResNet-18, CIFAR stem (3x3 stride-1 ``conv1``, no max pool)."""
     return _build("resnet18", True, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
@@ -191,7 +198,7 @@ def momentum_resnet18_cifar(*, num_classes: int = 10, gamma: float = 0.9,
 
 @register_model
 def momentum_resnet34_cifar(*, num_classes: int = 10, gamma: float = 0.9,
-                            use_backprop: bool = False, checkpoint_kept: bool = False,
+                            use_backprop: bool = False, checkpoint_kept: bool | None = None,
                             **kwargs: Any) -> nn.Module:
     """Momentum ResNet-34, CIFAR stem (3x3 stride-1 ``conv1``, no max pool)."""
     return _build("resnet34", True, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
@@ -199,7 +206,7 @@ def momentum_resnet34_cifar(*, num_classes: int = 10, gamma: float = 0.9,
 
 @register_model
 def momentum_resnet50_cifar(*, num_classes: int = 10, gamma: float = 0.9,
-                            use_backprop: bool = False, checkpoint_kept: bool = False,
+                            use_backprop: bool = False, checkpoint_kept: bool | None = None,
                             **kwargs: Any) -> nn.Module:
     """Momentum ResNet-50, CIFAR stem (3x3 stride-1 ``conv1``, no max pool)."""
     return _build("resnet50", True, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
@@ -207,7 +214,7 @@ def momentum_resnet50_cifar(*, num_classes: int = 10, gamma: float = 0.9,
 
 @register_model
 def momentum_resnet101_cifar(*, num_classes: int = 10, gamma: float = 0.9,
-                             use_backprop: bool = False, checkpoint_kept: bool = False,
+                             use_backprop: bool = False, checkpoint_kept: bool | None = None,
                              **kwargs: Any) -> nn.Module:
     """Momentum ResNet-101, CIFAR stem (3x3 stride-1 ``conv1``, no max pool)."""
     return _build("resnet101", True, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
@@ -215,7 +222,7 @@ def momentum_resnet101_cifar(*, num_classes: int = 10, gamma: float = 0.9,
 
 @register_model
 def momentum_resnet152_cifar(*, num_classes: int = 10, gamma: float = 0.9,
-                             use_backprop: bool = False, checkpoint_kept: bool = False,
+                             use_backprop: bool = False, checkpoint_kept: bool | None = None,
                              **kwargs: Any) -> nn.Module:
     """Momentum ResNet-152, CIFAR stem (3x3 stride-1 ``conv1``, no max pool)."""
     return _build("resnet152", True, num_classes, gamma, use_backprop, checkpoint_kept, kwargs)
