@@ -6,6 +6,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 from ._core import ExactState, Word
 from ._errors import InertiaError, InversionError, InversionWarning
 from ._layerlist import MomentumLayerList
+from .loss import causal_lm_loss, use_chunked_loss
 from .models import create_model, list_models, register_model
 from .nn import MomentumNet, from_momentumnet_state_dict
 from .plan import Plan, StackPlan, plan_stack
@@ -24,6 +25,7 @@ __all__ = [
     "StackPlan",
     "Word",
     "__version__",
+    "causal_lm_loss",
     "create_model",
     "find_residual_stacks",
     "from_momentumnet_state_dict",
@@ -32,4 +34,5 @@ __all__ = [
     "plan_stack",
     "register_model",
     "transform_to_momentumnet",
+    "use_chunked_loss",
 ]
