@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from inertia import MomentumNet, Plan, plan_stack, transform_to_momentumnet
+from inertia import InertiaError, MomentumNet, Plan, plan_stack, transform_to_momentumnet
 from inertia.models.resnet import CheckpointedStemResNet
 from inertia.testing import LiveTensorMeter, assert_gradients_match, backprop_twin
 
@@ -168,3 +168,11 @@ def test_a_checkpointed_stack_keeps_each_block_input() -> None:
     per_block = {c: (peaks[c, 8] - peaks[c, 4]) / 4 / state for c in (True, False)}
     assert 0.9 <= per_block[True] <= 1.1, per_block
     assert per_block[False] >= 8, per_block
+
+
+def test_a_checkpointed_stack_refuses_huggingfaces_own_checkpointing() -> None:
+    block = nn.Linear(4, 4)
+    block.gradient_checkpointing = True  # as HuggingFace's layers carry it when it is on
+    net = MomentumNet([block, nn.Linear(4, 4)], 0.9, use_backprop=False, method="checkpoint")
+    with pytest.raises(InertiaError, match=r"checkpointed MomentumNet.*checkpoints each block"):
+        net(torch.randn(2, 4, requires_grad=True))
