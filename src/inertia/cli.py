@@ -82,10 +82,10 @@ def _check_train(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--gamma {args.gamma}: the momentum must be in [0, 1] (the paper uses 0.9)."
         )
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size - 1)):
-        if value < 0:
-            floor = 0 if flag == "--epochs" else 1
-            raise UsageError(f"{flag} must be {floor} or more.")
+    if args.epochs < 0:
+        raise UsageError(f"--epochs {args.epochs}: it must be 0 or more.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: it must be 1 or more.")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 The loop is deterministic for a seed: each epoch's data order comes from a generator seeded by
 ``(seed, epoch)``, and the checkpoint written after each epoch holds the model, the optimizer, the
-generator states and the metrics so far. Resuming from it continues exactly where an uninterrupted
-run would be. Ctrl-C (SIGINT) stops at the next step and keeps the last complete epoch's checkpoint.
+generator states and the metrics so far (tensors, numbers, strings and plain containers: it loads
+with torch's safe unpickler). Resuming from it continues exactly where an uninterrupted run would
+be; resuming with more epochs extends the run, its cosine schedule recomputed for the new total.
+Ctrl-C (SIGINT) stops at the next step and keeps the last complete epoch's checkpoint.
 """
 
 from __future__ import annotations
@@ -247,7 +249,9 @@ def fit(config: TrainConfig) -> TrainResult:
 
     Raises:
         InertiaError: The loss became NaN or infinite (the last good checkpoint is kept), or
-            ``resume`` was asked without a checkpoint.
+            ``resume`` was asked without a checkpoint, with settings other than its own (more
+            epochs aside), with fewer epochs than it holds, or of a checkpoint that carries
+            pickled objects.
     """
     ranks = _Ranks.from_environment(config.device)
     try:
