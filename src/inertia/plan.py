@@ -12,12 +12,13 @@ block keeps its input), they keep:
 - checkpointing each block: each block's input, and the output: ``(L + 1) s``.
 
 Both also hold, during the backward, one block's recomputation and a few gradients of the
-activation's size. So an exact float32 stack of one or two blocks keeps no more checkpointed, and
-runs faster (its backward runs each block once more, with no inversion): `transform_to_momentumnet`
-checkpoints it, and runs longer stacks memory-free (`plan_stack`). It also checkpoints the kept
-first block of each stack, which changes the shape (a checkpointed block keeps its input alone,
-less than any block that keeps an activation), and a torchvision ResNet's stem, whose activations
-are the model's largest (it keeps the image alone).
+activation's size, memory-free a few more beside its state (`inertia.testing.LiveTensorMeter`
+counts them), which the plan leaves out. So an exact float32 stack of one or two blocks keeps no
+more checkpointed, and runs faster (its backward runs each block once more, with no inversion):
+`transform_to_momentumnet` checkpoints it, and runs longer stacks memory-free (`plan_stack`). It
+also checkpoints the kept first block of each stack, which changes the shape (a checkpointed
+block keeps its input alone, less than any block that keeps an activation), and a torchvision
+ResNet's stem, whose activations are the model's largest (it keeps the image alone).
 """
 
 from __future__ import annotations
