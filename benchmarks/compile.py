@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet18
 
 from inertia import MomentumNet, transform_to_momentumnet
-from inertia.bench import environment
+from inertia.bench import environment, write_dict_rows
 
 VARIANTS = {
     "plain": "the original model, eager",
@@ -103,10 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "compile_quick" if args.quick else "compile"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(rows, args.out / f"{stem}.csv")
     command = "python benchmarks/compile.py" + (" --quick" if args.quick else "")
     command += "" if args.backend == "inductor" else f" --backend {args.backend}"
     lines = [

@@ -15,7 +15,6 @@ Writes benchmarks/results/exact_mode.{csv,md}; about a minute.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from inertia import MomentumNet
+from inertia.bench import write_dict_rows
 
 GAMMAS = (0.1, 0.5, 0.9, 0.99)
 DEPTHS = (64, 256, 1024, 4096)
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.float32, torch.float64):
             r[f"deviation_{str(dtype)[6:]}"] = deviation(r["gamma"], int(r["depth"]), dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "exact_mode.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(rows, args.out / "exact_mode.csv")
     lines = [
         "# Exact mode against gamma and depth",
         "",

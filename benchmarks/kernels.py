@@ -16,7 +16,6 @@ Writes benchmarks/results/kernels.{csv,md}. About a minute on a CPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from inertia._core import kernels
-from inertia.bench import environment
+from inertia.bench import environment, write_dict_rows
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(before)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_quick" if args.quick else "kernels"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(rows, args.out / f"{stem}.csv")
     command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
     lines = [
         f"Produced by `{command}` ({measured_on}).",

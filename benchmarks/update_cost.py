@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torchvision
 from torch import nn
 
 from inertia import transform_to_momentumnet
-from inertia.bench import environment
+from inertia.bench import environment, write_dict_rows
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -123,10 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure(batch, size, repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "update_cost_quick" if args.quick else "update_cost"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(rows, args.out / f"{stem}.csv")
     command = "python benchmarks/update_cost.py" + (" --quick" if args.quick else "")
     (args.out / f"{stem}.md").write_text(markdown(rows, command, batch, size))
     converted = {str(r["setting"]): float(r["ratio"]) for r in rows if r["model"] == "converted"}

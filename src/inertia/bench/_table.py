@@ -12,9 +12,10 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -203,6 +204,14 @@ def write_rows(rows: Iterable[object], row_type: type, path: Path, fmt: str) -> 
         for r in rows:
             values = asdict(r).values()  # type: ignore[call-overload]
             writer.writerow([format(v, fmt) if isinstance(v, float) else v for v in values])
+
+
+def write_dict_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """One line per dict row, the first row's keys as columns (the benchmark scripts' CSVs)."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def machine(config: PeakConfig) -> str:
