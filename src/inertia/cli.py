@@ -21,6 +21,7 @@ __all__ = ["main", "parser"]
 
 
 def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .plan import PLAN_METHODS
     from .training import TrainConfig
 
     d = TrainConfig()
@@ -37,7 +38,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                       help="save memory, each stage as --method says (default)")  # fmt: skip
     mode.add_argument("--backprop", dest="memory_free", action="store_false",
                       help="ordinary backpropagation")  # fmt: skip
-    p.add_argument("--method", choices=["auto", "memory_free", "checkpoint"], default=d.method,
+    p.add_argument("--method", choices=PLAN_METHODS, default=d.method,
                    help="how each stage saves memory: auto (default) chooses by the bytes each "
                    "method keeps (memory-free for stages of three blocks and more)")  # fmt: skip
     p.add_argument("--checkpoint-kept", action="store_const", const=True, default=None,

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from ._core import kept_bytes_per_element
+from .nn import METHODS
 
 __all__ = ["Plan", "StackPlan", "plan_stack"]
 
 # How `transform_to_momentumnet(method=...)` may choose: by the plan, or one method everywhere.
-PLAN_METHODS = ("auto", "memory_free", "checkpoint")
+PLAN_METHODS = ("auto", *METHODS)
 
 
 def check_method(method: str) -> None:
