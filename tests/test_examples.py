@@ -113,28 +113,39 @@ def test_true_peak_benchmark_script(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_llm_benchmark_script(tmp_path: Path) -> None:
-    """benchmarks/llm.py --quick: a 2-layer random Llama, full and LoRA, against HuggingFace's
-    checkpointing, each variant in a fresh process."""
+    """benchmarks/llm.py --quick: a 2-layer random Llama trained on its loss, full and LoRA,
+    against HuggingFace's checkpointing with and without the chunked loss, each variant in a
+    fresh process; the split and targets tables follow the rows."""
     pytest.importorskip("peft")
     script = load(ROOT / "benchmarks" / "llm.py")
     script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "llm_quick.csv").read_text().splitlines()))
+    variants = ("plain", "checkpoint", "checkpoint_chunked", "default_chunked")
     assert {(r["case"], r["variant"]) for r in rows} == {
         (f"llama-tiny, seq 32, batch 1, {kind}", variant)
         for kind in ("full", "LoRA")
-        for variant in ("plain", "checkpoint", "momentum_exact")
+        for variant in variants
     }
-    saved = {(r["case"].rsplit(", ", 1)[1], r["variant"]): int(r["saved_bytes"]) for r in rows}
-    stack = {
-        (r["case"].rsplit(", ", 1)[1], r["variant"]): float(r["stack_saved_bytes"]) for r in rows
-    }
+    by = {(r["case"].rsplit(", ", 1)[1], r["variant"]): r for r in rows}
+    vocab = 32 * 4 * 512  # tokens x float32 x tiny_llama's vocabulary, all under one chunk
     for kind in ("full", "LoRA"):
-        assert saved[kind, "momentum_exact"] < saved[kind, "plain"]
-        assert saved[kind, "checkpoint"] < saved[kind, "plain"]
+        saved = {v: int(by[kind, v]["saved_bytes"]) for v in variants}
+        stack = {v: float(by[kind, v]["stack_saved_bytes"]) for v in variants}
+        assert saved["checkpoint"] < saved["plain"]
+        # The chunked loss saves the hidden states, not the logits and their log-softmax.
+        assert saved["checkpoint_chunked"] < saved["checkpoint"]
         # The decoder stack alone (found inside peft's wrapper too): each layer's input against
         # every activation.
-        assert 0 < 4 * stack[kind, "checkpoint"] < stack[kind, "plain"] < saved[kind, "plain"]
-        assert 0 < stack[kind, "momentum_exact"] < stack[kind, "plain"]
+        assert 0 < 4 * stack["checkpoint"] < stack["plain"] < saved["plain"]
+        assert stack["checkpoint_chunked"] == stack["checkpoint"]
+        assert {int(by[kind, v]["logits_bytes"]) for v in variants} == {vocab}
+    # Every weight's gradient against the adapters' alone.
+    full, lora = (int(by[kind, "plain"]["gradient_bytes"]) for kind in ("full", "LoRA"))
+    assert full == int(by["full", "plain"]["parameter_bytes"]) > 10 * lora > 0
+    table = (tmp_path / "llm_quick.md").read_text()
+    assert "| llama-tiny, seq 32, batch 1, LoRA | default_chunked |" in table
+    assert "Targets at 32 tokens" in table
+    assert "| <= 0.60x |" in table
     assert all(not r["reason"] for r in rows)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._errors import InertiaError
 from ._peak import MALLOC_ENV, StepPeak, measure_step_peaks
@@ -40,6 +41,8 @@ class TruePeak:
         parameter_bytes: Bytes of the parameters.
         stack_saved_bytes: Bytes the case's stack (`PeakCase.stack_of`) saves for backward and
             still holds after the forward (`stack_saved_bytes`); None for cases without one.
+        logits_bytes: Bytes of the float32 logits that the loss computes at once
+            (`PeakCase.logits_bytes`); 0 for models without logits.
         warnings: The warnings the process raised (an ``InversionWarning``, say), once each.
 
     Examples:
@@ -57,6 +60,7 @@ class TruePeak:
     saved_bytes: int
     parameter_bytes: int
     stack_saved_bytes: int | None = None
+    logits_bytes: int = 0
     warnings: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -102,8 +106,15 @@ def _measure_case(
         saved_bytes=saved,
         parameter_bytes=sum(p.nbytes for p in model.parameters()),
         stack_saved_bytes=stack,
+        logits_bytes=case.logits_bytes(variant, _vocab(model)),
         warnings=tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)),
     )
+
+
+def _vocab(model: nn.Module) -> int:
+    """The vocabulary of a HuggingFace model inside ``model`` (0: none)."""
+    sizes = (getattr(getattr(m, "config", None), "vocab_size", None) for m in model.modules())
+    return next((v for v in sizes if isinstance(v, int)), 0)
 
 
 def _child(argv: Sequence[str]) -> int:

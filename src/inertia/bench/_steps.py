@@ -35,6 +35,11 @@ PAPER = "momentumnet_0.10"
 #: ResNets only: memory-free (float or exact) with the stem and each stage's first block
 #: checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
 LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first")
+#: Causal LMs trained on their loss (``PeakCase.labels``) only: HuggingFace's checkpointing and the
+#: default conversion, each with `inertia.use_chunked_loss` (the logits never whole).
+CHUNKED = ("checkpoint_chunked", "default_chunked")
+#: Tokens whose logits `inertia.use_chunked_loss` computes at once in the ``CHUNKED`` variants.
+CHUNK_TOKENS = 1024
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -216,6 +221,9 @@ class PeakCase:
         seed: Seeds the weights and inputs.
         lora: Train peft LoRA adapters (rank 8 on the attention projections) instead of every
             weight; ``"smollm2"`` and ``"llama-tiny"`` only.
+        labels: Call the causal LM with its token ids as labels and train on its own loss (the
+            next token's cross-entropy), as fine-tuning does, instead of the logits' mean square;
+            ``"smollm2"`` and ``"llama-tiny"`` only. The `CHUNKED` variants need it.
 
     Examples:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
@@ -232,6 +240,7 @@ class PeakCase:
     gamma: float = 0.9
     seed: int = 0
     lora: bool = False
+    labels: bool = False
 
     def stack_of(self, model: nn.Module) -> nn.Module | None:
         """The model's one stack of blocks, whose saved bytes are counted apart
@@ -251,8 +260,19 @@ class PeakCase:
         raise ValueError(f"{type(model).__name__} has no stack at {path!r}")
 
     def runs(self, variant: str) -> bool:
-        """Whether ``variant`` applies to this case (`LEAN_RESNET` only to the ResNets)."""
+        """Whether ``variant`` applies to this case (`LEAN_RESNET` only to the ResNets, `CHUNKED`
+        only to causal LMs trained on their loss)."""
+        if variant in CHUNKED:
+            return self.labels
         return variant not in LEAN_RESNET or self.model.startswith("resnet")
+
+    def logits_bytes(self, variant: str, vocab: int) -> int:
+        """Bytes of the float32 logits that the loss of ``variant`` computes at once: every
+        token's, or one chunk's (`CHUNKED`); 0 for models without logits."""
+        if self.model not in ("smollm2", "llama-tiny"):
+            return 0
+        tokens = self.batch * self.seq_len
+        return 4 * vocab * (min(tokens, CHUNK_TOKENS) if variant in CHUNKED else tokens)
 
     def label(self) -> str:
         """The case in a few words, for tables."""
@@ -281,7 +301,10 @@ def build(
     from ..transform import transform_to_momentumnet  # it imports nn, as this module does
 
     if not case.runs(variant):
-        raise ValueError(f"variant {variant!r} is not measured on {case.model}: ResNets only")
+        only = "causal LMs with labels" if variant in CHUNKED else "ResNets"
+        raise ValueError(f"variant {variant!r} is not measured on {case.model}: {only} only")
+    if case.labels and case.model not in ("smollm2", "llama-tiny"):
+        raise ValueError(f"labels=True needs a causal LM (smollm2 or llama-tiny), not {case.model}")
     torch.manual_seed(case.seed)
     if case.model == "mlp":
         blocks = mlp_blocks(case.width, case.depth)
@@ -321,7 +344,7 @@ def build(
         )
     if variant == "plain":
         model = base
-    elif variant == "checkpoint" and case.model in ("smollm2", "llama-tiny"):
+    elif variant in ("checkpoint", CHUNKED[0]) and case.model in ("smollm2", "llama-tiny"):
         # HuggingFace's own, as its users turn it on (non-reentrant; reentrant to count bytes).
         llm.activation_checkpointing_enable({"use_reentrant": for_memory})
         model = base
@@ -329,7 +352,7 @@ def build(
         stacks = [paths] if isinstance(paths, str) else paths
         floor = case.gamma if variant == FLOOR else None
         model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
-    elif variant == DEFAULT:
+    elif variant in (DEFAULT, CHUNKED[1]):
         model = transform_to_momentumnet(
             base, paths, keep_first_layer=keep_first, gamma=case.gamma, inplace=True
         )
@@ -349,6 +372,10 @@ def build(
         )
     else:
         raise ValueError(f"variant {variant!r} is not measured on {case.model}")
+    if variant in CHUNKED:
+        from ..loss import use_chunked_loss
+
+        use_chunked_loss(model, CHUNK_TOKENS)
     if case.lora:
         import peft
 
@@ -356,7 +383,21 @@ def build(
             r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
         )
         model = peft.get_peft_model(model, config)
+    if case.labels:
+        model = CausalLMLoss(model)
     return model.to(device).train(), (x.to(device),)
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM called with its token ids as labels: ``forward(ids)`` returns its output,
+    whose ``loss`` `loss_of` trains on (`PeakCase.labels`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Any:
+        return self.model(input_ids=ids, labels=ids)
 
 
 def environment() -> str:
@@ -373,7 +414,10 @@ def sync(device: torch.device) -> None:
 
 
 def loss_of(out: Any) -> Tensor:
-    """The benchmarks' loss: mean square of the output (logits or last hidden state)."""
+    """The benchmarks' loss: the model's own when it computed one (`CausalLMLoss`), else the mean
+    square of the output (logits or last hidden state)."""
+    if getattr(out, "loss", None) is not None:
+        return out.loss  # type: ignore[no-any-return]
     out = getattr(out, "logits", getattr(out, "last_hidden_state", out))
     return out.float().square().mean()  # type: ignore[no-any-return]
 

@@ -88,6 +88,8 @@ class PeakRow:
     parameter_bytes: int
     step_ms: float  # median step time; nan when not timed
     stack_saved_bytes: float = math.nan  # the stack's, held after the forward; nan: no stack
+    gradient_bytes: int = 0  # the trainable parameters' .grad (those of the accumulation step)
+    logits_bytes: int = 0  # the float32 logits the loss computes at once; 0: no logits
     time_ratio: float = math.nan  # step_ms / plain's
     memory_ratio: float = math.nan  # peak_bytes / plain's
     reason: str = ""  # why the peaks are nan
@@ -151,6 +153,8 @@ def run_true_peak(
                     stack_saved_bytes=math.nan
                     if r.stack_saved_bytes is None
                     else float(r.stack_saved_bytes),
+                    gradient_bytes=r.grad_accumulated.grad_bytes,
+                    logits_bytes=r.logits_bytes,
                     reason=r.grad_unset.reason,
                     warnings="; ".join(r.warnings),
                 )
