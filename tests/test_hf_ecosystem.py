@@ -3,6 +3,11 @@ peft's LoRA, and `save_pretrained` / `from_pretrained`."""
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from inertia import InertiaError, MomentumLayerList, from_pretrained, transform_to_momentumnet
+from inertia import (
+    InertiaError,
+    MomentumLayerList,
+    _hf_auto,
+    from_pretrained,
+    transform_to_momentumnet,
+)
 from inertia.testing import backprop_twin, relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -125,8 +136,8 @@ def test_peft_lora_memory_free_gradients() -> None:
 
 
 def test_save_pretrained_round_trip(tmp_path: Path) -> None:
-    """save_pretrained writes the conversion into config.json; from_pretrained applies it again
-    (HuggingFace's own from_pretrained gives the original architecture, another function)."""
+    """save_pretrained writes the conversion into config.json; from_pretrained applies it again,
+    and HuggingFace's own Auto classes load the momentum model too."""
     model = converted(gamma=0.5).eval()
     model.save_pretrained(tmp_path)
     ids = batches(1)[0]["input_ids"]
@@ -134,16 +145,96 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
         want = model(input_ids=ids).logits
         loaded = from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
         got = loaded(input_ids=ids).logits
-        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits
     stack = loaded.get_submodule("transformer.h")
     assert isinstance(stack, MomentumLayerList)
     assert (stack.gamma, stack.use_backprop, stack.exact) == (0.5, False, True)
     assert torch.equal(got, want)
-    assert relative_error(plain, want) > 1e-2  # why the conversion must be applied again
     assert len(loaded.config.inertia) == 1  # recorded once, not once per load
     gpt2().save_pretrained(tmp_path / "plain")
     with pytest.raises(InertiaError, match="records no inertia conversion"):
         from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "plain")
+
+
+def test_huggingface_auto_classes_load_the_momentum_model(tmp_path: Path) -> None:
+    """With inertia imported, AutoModelForCausalLM/AutoModel.from_pretrained on a converted save
+    give the momentum model (HuggingFace's own kwargs honoured); config.json names inertia's
+    model type, while the config in memory keeps GPT-2's for peft and the rest."""
+    model = converted(gamma=0.5).eval()
+    assert model.config.model_type == "gpt2"
+    assert model.config.to_dict()["model_type"] == "gpt2"
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["model_type"] == _hf_auto.MODEL_TYPE
+    assert record[_hf_auto.BASE_KEY] == "gpt2"
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        lm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert isinstance(lm, transformers.GPT2LMHeadModel)
+        assert isinstance(lm.get_submodule("transformer.h"), MomentumLayerList)
+        assert torch.equal(lm.eval()(input_ids=ids).logits, want)
+        base, info = transformers.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+        assert isinstance(base.get_submodule("h"), MomentumLayerList)
+        assert not info["missing_keys"]
+        assert torch.equal(base.eval()(input_ids=ids).last_hidden_state, model.transformer(ids)[0])
+        wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+        assert {p.dtype for p in wide.parameters()} == {torch.float64}
+        assert isinstance(wide.get_submodule("transformer.h"), MomentumLayerList)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (config.n_layer, config.base_config().model_type) == (4, "gpt2")
+    # The config class survives a copy and a pickle, and so does what it saves.
+    for copied in (copy.deepcopy(lm.config), pickle.loads(pickle.dumps(lm.config))):
+        assert type(copied) is type(lm.config)
+        assert json.loads(copied.to_json_string())["model_type"] == _hf_auto.MODEL_TYPE
+    lm.save_pretrained(tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert isinstance(again.get_submodule("transformer.h"), MomentumLayerList)
+
+
+def test_saves_from_before_the_model_type_still_load(tmp_path: Path) -> None:
+    """A save whose config.json kept GPT-2's model type (inertia before 0.1): HuggingFace alone
+    gives the original architecture, another function; from_pretrained converts it again."""
+    model = converted(gamma=0.5).eval()
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["model_type"] = record.pop(_hf_auto.BASE_KEY)
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = from_pretrained(transformers.AutoModelForCausalLM, tmp_path)(input_ids=ids).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert relative_error(plain, want) > 1e-2  # why the conversion must be applied again
+
+
+def test_auto_classes_without_inertia_refuse_and_with_it_load(tmp_path: Path) -> None:
+    """In a fresh interpreter: without inertia, AutoModelForCausalLM.from_pretrained refuses a
+    converted save with an error naming inertia.from_pretrained; inertia imported before
+    transformers (which it does not import) registers on transformers' first import."""
+    converted(gamma=0.5).save_pretrained(tmp_path)
+    without = f"""
+import sys, transformers
+try:
+    transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+except ValueError as err:
+    assert "inertia.from_pretrained" in str(err), err
+    assert "inertia" not in sys.modules
+    print("refused")
+"""
+    before = f"""
+import sys, inertia
+assert "transformers" not in sys.modules
+import transformers
+model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+print(type(model.get_submodule("transformer.h")).__name__)
+"""
+    for code, out in ((without, "refused"), (before, "MomentumLayerList")):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == out
 
 
 def test_a_causal_lm_save_loads_as_its_base_model(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 2021.
 """
 
+from . import _hf_auto
 from ._core import ExactState, Word
 from ._errors import InertiaError, InversionError, InversionWarning
 from ._layerlist import MomentumLayerList
@@ -13,6 +14,8 @@ from .plan import Plan, StackPlan, plan_stack
 from .transform import find_residual_stacks, from_pretrained, transform_to_momentumnet
 
 __version__ = "0.1.0.dev0"
+
+_hf_auto.install()  # HuggingFace's Auto classes load converted models' saves, once imported
 
 __all__ = [
     "ExactState",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _hf_auto
 from ._discover import find_residual_stacks
 from ._errors import InertiaError
 from ._layerlist import MomentumLayerList
@@ -240,6 +241,7 @@ def _record(model: nn.Module, stacks: list[MomentumNet], settings: dict[str, Any
         stack._inertia_record = entry
         entries.append(entry)
     config.inertia = [*(getattr(config, "inertia", None) or []), *entries]
+    _hf_auto.momentum_config(config)  # its config.json then loads as a momentum model
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -253,27 +255,55 @@ def _base_prefix(model: nn.Module) -> str:
 def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
     """Load a HuggingFace model saved after `transform_to_momentumnet`, converted again.
 
-    ``model_class.from_pretrained(path, *args, **kwargs)`` (``AutoModelForCausalLM``,
-    ``GPT2LMHeadModel``...) alone gives the original architecture back with the fine-tuned
-    weights, a different function: the conversion is not part of HuggingFace's model classes.
-    `transform_to_momentumnet` notes it in the config (``config.inertia``, written to
-    ``config.json`` by ``save_pretrained``), and this function applies it again, in place.
+    `transform_to_momentumnet` notes the conversion in the config (``config.inertia``), which
+    ``save_pretrained`` writes to ``config.json`` under a ``model_type`` of inertia's own. With
+    inertia imported, HuggingFace's Auto classes load such a save through this function
+    (``AutoModelForCausalLM.from_pretrained(path)`` gives the momentum model); without inertia they
+    refuse it, naming this function. It builds ``model_class`` (an Auto class, or the original
+    class: ``LlamaForCausalLM``...) from the original config, loads the weights and applies the
+    recorded conversion again, in place. Saves written before inertia 0.1 (``config.json`` with
+    the original ``model_type``) load through it too; HuggingFace alone gives them the original
+    architecture, another function.
+
+    Args:
+        model_class: The HuggingFace class to load with: ``AutoModelForCausalLM``, ``AutoModel``
+            (a causal LM's save then loads as its base model, converted) or a concrete class.
+        path: The save's folder or Hub name.
+        *args: Passed to ``model_class.from_pretrained``.
+        **kwargs: Passed to ``model_class.from_pretrained`` (``dtype``, ``revision``...).
 
     Raises:
         InertiaError: The checkpoint's config records no conversion (it was saved from a model
             that `transform_to_momentumnet` did not convert), or it holds weights inside a stack
             that the recorded conversion does not rebuild (an ``init_function`` added by hand).
     """
+    return load_saved(model_class, path, *args, **kwargs)[0]
+
+
+def load_saved(
+    model_class: Any, path: Any, *args: Any, **kwargs: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """`from_pretrained`, and HuggingFace's loading info (missing and unexpected keys...)."""
+    _hf_auto.register()
+    if _hf_auto.is_saved_conversion(kwargs.get("config")):
+        kwargs["config"] = kwargs["config"].base_config()
     model, info = model_class.from_pretrained(path, *args, output_loading_info=True, **kwargs)
+    if not any(isinstance(m, MomentumNet) for m in model.modules()):  # not through the loader
+        _convert_saved(model, info, path, getattr(model_class, "__name__", "its class"))
+    return model, info
+
+
+def _convert_saved(model: nn.Module, info: dict[str, Any], path: Any, loader: str) -> None:
+    """Apply the conversion recorded in a loaded model's config again, in place."""
     conversions = getattr(getattr(model, "config", None), "inertia", None)
     if not conversions:
         raise InertiaError(
             f"{path!s} records no inertia conversion in its config (no 'inertia' entry in "
             "config.json): it was not saved from a converted model. Load it with "
-            f"{getattr(model_class, '__name__', 'its class')}.from_pretrained and convert it "
-            "with transform_to_momentumnet."
+            f"{loader}.from_pretrained and convert it with transform_to_momentumnet."
         )
-    model.config.inertia = None  # the calls below record each conversion again
+    hf: Any = model  # HuggingFace's attributes, which nn.Module's typing does not know
+    hf.config.inertia = None  # the calls below record each conversion again
     base = _base_prefix(model)
     stacks = []
     for settings in conversions:
@@ -290,11 +320,9 @@ def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> n
             f"{path!s} holds weights inside its momentum stacks that the recorded conversion "
             f"does not rebuild: {', '.join(sorted(lost)[:5])}{' ...' if len(lost) > 5 else ''}. "
             "They come from a stack changed after transform_to_momentumnet (an init_function, "
-            "say), which config.json cannot describe; load the model with "
-            f"{getattr(model_class, '__name__', 'its class')}.from_pretrained, convert it, then "
-            "rebuild that part and load its weights yourself."
+            f"say), which config.json cannot describe; load the model with {loader}."
+            "from_pretrained, convert it, then rebuild that part and load its weights yourself."
         )
-    return model  # type: ignore[no-any-return]
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList:
