@@ -206,3 +206,26 @@ def test_gpu_diagnose_script_runs_small_on_cpu(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "gpu_diagnose_small.json").read_text())
     assert raw["floor"] == raw["tf32"] == []
     assert len(raw["timelines"]) == 4
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_bf16_benchmark_script(tmp_path: Path) -> None:
+    """benchmarks/bf16.py --quick: a 2-layer random Llama in float32, bfloat16 weights and under
+    autocast; memory-free exact gradients as close to the float32 truth as autograd through the
+    same momentum stack, in every precision."""
+    script = load(ROOT / "benchmarks" / "bf16.py")
+    script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    peaks = list(csv.DictReader((tmp_path / "bf16_quick.csv").read_text().splitlines()))
+    assert {r["case"].rsplit(", ", 1)[-1] for r in peaks} >= {"bfloat16", "autocast"}
+    half = {r["variant"]: int(r["parameter_bytes"]) for r in peaks if "bfloat16" in r["case"]}
+    assert half["momentum_exact"] * 2 == int(peaks[0]["parameter_bytes"])
+    rows = list(csv.DictReader((tmp_path / "bf16_quick_gradients.csv").read_text().splitlines()))
+    error = {(r["precision"], r["variant"]): float(r["gradient_error"]) for r in rows}
+    assert error["float32", "momentum_backprop"] == 0  # the truth itself
+    assert error["float32", "momentum_exact"] <= 1e-5
+    for precision in ("bfloat16", "autocast"):
+        backprop = error[precision, "momentum_backprop"]
+        assert 1e-4 < backprop < 5e-2  # bfloat16 rounding, measured
+        assert error[precision, "momentum_exact"] <= 1.5 * backprop
+        assert 1e-4 < error[precision, "checkpoint"] < 5e-2
+    assert "| gradient error | loss error |" in (tmp_path / "bf16_quick.md").read_text()

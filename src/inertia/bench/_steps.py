@@ -13,7 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first"
 #: Causal LMs trained on their loss (``PeakCase.labels``) only: HuggingFace's checkpointing and the
 #: default conversion, each with `inertia.use_chunked_loss` (the logits never whole).
 CHUNKED = ("checkpoint_chunked", "default_chunked")
+#: `PeakCase.precision`: float32, bfloat16 weights, float32 weights under bfloat16 autocast.
+PRECISIONS = ("float32", "bfloat16", "autocast")
 #: Tokens whose logits `inertia.use_chunked_loss` computes at once in the ``CHUNKED`` variants.
 CHUNK_TOKENS = 1024
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
@@ -224,6 +226,9 @@ class PeakCase:
         labels: Call the causal LM with its token ids as labels and train on its own loss (the
             next token's cross-entropy), as fine-tuning does, instead of the logits' mean square;
             ``"smollm2"`` and ``"llama-tiny"`` only. The `CHUNKED` variants need it.
+        precision: `PRECISIONS`: ``"float32"``; ``"bfloat16"``: the weights cast to bfloat16
+            before the variant is built (as ``from_pretrained(..., dtype=torch.bfloat16)`` loads
+            them); ``"autocast"``: float32 weights, the forward under bfloat16 autocast.
 
     Examples:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
@@ -241,6 +246,7 @@ class PeakCase:
     seed: int = 0
     lora: bool = False
     labels: bool = False
+    precision: str = "float32"
 
     def stack_of(self, model: nn.Module) -> nn.Module | None:
         """The model's one stack of blocks, whose saved bytes are counted apart
@@ -276,6 +282,8 @@ class PeakCase:
 
     def label(self) -> str:
         """The case in a few words, for tables."""
+        if self.precision != "float32":
+            return f"{replace(self, precision='float32').label()}, {self.precision}"
         if self.model in ("smollm2", "llama-tiny"):
             return f"{self.model}, seq {self.seq_len}, batch {self.batch}" + (
                 ", LoRA" if self.lora else ", full"
@@ -303,13 +311,15 @@ def build(
     if not case.runs(variant):
         only = "causal LMs with labels" if variant in CHUNKED else "ResNets"
         raise ValueError(f"variant {variant!r} is not measured on {case.model}: {only} only")
+    if case.precision not in PRECISIONS:
+        raise ValueError(f"precision {case.precision!r}: one of {', '.join(PRECISIONS)}")
     if case.labels and case.model not in ("smollm2", "llama-tiny"):
         raise ValueError(f"labels=True needs a causal LM (smollm2 or llama-tiny), not {case.model}")
     torch.manual_seed(case.seed)
     if case.model == "mlp":
         blocks = mlp_blocks(case.width, case.depth)
         model = variant_model(variant, blocks, case.gamma, for_memory)
-        return model.to(device).train(), (torch.randn(case.batch, case.width, device=device),)
+        return _in_precision(case, model, torch.randn(case.batch, case.width), device)
     paths: str | list[str]
     if case.model == "encoder":
         w = case.width
@@ -342,6 +352,8 @@ def build(
         raise ValueError(
             f"unknown case model {case.model!r}: mlp, encoder, resnet<N>, smollm2 or llama-tiny"
         )
+    if case.precision == "bfloat16":
+        base.to(torch.bfloat16)  # before the conversion, which plans by the stack's dtype
     if variant == "plain":
         model = base
     elif variant in ("checkpoint", CHUNKED[0]) and case.model in ("smollm2", "llama-tiny"):
@@ -385,7 +397,32 @@ def build(
         model = peft.get_peft_model(model, config)
     if case.labels:
         model = CausalLMLoss(model)
+    return _in_precision(case, model, x, device)
+
+
+def _in_precision(
+    case: PeakCase, model: nn.Module, x: Tensor, device: torch.device
+) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """The model in train mode on ``device`` and its input, in ``case.precision``."""
+    if case.precision == "bfloat16":
+        model.to(torch.bfloat16)
+        x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    elif case.precision == "autocast":
+        model = Autocast(model)
     return model.to(device).train(), (x.to(device),)
+
+
+class Autocast(nn.Module):
+    """``model`` run under bfloat16 autocast on its device (`PeakCase.precision`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> Any:
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, torch.bfloat16):
+            return self.model(*args)
 
 
 class CausalLMLoss(nn.Module):
