@@ -182,6 +182,9 @@ def test_huggingface_auto_classes_load_the_momentum_model(tmp_path: Path) -> Non
         assert isinstance(wide.get_submodule("transformer.h"), MomentumLayerList)
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     assert (config.n_layer, config.base_config().model_type) == (4, "gpt2")
+    fresh = transformers.AutoModelForCausalLM.from_config(config)  # random weights, converted
+    assert isinstance(fresh.get_submodule("transformer.h"), MomentumLayerList)
+    assert fresh.get_submodule("transformer.h").gamma == 0.5
     # The config class survives a copy and a pickle, and so does what it saves.
     for copied in (copy.deepcopy(lm.config), pickle.loads(pickle.dumps(lm.config))):
         assert type(copied) is type(lm.config)

@@ -138,6 +138,15 @@ def _loader(auto_name: str, config_class: type) -> type:
         model, loading = load_saved(getattr(transformers, auto_name), path, *args, **kwargs)
         return (model, loading) if info else model
 
+    def from_config(cls: type, /, config: Any, **kwargs: Any) -> Any:
+        import transformers
+
+        from .transform import convert_recorded
+
+        model = getattr(transformers, auto_name).from_config(config.base_config(), **kwargs)
+        convert_recorded(model, {}, "the config", auto_name)
+        return model
+
     return type(
         f"Inertia{auto_name.removeprefix('Auto')}Loader",
         (),
@@ -146,6 +155,7 @@ def _loader(auto_name: str, config_class: type) -> type:
             "__doc__": f"Loads a converted model's save for transformers.{auto_name}.",
             "config_class": config_class,
             "from_pretrained": classmethod(from_pretrained),
+            "_from_config": classmethod(from_config),  # what Auto*.from_config calls
         },
     )
 

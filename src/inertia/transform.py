@@ -289,12 +289,13 @@ def load_saved(
         kwargs["config"] = kwargs["config"].base_config()
     model, info = model_class.from_pretrained(path, *args, output_loading_info=True, **kwargs)
     if not any(isinstance(m, MomentumNet) for m in model.modules()):  # not through the loader
-        _convert_saved(model, info, path, getattr(model_class, "__name__", "its class"))
+        convert_recorded(model, info, path, getattr(model_class, "__name__", "its class"))
     return model, info
 
 
-def _convert_saved(model: nn.Module, info: dict[str, Any], path: Any, loader: str) -> None:
-    """Apply the conversion recorded in a loaded model's config again, in place."""
+def convert_recorded(model: nn.Module, info: dict[str, Any], path: Any, loader: str) -> None:
+    """Apply the conversion recorded in a loaded model's config again, in place (``info``:
+    HuggingFace's loading info, whose unexpected keys inside a stack are refused)."""
     conversions = getattr(getattr(model, "config", None), "inertia", None)
     if not conversions:
         raise InertiaError(
