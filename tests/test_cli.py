@@ -219,6 +219,10 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects(tmp_path: Path) -> Non
         (["bench", "--batches", "0", "--quick"], "--batches 0: each must be 1 or more"),
         (["experiment", "nope"], "unknown experiment 'nope'; choose one of"),
         (
+            ["experiment", "llm", "--part", "nope"],
+            "--part nope: experiment 'llm' has no part 'nope'; choose from sweep, finetune.",
+        ),
+        (
             ["experiment", "linear-maps", "--part", "sweep"],
             "--part sweep: experiment 'linear-maps' has no parts to choose; it runs whole.",
         ),
