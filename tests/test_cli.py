@@ -218,6 +218,14 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects(tmp_path: Path) -> Non
         (["bench", "--depths", "0", "--quick"], "--depths 0: each must be 1 or more"),
         (["bench", "--batches", "0", "--quick"], "--batches 0: each must be 1 or more"),
         (["experiment", "nope"], "unknown experiment 'nope'; choose one of"),
+        (
+            ["experiment", "llm", "--part", "nope"],
+            "--part nope: experiment 'llm' has no part 'nope'; choose from sweep, finetune.",
+        ),
+        (
+            ["experiment", "linear-maps", "--part", "sweep"],
+            "--part sweep: experiment 'linear-maps' has no parts to choose; it runs whole.",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_status_two(
@@ -303,6 +311,31 @@ def test_experiment_list_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "`inertia experiment linear-maps --quick --out " in (out / "linear-maps.md").read_text()
     assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_experiment_part_reaches_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--part`` becomes `ExperimentConfig.parts` and is written in the command line of the
+    result (the experiment itself replaced by one that records its config)."""
+    from inertia.experiments import EXPERIMENTS, ExperimentConfig, ExperimentResult
+
+    seen: list[ExperimentConfig] = []
+
+    def run(config: ExperimentConfig) -> ExperimentResult:
+        seen.append(config)
+        return ExperimentResult("llm", "claim", "check", True, "summary", "setup", ("a",), [(1,)])
+
+    parts = ("sweep", "finetune")
+    fake = replace(EXPERIMENTS["llm"], run=run, plot=lambda result, fig: None, parts=parts)
+    monkeypatch.setitem(EXPERIMENTS, "llm", fake)
+    argv = ["experiment", "llm", "--quick", "--part", "sweep", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert [c.parts for c in seen] == [("sweep",)]
+    md = (tmp_path / "llm.md").read_text()
+    assert f"`inertia experiment llm --quick --part sweep --out {tmp_path}`" in md
+    assert main([*argv[:3], "--part", "finetune", "sweep", *argv[-2:]]) == 0
+    assert seen[-1].parts == ("finetune", "sweep")
 
 
 def test_train_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,7 +111,6 @@ def test_true_peak_benchmark_script(tmp_path: Path) -> None:
     assert "| mlp 64, depth 4, batch 64 | floor | n/a | n/a | n/a |" in table
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_llm_benchmark_script(tmp_path: Path) -> None:
     """benchmarks/llm.py --quick: a 2-layer random Llama trained on its loss, full and LoRA,
     against HuggingFace's checkpointing with and without the chunked loss, each variant in a
@@ -208,7 +207,6 @@ def test_gpu_diagnose_script_runs_small_on_cpu(tmp_path: Path) -> None:
     assert len(raw["timelines"]) == 4
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_bf16_benchmark_script(tmp_path: Path) -> None:
     """benchmarks/bf16.py --quick: a 2-layer random Llama in float32, bfloat16 weights and under
     autocast; memory-free exact gradients as close to the float32 truth as autograd through the

@@ -3,6 +3,8 @@ regression in the library shows up as a failed claim."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from pathlib import Path
 
@@ -174,29 +176,136 @@ def test_llm_paired_ratio() -> None:
     assert math.exp(0.0) < low < ratio < high < math.exp(0.35)
 
 
-def test_llm_fine_tuning_matches_the_backprop_twin() -> None:
-    """The pipeline on a 2-layer random Llama: every arm trains, the memory-free arms' gradients
-    and losses match their backprop twin's, and the decoder stack's saved bytes order as
-    expected at every sequence length."""
+@functools.cache
+def run_llm(parts: tuple[str, ...]) -> tuple[ExperimentResult, list[tuple[bench.PeakCase, str]]]:
+    """The llm experiment's quick run of ``parts`` (once per session), with the true peaks
+    faked (they start processes, which tests/test_bench_peak.py checks): its result and the
+    (case, variant) pairs that it asked `bench.true_peak` for."""
     pytest.importorskip("transformers")
-    result = run_experiment("llm", ExperimentConfig(quick=True, seeds=(0,)))
+    pytest.importorskip("peft")
+    asked: list[tuple[bench.PeakCase, str]] = []
+
+    def fake(case: bench.PeakCase, variant: str, **kwargs: object) -> bench.TruePeak:
+        asked.append((case, variant))
+        mib = (2 if case.lora else 3) + case.gamma * (variant == "default")
+        step = bench.StepPeak(mib * 2.0**20, 0.0, 0, "rss")
+        return bench.TruePeak(case.label(), variant, "cpu", step, step, None, 0, 0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "true_peak", fake)
+        config = ExperimentConfig(quick=True, seeds=(0,), parts=parts)
+        return run_experiment("llm", config), asked
+
+
+def test_llm_choose_gammas() -> None:
+    """The largest gamma within 5% (by its CI's upper end) and the next below; the two smallest
+    where no gamma, or only the smallest, is within 5%."""
+
+    def chosen(highs: list[float]) -> tuple[tuple[float, float], str]:
+        cis = zip(llm.GAMMAS, highs, strict=True)
+        return llm.choose_gammas({g: (h - 0.01, h - 0.02, h) for g, h in cis})
+
+    assert chosen([1.01, 1.02, 1.04, 1.3, 3.0, 3000.0]) == (
+        (0.03, 0.1),
+        "gamma 0.1, the largest whose zero-shot perplexity is within 5% of the original's, and "
+        "0.03, the next below",
+    )
+    assert chosen([1.01, 1.02, 1.051, 1.3, 3.0, 3000.0])[0] == (0.01, 0.03)  # 1.04, CI to 1.051
+    assert chosen([1.06, 1.07, 1.06, 1.04, 3.0, 3000.0])[0] == (0.1, 0.3)  # the largest within
+    assert chosen([1.0] * 6)[0] == (0.5, 0.9)
+    pair, why = chosen([1.04, 1.06, 1.1, 1.3, 3.0, 3000.0])
+    assert pair == (0.01, 0.03)
+    assert why.startswith("only gamma 0.01's zero-shot perplexity is within 5%")
+    pair, why = chosen([1.2, 1.3, 1.4, 2.0, 3.0, 3000.0])
+    assert pair == (0.01, 0.03)
+    assert why.startswith("no gamma's zero-shot perplexity is within 5%")
+    with pytest.raises(ValueError, match="needs two"):
+        llm.choose_gammas({0.5: (1.0, 1.0, 1.0)})
+
+
+def test_llm_sweep_reads_bits_bytes_and_true_peaks() -> None:
+    """The sweep on a 6-layer random Llama: each gamma's buffer bits (read from a forward's state)
+    and stack bytes, HF checkpointing's, and the true peaks asked of `bench.true_peak`."""
+    result, asked = run_llm(llm.PARTS)
     assert all(len(r) == len(result.columns) for r in result.rows)
+    col = {c: i for i, c in enumerate(result.columns)}
+    zero = {r[col["gamma"]]: r for r in result.rows if r[col["training"]] == "zero-shot"}
+    assert list(zero) == [0.0, *llm.GAMMAS]
+    per = {g: r[col["stack saved B per element"]] for g, r in zero.items()}
+    used = {g: r[col["buffer bits used"]] for g, r in zero.items()}
+    for g in llm.GAMMAS:
+        stored = zero[g][col["buffer bits stored"]]
+        assert 0 < used[g] <= stored
+        assert stored in (8, 16, 32) or (stored - 64) % 32 == 0
+        assert 0 < per[g] < per[0.0]  # HF checkpointing keeps each of the 6 layers' input
+        assert isinstance(zero[g][col["within 5%"]], bool)
+    assert per[0.0] == 6 * 4  # float32 inputs of 6 layers
+    assert used[0.01] > used[0.1] > used[0.5]  # about log2(1 / gamma) bits per layer
+    assert per[0.01] > per[0.5]
+    peaks = {(c.lora, v, c.gamma if v == "default" else 0.0) for c, v in asked}
+    variants = [("checkpoint", 0.0)] + [("default", g) for g in llm.GAMMAS]
+    assert peaks == {(lora, v, g) for lora in (False, True) for v, g in variants}
+    assert len(asked) == len(peaks)
+    assert all(c.labels and c.batch == 1 and c.seq_len == 64 for c, _ in asked)
+    assert zero[0.5][col["true peak LoRA MiB"]] == 2.5  # the fake's
+    assert "sweep: " in result.summary
+
+
+def test_llm_fine_tuning_full_and_lora_match_the_backprop_twin() -> None:
+    """The fine-tuning arms at the gammas chosen from the zero-shot ratios, full and LoRA: every
+    arm trains, the memory-free arms' gradients and losses match their backprop twin's."""
+    result = run_llm(llm.PARTS)[0]
     d = result.data
     assert d["twin_ok"]
-    for gamma in llm.TUNED:
-        twin = d["runs"][gamma]["twin"]
-        assert len(twin["loss"]) == 3
-        assert twin["loss"][0][0] == twin["loss"][0][1]
-        assert sorted(k for k in twin if k.startswith("grad")) == ["grad step 1", "grad step 8"]
-        assert all(twin[k][0] <= llm.TWIN_TOL for k in ("grad step 1", "grad step 8"))
-    for run in d["runs"].values():
-        assert len(run["steps"]) == 5
-        assert run["nll"][-1].mean() < run["nll"][0].mean()
-    memory = d["memory"]
-    for i, n in enumerate(d["memory_seqs"]):
-        assert memory["plain"][i] > 4 * memory["checkpoint"][i] > 0
-        assert memory["momentum_exact"][i] > memory["momentum_free"][i] > 0
-        assert memory["plain"][i] == memory["plain"][0] * n // d["memory_seqs"][0]
+    tuned, _ = llm.choose_gammas(d["zero_shot"])
+    assert d["tuned"] == tuned
+    assert list(d["runs"]) == ["full", "LoRA"]
+    for training, runs in d["runs"].items():
+        assert list(runs) == [0.0, *tuned]
+        for gamma, run in runs.items():
+            assert run["steps"] == [0, 2, 4, 6, 8]
+            assert torch.equal(run["nll"][0], d["nll"][gamma])  # step 0: the zero-shot
+            assert run["nll"][-1].mean() < run["nll"][0].mean(), (training, gamma)
+            if gamma:
+                twin = run["twin"]
+                assert len(twin["loss"]) == 3
+                assert twin["loss"][0][0] == twin["loss"][0][1]
+                grads = ["grad step 1", "grad step 8"]
+                assert sorted(k for k in twin if k.startswith("grad")) == grads
+                assert all(twin[k][0] <= llm.TWIN_TOL for k in grads)
+    col = {c: i for i, c in enumerate(result.columns)}
+    last = [r for r in result.rows if r[col["training"]] != "zero-shot" and r[col["step"]] == 8]
+    assert sorted((r[col["training"]], r[col["gamma"]]) for r in last) == sorted(
+        (t, g) for t in ("full", "LoRA") for g in (0.0, *tuned)
+    )
+    assert all(isinstance(r[col["within 5%"]], bool) for r in last if r[col["gamma"]])
+    assert "fine-tuning: full, gamma" in result.summary
+    assert "LoRA, gamma" in result.summary
+
+
+def test_llm_parts_run_apart(tmp_path: Path) -> None:
+    """``parts`` selects the sweep (memory, no fine-tuning) or the fine-tuning (no memory, no
+    true peak); the zero-shot rows, which choose the tuned gammas, come with both."""
+    sweep, asked = run_llm(("sweep",))
+    assert not sweep.data["runs"]
+    assert {r[1] for r in sweep.rows} == {"zero-shot"}
+    assert len(asked) == 2 * (1 + len(llm.GAMMAS))
+    assert "fine-tuning" not in sweep.summary
+    finetune, asked = run_llm(("finetune",))
+    assert not asked
+    assert list(finetune.data["runs"]) == ["full", "LoRA"]
+    memory = [c for c in finetune.columns if "bits" in c or "MiB" in c or "B per" in c]
+    zero = [r for r in finetune.rows if r[1] == "zero-shot"]
+    assert len(zero) == 1 + len(llm.GAMMAS)
+    assert all(math.isnan(r[finetune.columns.index(c)]) for r in zero for c in memory)
+    assert "sweep" not in finetune.summary
+    with pytest.raises(ValueError, match="no part 'nope'; choose from sweep, finetune"):
+        run_experiment("llm", ExperimentConfig(quick=True, parts=("nope",)))
+    with pytest.raises(ValueError, match="has no parts to choose"):
+        run_experiment("ode-limit", ExperimentConfig(quick=True, parts=("sweep",)))
+    if importlib.util.find_spec("matplotlib"):  # each part's figure draws
+        for result in (sweep, finetune):
+            write_results(result, tmp_path, "inertia experiment llm --quick")
 
 
 def test_write_results(tmp_path: Path) -> None:

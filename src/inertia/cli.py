@@ -239,6 +239,9 @@ def _experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="memory: the true peak of each step too (first seed)")  # fmt: skip
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST's IDX files (default: Debian's folder)")  # fmt: skip
+    p.add_argument("--part", nargs="+", default=[],
+                   help="run only these parts of an experiment made of parts (llm: sweep, "
+                   "finetune); default: all")  # fmt: skip
 
 
 def _experiment(args: argparse.Namespace) -> int:
@@ -256,16 +259,22 @@ def _experiment(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}"
         )
+    try:
+        EXPERIMENTS[args.name].check_parts(args.part)
+    except ValueError as err:
+        raise UsageError(f"--part {' '.join(args.part)}: {err}.") from None
     config = ExperimentConfig(
         seeds=tuple(args.seeds),
         quick=args.quick,
         threads=args.threads,
         data_dir=args.data_dir,
         true_peak=args.true_peak,
+        parts=tuple(args.part),
     )
     result = run_experiment(args.name, config)
     words = ["inertia experiment", args.name, *(["--quick"] if args.quick else [])]
     words += ["--true-peak"] if args.true_peak else []
+    words += ["--part", *args.part] if args.part else []
     if config.seeds != ExperimentConfig().seeds:
         words += ["--seeds", *map(str, config.seeds)]
     command = " ".join([*words, "--out", args.out])

@@ -12,6 +12,7 @@ import importlib.util
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -389,12 +390,7 @@ def build(
 
         use_chunked_loss(model, CHUNK_TOKENS)
     if case.lora:
-        import peft
-
-        config = peft.LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-        )
-        model = peft.get_peft_model(model, config)
+        model = add_lora(model)
     if case.labels:
         model = CausalLMLoss(model)
     return _in_precision(case, model, x, device)
@@ -423,6 +419,34 @@ class Autocast(nn.Module):
         device = next(self.model.parameters()).device.type
         with torch.autocast(device, torch.bfloat16):
             return self.model(*args)
+
+
+#: The attention projections that `add_lora` adapts (a Llama's names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def add_lora(model: nn.Module) -> nn.Module:
+    """``model`` with peft LoRA adapters of rank 8 (alpha 16, no dropout) on its attention
+    projections (`LORA_TARGETS`), every other weight frozen: how the benchmarks and the LLM
+    experiment train LoRA (`PeakCase.lora`). The adapters' ``A`` draws from torch's generator;
+    ``B`` starts at zero, so the model computes what it computed before.
+
+    Examples:
+        >>> from inertia.models.smollm2 import tiny_llama
+        >>> model = add_lora(tiny_llama(2, 64))  # q and o 64 -> 64, k and v 64 -> 32
+        >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
+        7168
+    """
+    import peft
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS))
+    with warnings.catch_warnings():
+        # peft 0.21 reads an alias that transformers 5 deprecates: nothing a caller can change.
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        lora: nn.Module = peft.get_peft_model(model, config)
+    return lora
 
 
 class CausalLMLoss(nn.Module):

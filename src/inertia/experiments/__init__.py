@@ -49,11 +49,13 @@ def run_experiment(name: str, config: ExperimentConfig | None = None) -> Experim
     """Run the experiment ``name`` and return its result (timed, threads set by ``config``).
 
     Raises:
-        ValueError: Unknown ``name``, or fewer than 3 seeds outside quick mode.
+        ValueError: Unknown ``name``, no seed, or a part (``config.parts``) that the experiment
+            does not have.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     config = config or ExperimentConfig()
+    EXPERIMENTS[name].check_parts(config.parts)
     if not config.seeds:
         raise ValueError("an experiment needs at least one seed")
     start = time.perf_counter()

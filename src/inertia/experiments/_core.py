@@ -50,6 +50,8 @@ class ExperimentConfig:
             ``/usr/share/datasets/fashion-mnist``.
         true_peak: Experiment ``memory``: also the true peak of each training step
             (`inertia.bench.true_peak`, a fresh process per depth and variant, first seed only).
+        parts: For an experiment made of parts that can run apart (`Experiment.parts`; ``llm``:
+            ``"sweep"`` and ``"finetune"``), the ones to run; empty (the default): all of them.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -57,6 +59,7 @@ class ExperimentConfig:
     threads: int | None = 1
     data_dir: str | None = None
     true_peak: bool = False
+    parts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -82,13 +85,27 @@ class ExperimentResult:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A registered experiment: ``run`` measures, ``plot`` draws the result on a figure."""
+    """A registered experiment: ``run`` measures, ``plot`` draws the result on a figure;
+    ``parts``, where it has any, name what `ExperimentConfig.parts` may select."""
 
     name: str
     title: str
     run: Callable[[ExperimentConfig], ExperimentResult]
     plot: Callable[[ExperimentResult, Figure], None]
     panels: int = 2
+    parts: tuple[str, ...] = ()
+
+    def check_parts(self, parts: Sequence[str]) -> None:
+        """Raise ValueError unless every one of ``parts`` is one of this experiment's."""
+        unknown = [p for p in parts if p not in self.parts]
+        if not unknown:
+            return
+        if not self.parts:
+            raise ValueError(f"experiment {self.name!r} has no parts to choose; it runs whole")
+        raise ValueError(
+            f"experiment {self.name!r} has no part {unknown[0]!r}; choose from "
+            f"{', '.join(self.parts)}"
+        )
 
 
 #: Registered experiments by name, in the paper's order.
@@ -96,7 +113,11 @@ EXPERIMENTS: dict[str, Experiment] = {}
 
 
 def register(
-    name: str, title: str, plot: Callable[[ExperimentResult, Figure], None], panels: int = 2
+    name: str,
+    title: str,
+    plot: Callable[[ExperimentResult, Figure], None],
+    panels: int = 2,
+    parts: tuple[str, ...] = (),
 ) -> Callable[
     [Callable[[ExperimentConfig], ExperimentResult]], Callable[[ExperimentConfig], ExperimentResult]
 ]:
@@ -107,7 +128,7 @@ def register(
     ) -> Callable[[ExperimentConfig], ExperimentResult]:
         if name in EXPERIMENTS:
             raise ValueError(f"experiment {name!r} is already registered")
-        EXPERIMENTS[name] = Experiment(name, title, run, plot, panels)
+        EXPERIMENTS[name] = Experiment(name, title, run, plot, panels, parts)
         return run
 
     return add
