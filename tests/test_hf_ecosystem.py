@@ -177,6 +177,8 @@ def test_huggingface_auto_classes_load_the_momentum_model(tmp_path: Path) -> Non
         assert isinstance(base.get_submodule("h"), MomentumLayerList)
         assert not info["missing_keys"]
         assert torch.equal(base.eval()(input_ids=ids).last_hidden_state, model.transformer(ids)[0])
+        concrete = from_pretrained(transformers.GPT2LMHeadModel, tmp_path).eval()
+        assert torch.equal(concrete(input_ids=ids).logits, want)
         wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
         assert {p.dtype for p in wide.parameters()} == {torch.float64}
         assert isinstance(wide.get_submodule("transformer.h"), MomentumLayerList)

@@ -252,6 +252,18 @@ def _base_prefix(model: nn.Module) -> str:
     return f"{prefix}." if isinstance(child, nn.Module) else ""
 
 
+#: ``from_pretrained``'s arguments that say where the files are, which the config is read with.
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+)
+
+
 def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> nn.Module:
     """Load a HuggingFace model saved after `transform_to_momentumnet`, converted again.
 
@@ -261,9 +273,9 @@ def from_pretrained(model_class: Any, path: Any, *args: Any, **kwargs: Any) -> n
     (``AutoModelForCausalLM.from_pretrained(path)`` gives the momentum model); without inertia they
     refuse it, naming this function. It builds ``model_class`` (an Auto class, or the original
     class: ``LlamaForCausalLM``...) from the original config, loads the weights and applies the
-    recorded conversion again, in place. Saves written before inertia 0.1 (``config.json`` with
-    the original ``model_type``) load through it too; HuggingFace alone gives them the original
-    architecture, another function.
+    recorded conversion again, in place. Saves whose ``config.json`` kept the original
+    ``model_type`` (written before inertia recorded its own) load through it too; HuggingFace
+    alone gives them the original architecture, another function.
 
     Args:
         model_class: The HuggingFace class to load with: ``AutoModelForCausalLM``, ``AutoModel``
@@ -285,8 +297,15 @@ def load_saved(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """`from_pretrained`, and HuggingFace's loading info (missing and unexpected keys...)."""
     _hf_auto.register()
-    if _hf_auto.is_saved_conversion(kwargs.get("config")):
-        kwargs["config"] = kwargs["config"].base_config()
+    config: Any = kwargs.get("config")
+    if config is None and not hasattr(model_class, "_model_mapping"):
+        # A concrete class would read inertia's config.json as one of its own type.
+        from transformers import AutoConfig
+
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = AutoConfig.from_pretrained(path, **hub)
+    if _hf_auto.is_saved_conversion(config):
+        kwargs["config"] = config.base_config()
     model, info = model_class.from_pretrained(path, *args, output_loading_info=True, **kwargs)
     if not any(isinstance(m, MomentumNet) for m in model.modules()):  # not through the loader
         convert_recorded(model, info, path, getattr(model_class, "__name__", "its class"))
