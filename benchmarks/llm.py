@@ -12,7 +12,7 @@ is measured in a fresh process (`inertia.bench.true_peak`), as in benchmarks/tru
 peak is split into what the step allocates (gradients, logits, the stack's saved state) beside
 what is held before it (weights, Adam's state).
 
-Writes benchmarks/results/llm.{csv,md}. About 60 minutes on 2 CPU cores.
+Writes benchmarks/results/llm.{csv,md}. About 100 minutes on 2 CPU cores.
 
     python benchmarks/llm.py            # the committed results
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
@@ -98,8 +98,9 @@ def split_table(csv_path: Path) -> str:
         f"chunk's of {CHUNK_TOKENS} tokens; HuggingFace's loss holds more than one copy), the "
         "decoder stack's saved state after the forward (measured, as above) and the rest "
         "(the peak less those: the recomputation's and the loss's working memory, the "
-        "embeddings' and the head's saved tensors). Total: the weights, Adam's state and the "
-        "step's peak.",
+        "embeddings' and the head's saved tensors; negative where those parts are not all alive "
+        "at the peak: a step's gradients grow as its stack's saved state is freed). Total: the "
+        "weights, Adam's state and the step's peak.",
         "",
         "| case | variant | weights | Adam state | step's peak | gradients | logits | stack | "
         "rest | total with Adam |",
