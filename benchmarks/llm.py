@@ -24,6 +24,7 @@ import argparse
 import csv
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from inertia.bench import CHUNK_TOKENS, CHUNKED, PeakCase, PeakConfig, report_true_peak
@@ -153,15 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    config = PeakConfig(
-        cases=base.cases,
-        variants=base.variants,
-        timed=base.timed,
-        repeats=base.repeats,
-        threads=args.threads,
-        timeout=base.timeout,
-    )
+    config = replace(QUICK if args.quick else FULL, threads=args.threads)
     stem = "llm_quick" if args.quick else "llm"
     flags = sys.argv[1:] if argv is None else argv
     table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from inertia.bench import PeakCase, PeakConfig, report_true_peak
@@ -77,10 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the optimizer's step too, reported apart")  # fmt: skip
     args = parser.parse_args(argv)
     config = QUICK if args.quick else PeakConfig()
-    config = PeakConfig(
-        cases=config.cases,
-        variants=config.variants,
-        timed=config.timed,
+    config = replace(
+        config,
         repeats=config.repeats if args.repeats is None else args.repeats,
         threads=args.threads,
         device=args.device,
