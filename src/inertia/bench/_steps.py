@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._core import ExactArithmetic, kernels
+from ..loss import chunk_tokens
 from ..nn import MomentumNet
 from ..testing import SavedTensorMeter
 
@@ -41,8 +42,6 @@ LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first"
 CHUNKED = ("checkpoint_chunked", "default_chunked")
 #: `PeakCase.precision`: float32, bfloat16 weights, float32 weights under bfloat16 autocast.
 PRECISIONS = ("float32", "bfloat16", "autocast")
-#: Tokens whose logits `inertia.use_chunked_loss` computes at once in the ``CHUNKED`` variants.
-CHUNK_TOKENS = 1024
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -230,6 +229,8 @@ class PeakCase:
         precision: `PRECISIONS`: ``"float32"``; ``"bfloat16"``: the weights cast to bfloat16
             before the variant is built (as ``from_pretrained(..., dtype=torch.bfloat16)`` loads
             them); ``"autocast"``: float32 weights, the forward under bfloat16 autocast.
+        chunk_tokens: The ``chunk_size`` of `inertia.use_chunked_loss` in the `CHUNKED`
+            variants; None: its default (`inertia.loss.chunk_tokens`).
 
     Examples:
         >>> PeakCase("encoder", depth=12, batch=16, width=256, seq_len=512).label()
@@ -248,6 +249,7 @@ class PeakCase:
     lora: bool = False
     labels: bool = False
     precision: str = "float32"
+    chunk_tokens: int | None = None
 
     def stack_of(self, model: nn.Module) -> nn.Module | None:
         """The model's one stack of blocks, whose saved bytes are counted apart
@@ -279,7 +281,9 @@ class PeakCase:
         if self.model not in ("smollm2", "llama-tiny"):
             return 0
         tokens = self.batch * self.seq_len
-        return 4 * vocab * (min(tokens, CHUNK_TOKENS) if variant in CHUNKED else tokens)
+        if variant in CHUNKED:
+            tokens = min(tokens, self.chunk_tokens or chunk_tokens(vocab))
+        return 4 * vocab * tokens
 
     def label(self) -> str:
         """The case in a few words, for tables."""
@@ -388,7 +392,7 @@ def build(
     if variant in CHUNKED:
         from ..loss import use_chunked_loss
 
-        use_chunked_loss(model, CHUNK_TOKENS)
+        use_chunked_loss(model, case.chunk_tokens)
     if case.lora:
         model = add_lora(model)
     if case.labels:
