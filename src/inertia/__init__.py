@@ -4,6 +4,7 @@ Sander, Ablin, Blondel and Peyré, "Momentum Residual Neural Networks", ICML 202
 """
 
 from . import _hf_auto
+from ._choose import GammaChoice, choose_gamma
 from ._core import ExactState, Word
 from ._errors import InertiaError, InversionError, InversionWarning
 from ._layerlist import MomentumLayerList
@@ -19,6 +20,7 @@ _hf_auto.install()  # HuggingFace's Auto classes load converted models' saves, o
 
 __all__ = [
     "ExactState",
+    "GammaChoice",
     "InertiaError",
     "InversionError",
     "InversionWarning",
@@ -29,6 +31,7 @@ __all__ = [
     "Word",
     "__version__",
     "causal_lm_loss",
+    "choose_gamma",
     "create_model",
     "find_residual_stacks",
     "from_momentumnet_state_dict",
