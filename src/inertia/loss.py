@@ -104,9 +104,10 @@ def chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
     logits, in the dtype the loss computes them (float32 at least), take `CHUNK_BYTES` (32 MiB),
     and at least `MIN_CHUNK_TOKENS`.
 
-    On SmolLM2-135M at 4,096 tokens with LoRA, 1,024-token chunks (192 MiB of logits) set the
-    step's peak at 451.1 MiB, and this default at ... (``benchmarks/llm.py``); the loss's extra
-    product per chunk costs ... of the step.
+    At long context one chunk's logits are a large part of a step's peak: on SmolLM2-135M with
+    LoRA at 4,096 tokens, 1,024-token chunks take 192 MiB of a 451.1 MiB peak
+    (``benchmarks/results/llm.md``). Smaller chunks cost time instead: the output layer's weight
+    is read once per chunk in the forward and twice in the backward.
 
     Examples:
         >>> chunk_tokens(49_152)  # SmolLM2's vocabulary
