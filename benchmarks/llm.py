@@ -13,11 +13,12 @@ peak is split into what the step allocates (gradients, logits, the stack's saved
 what is held before it (weights, Adam's state).
 
 Writes benchmarks/results/STEM.{csv,md} (``--stem``, default ``llm``). About 100 minutes on 2
-CPU cores; ``--tokens``, ``--variants`` and ``--chunk-tokens`` run a part or another chunk size.
+CPU cores; ``--tokens``, ``--variants``, ``--training`` and ``--chunk-tokens`` run a part or
+another chunk size.
 
     python benchmarks/llm.py --chunk-tokens 1024    # llm.md: every case, 1,024-token chunks
     python benchmarks/llm.py --tokens 4096 --variants checkpoint_chunked default_chunked \
-        --stem llm_4096                             # llm_4096.md: the targets, default chunks
+        --training LoRA --stem llm_4096     # llm_4096.md: LoRA's target, default chunks
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
 """
 
@@ -35,6 +36,7 @@ from inertia.loss import chunk_tokens
 
 VARIANTS = ("plain", "checkpoint", *CHUNKED)
 TOKENS = (1024, 2048, 4096)
+TRAININGS = ("full", "LoRA")
 GAMMA = 0.9
 #: SmolLM2's vocabulary, for the default chunk's size in the description.
 VOCAB = 49_152
@@ -47,9 +49,10 @@ def full(
     tokens: tuple[int, ...] = TOKENS,
     variants: tuple[str, ...] = VARIANTS,
     chunk: int | None = None,
+    trainings: tuple[str, ...] = TRAININGS,
 ) -> PeakConfig:
-    """SmolLM2 at each sequence length of ``tokens``, full and LoRA; ``chunk``: the chunked
-    loss's ``chunk_size`` (None: its default)."""
+    """SmolLM2 at each sequence length of ``tokens``, trained as each of ``trainings`` (full,
+    LoRA); ``chunk``: the chunked loss's ``chunk_size`` (None: its default)."""
     return PeakConfig(
         cases=tuple(
             PeakCase(
@@ -62,6 +65,7 @@ def full(
                 chunk_tokens=chunk,
             )
             for lora in (False, True)
+            if TRAININGS[lora] in trainings
             for n in tokens
         ),
         variants=variants,
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, choices=TOKENS)
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--training", nargs="+", default=TRAININGS, choices=TRAININGS)
     parser.add_argument(
         "--chunk-tokens", type=int, help="the chunked loss's chunk_size (default: its default)"
     )
@@ -196,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         config = replace(QUICK, threads=args.threads)
     else:
-        chosen = full(tuple(args.tokens), tuple(args.variants), args.chunk_tokens)
+        chosen = full(
+            tuple(args.tokens), tuple(args.variants), args.chunk_tokens, tuple(args.training)
+        )
         config = replace(chosen, threads=args.threads)
     stem = args.stem or ("llm_quick" if args.quick else "llm")
     flags = sys.argv[1:] if argv is None else argv
