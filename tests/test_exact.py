@@ -318,6 +318,47 @@ def test_values_that_leave_the_int32_word_run_again_in_int64(factor: float) -> N
     assert net.word.overflows == 2 * int(overflowed)  # and then stayed in int64
 
 
+@pytest.mark.parametrize(
+    ("dtype", "scale", "splits"),
+    [
+        (torch.float32, 1.0, True),
+        (torch.float32, 1e-36, False),  # grid steps below 2**-126: subnormal floats
+        (torch.float32, 1e37, False),  # grid steps above 2**96: float32's largest in reach
+        (torch.bfloat16, 1.0, False),  # 8 bits of mantissa: no one-byte correction
+        (torch.float64, 1.0, False),  # int64 words
+    ],
+)
+def test_backward_holds_x_as_a_float_and_an_int8_correction(
+    dtype: torch.dtype, scale: float, splits: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below its last block, the backward of a float32 stack holds x as the block's float input
+    and an int8 correction, not in its int32 word: values grown 50 times past float32's 24 bits
+    need corrections, and the gradients are still the twin's bit for bit (the inverse is checked
+    at block 0). Where the float cannot carry x within a byte (grid steps out of float32's normal
+    range, 16-bit floats, int64 words), x keeps its word, with the same gradients."""
+    largest: list[int] = []
+    unstep = inertia_exact.unstep_split
+
+    def recording(position: Tensor, correction: Tensor, *rest: Tensor) -> Tensor:
+        new: Tensor = unstep(position, correction, *rest)
+        largest.append(int(correction.abs().max()))
+        return new
+
+    monkeypatch.setattr(inertia_exact, "unstep_split", recording)
+    torch.manual_seed(0)
+    # Bias-free blocks keep tiny and huge inputs' scale; float32 holds 1e37 grown twice.
+    blocks = [Grow(50.0 if scale == 1.0 else 2.0)]
+    blocks += [nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh()) for _ in range(3)]
+    net = MomentumNet(blocks, 0.5, use_backprop=False, exact=True).to(dtype)
+    x = (torch.randn(6, 8) * scale).to(dtype).requires_grad_()
+    errors = gradient_errors(backprop_twin(net), net, x, seed=3)
+    assert all(e == 0 for e in errors.values()), errors
+    assert net.word.overflows == 0
+    assert len(largest) == (2 if splits else 0)  # to x_1 and x_0 (x_2 is split from its word)
+    if splits:
+        assert 0 < max(largest) <= 64
+
+
 class Overflow(nn.Module):
     """Returns inf in one element while ``on``, as an fp16 block does when activations overflow."""
 
@@ -599,8 +640,8 @@ def test_velocity_converted_only_when_returned(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(16, 8, requires_grad=True)
     out = net(x)
     assert converted == []
-    out.sum().backward()  # converts x_{n-1} below each block but the last, v never
-    assert converted == [x.numel()] * 2
+    out.sum().backward()  # v never; x's floats come from the kernels that split x
+    assert converted == []
     converted.clear()
     x_n, v_n = net(x, return_velocity=True)
     assert converted == [x.numel()]

@@ -192,9 +192,8 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if self._bytes > self.peak:
             self.peak = self._bytes
             self.at_peak = {key: entry for key, (_, entry) in self._live.items()}
-        for name, accepts in self.roles.items():
-            alive = sum(entry.nbytes for _, entry in self._live.values() if accepts(entry))
-            self.peaks[name] = max(self.peaks[name], alive)
+        for name in self.roles:
+            self.peaks[name] = max(self.peaks[name], self.alive(name))
         return out
 
     def _prune(self) -> None:
@@ -208,6 +207,13 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         """Bytes of the storages made under the meter that are alive now."""
         self._prune()
         return self._bytes
+
+    def alive(self, role: str) -> int:
+        """Bytes of the storages made under the meter that are alive now and that ``role``
+        accepts."""
+        self._prune()
+        accepts = self.roles[role]
+        return sum(entry.nbytes for _, entry in self._live.values() if accepts(entry))
 
 
 def storage_key(t: Tensor) -> int:

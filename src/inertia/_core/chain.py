@@ -28,13 +28,13 @@ block). The gradients that a node hands down are tensors it allocated, with no o
 the node below computes its own into them in place; for a block that is not ``is_residual``,
 ``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. At the peak of the
 backward, beside the saved state (float: ``x_N`` and ``v_N``; exact: their int32 words and the
-buffer, which the nodes rewrite in place), live one block's recomputation and at most five tensors
-of the state's size in its dtype in exact mode: the incoming gradient, the adjoint, the block's
-output and its input's gradient, and ``x_n`` (the float of ``x_{n-1}`` is made after the block's
-pullback; float mode: seven, with ``v_n`` and ``x_{n-1}``, and at block 0 the inversion check's
-random direction where the state has fewer than 2**16 elements); no integer or float64 tensor of
-the state's size
-(`tests/test_memory.py::test_live_set_of_a_memory_free_step`, with
+buffer, which the nodes rewrite in place; below the last block of a float32 stack, ``x`` as the
+block's float input and an int8 correction instead of its word), live one block's recomputation
+and at most five tensors of the state's size in its dtype in exact mode: the incoming gradient,
+the adjoint, the block's output and its input's gradient, and ``x_n`` (the float of ``x_{n-1}`` is
+made after the block's pullback; float mode: seven, with ``v_n`` and ``x_{n-1}``, and at block 0
+the inversion check's random direction where the state has fewer than 2**16 elements); no integer
+or float64 tensor of the state's size (`tests/test_memory.py`, with
 `inertia.testing.LiveTensorMeter`). Where exact mode's
 forward met a NaN or inf, its output is NaN and every node returns NaN gradients, rebuilding
 nothing (``GradScaler`` then skips the step).

@@ -58,15 +58,19 @@ from .kernels import (
     NARROW_Q,
     WORD,
     checksum,
+    checksum_split,
     convert,
     eager,
     round_to_grid,
+    split,
     step,
     step_narrow,
     step_push,
     unstep_position,
+    unstep_split,
     unstep_velocity,
     unstep_velocity_narrow,
+    unstep_velocity_only,
     unstep_velocity_pop,
 )
 
@@ -83,6 +87,10 @@ _MAX_DENOMINATOR = 1 << 24  # p q < 2**48, so t = c p + s never overflows
 _BUFFER_CAP = 1 << 51  # the buffer stays below this (the kernels divide it exactly through float64)
 _LIMIT = 1 << 61  # in int64 words, |x|, |v| and each rounded block output stay below this
 _MAX_BITS = 1000  # grid steps from 2**-1000 to 2**1000: both normal float64 numbers
+# Grid steps from 2**-126 (every nonzero value on the grid is a normal float32) to 2**96 (values
+# below 2**31 steps stay below float32's largest): where x's int32 word splits into a float32 and
+# an int8 correction (`kernels._split`).
+_SPLIT_BITS = (-96, 126)
 # A relative grid's row (a sample's channel or token) is at most 2**_QUIET_BITS times finer than
 # its sample's loudest, so that a row whose input is quiet (a dead ReLU channel, a lone small
 # value) has room in an int32 word for values up to 8 times the sample's largest input magnitude,
@@ -287,6 +295,8 @@ class ExactArithmetic:
         self._fits = False  # the last forward's values fitted an int32 word
         # v_n, from `unstep_velocity`, which moved x to x_{n-1}: for the next `unstep_position`.
         self._ahead: Tensor | None = None
+        # The backward holds x as a float32 and an int8 correction below its last block (`restore`).
+        self._split = False
         self.dtype = torch.float32  # of the floats, set by `encode`
 
     @property
@@ -453,6 +463,7 @@ class ExactArithmetic:
         _check_device(state.x.device)
         self._set_grid(state.fraction_bits, state.x.shape)
         self._fits = state.x.dtype == torch.int32  # the forward's values all fitted it
+        self._split = False
         dtype = state.position.dtype
         xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
         # Copies, contiguous: the kernels write into the integers (and not into the caller's).
@@ -564,29 +575,61 @@ class ExactArithmetic:
         ints = (t.to(copy=not owned, memory_format=contiguous) for t in (xi, vi))
         wide = buffer.dtype != self.buffer_dtype
         buffer = buffer.to(self.buffer_dtype, copy=not owned and not wide)
+        self._split = self._splits(xi)
         return (placeholder, _LAZY, *ints, buffer, *words)
+
+    def _splits(self, xi: Tensor) -> bool:
+        """Whether the backward may hold ``x`` below the last block as its float32 value and an
+        int8 correction (`kernels._split`): float32 floats, an int32 word, a buffer that pushes
+        no word plane and ``q <= NARROW_Q`` (the kernels that leave ``x`` alone), and every grid
+        step within `_SPLIT_BITS`. One device sync. The last block keeps the word: its node holds
+        the saved one until it returns, and a float beside it would cost more than it saves."""
+        if not (
+            self.dtype == torch.float32
+            and xi.dtype == torch.int32
+            and self.p
+            and not self.pushes
+            and self.q <= NARROW_Q
+            and self.depth > 1
+        ):
+            return False
+        assert self.grid is not None
+        bits = self.grid.bits
+        low, high = _SPLIT_BITS
+        return bool(((bits >= low) & (bits <= high)).all())
 
     def unstep_position(self, state: State) -> State:
         xf, vf, xi, vi, *rest = state
+        grid = self.grid
+        assert grid is not None
         ahead, self._ahead = self._ahead, None
+        if xi.dtype == torch.int8:  # x = xf and a correction (`restore`)
+            new_xf = unstep_split(*(grid.view(t) for t in (xf, xi, vi)), grid.scale, grid.inv)
+            return (new_xf.view(xi.shape), vf, xi, vi, *rest)
         # `unstep_velocity` has moved x already; `is` rejects a stale one from a backward that
         # stopped midway (a new walk starts on new integers, `restore`'s or `from_exact_state`'s).
         if ahead is vi:
+            if self._split:  # from here on, x is the float and a correction
+                new_xf, correction = split(grid.view(xi), grid.scale, grid.inv)
+                return (new_xf.view(xi.shape), vf, correction.view(xi.shape), vi, *rest)
             return (self._to_float(xi, xf.dtype), vf, xi, vi, *rest)
-        grid = self.grid
-        assert grid is not None
         new_xf = unstep_position(grid.view(xi), grid.view(vi), grid.inv, xf.dtype)
         return (new_xf.view(xi.shape), vf, xi, vi, *rest)
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
-        """In place, and one step ahead: below block 0, the state's ``x`` already holds
-        ``x_{n-1}``, whose float the next `unstep_position` computes, once the block's pullback
-        has run (no float of the state's size more lives through it)."""
+        """In place. With ``x``'s word, one step ahead: below block 0, the state's ``x`` already
+        holds ``x_{n-1}``, whose float the next `unstep_position` computes, once the block's
+        pullback has run (no float of the state's size more lives through it). With ``x`` as a
+        float and a correction, ``x`` stays (the float is the block's input)."""
         xf, _, xi, vi, buffer, *words = state
         if self.p == 0:
             raise InertiaError("gamma = 0 is not invertible (the inverse divides by gamma).")
         grid = self.grid
         assert grid is not None
+        if xi.dtype == torch.int8:
+            views = [grid.view(t) for t in (vi, buffer, f.detach())]
+            unstep_velocity_only(*views, *self._on(xi.device), grid.c)
+            return (xf, _LAZY, xi, vi, buffer, *words)
         views = [grid.view(t) for t in (xi, vi, buffer)]
         args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c)
         if n in self.pushes:
@@ -609,7 +652,14 @@ class ExactArithmetic:
         moves the sums; the emptied buffer, also checked, catches what they might miss. One
         compiled reduction without temporaries (eagerly, in chunks): the backward checks at block
         0, where its peak can be."""
-        result: Tensor = checksum(state[2].view(-1), state[3].view(-1))
+        xf, _, xi, vi = state[:4]
+        if xi.dtype == torch.int8:  # x = xf and a correction
+            grid = self.grid
+            assert grid is not None
+            views = (grid.view(t) for t in (xf, xi, vi))
+            split_sums: Tensor = checksum_split(*views, grid.scale)
+            return split_sums
+        result: Tensor = checksum(xi.view(-1), vi.view(-1))
         return result
 
     def verify(self, start: Tensor, state: State, check: Check) -> None:

@@ -37,18 +37,22 @@ __all__ = [
     "NARROW_Q",
     "WORD",
     "checksum",
+    "checksum_split",
     "convert",
     "eager",
     "momentum_update",
     "momentum_update_",
     "round_to_grid",
+    "split",
     "step",
     "step_narrow",
     "step_push",
     "to_float",
     "unstep_position",
+    "unstep_split",
     "unstep_velocity",
     "unstep_velocity_narrow",
+    "unstep_velocity_only",
     "unstep_velocity_pop",
 ]
 
@@ -266,6 +270,17 @@ def _step_narrow(
     return None, largest, position
 
 
+def _narrow_velocity(
+    v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``v_n`` and the buffer below it, from ``v_{n+1}`` (int32 word, ``q <= NARROW_Q``, no word
+    plane popped), in float64."""
+    pd, qd = p.double(), q.double()
+    high, r = _divmod_exact(buffer.double(), qd)
+    new_v, s = _divmod_exact((v.double() - (f.double() * c).round()) * qd + r, pd)
+    return new_v, high * pd + s
+
+
 def _unstep_velocity_narrow(
     x: Tensor,
     v: Tensor,
@@ -278,14 +293,46 @@ def _unstep_velocity_narrow(
     """`_unstep_velocity` for int32 words and ``q <= NARROW_Q``, at a layer that pops no word
     plane. ``x_{n-1} = x_n - v_n`` below block 0 may leave the word: it is stored modulo
     ``2**32``, as an int64 would be truncated, and the caller's ``x += v`` wraps back."""
-    pd, qd = p.double(), q.double()
-    high, r = _divmod_exact(buffer.double(), qd)
-    new_v, s = _divmod_exact((v.double() - (f.double() * c).round()) * qd + r, pd)
+    new_v, new_buffer = _narrow_velocity(v, buffer, f, p, q, c)
     new_x = x.double() - new_v
     wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
     v.copy_(new_v)
-    buffer.copy_(high * pd + s)
+    buffer.copy_(new_buffer)
     x.copy_(wrapped)
+
+
+# -- x as a float32 and an int8 correction ---------------------------------------------------------
+# Where x's int32 word converts to a normal float32 (its grid step is at least 2**-126, and
+# |x| < 2**31 steps stays below float32's largest), that float is within 64 steps of x: x is the
+# float, which the block takes as its input anyway, plus an int8 correction. The backward keeps
+# x so between blocks, one byte per element where the word takes four.
+
+
+def _split(x: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """int32 ``x`` as its float32 value and the int8 correction ``x - value * scale``."""
+    value = x.double()
+    position = (value * inv).float()
+    return position, (value - position.double() * scale).to(torch.int8)
+
+
+def _unstep_split(
+    position: Tensor, correction: Tensor, v: Tensor, scale: Tensor, inv: Tensor
+) -> Tensor:
+    """``x <- x - v`` on ``x = position * scale + correction``: returns the new position, a new
+    float32, and writes the new correction into ``correction``."""
+    value = position.double() * scale + correction.double() - v.double()
+    new = (value * inv).float()
+    correction.copy_(value - new.double() * scale)
+    return new
+
+
+def _unstep_velocity_only(
+    v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor
+) -> None:
+    """`_unstep_velocity_narrow` without moving ``x`` (held as a float and a correction)."""
+    new_v, new_buffer = _narrow_velocity(v, buffer, f, p, q, c)
+    v.copy_(new_v)
+    buffer.copy_(new_buffer)
 
 
 def _momentum_update(
@@ -412,6 +459,22 @@ def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
     return sums
 
 
+def _checksum_split(position: Tensor, correction: Tensor, v: Tensor, scale: Tensor) -> Tensor:
+    """`_checksum` of ``x = position * scale + correction`` (2-D, per-row ``scale``) and ``v``."""
+    return _checksum((position.double() * scale + correction.double()).long(), v)
+
+
+def _checksum_split_chunked(
+    position: Tensor, correction: Tensor, v: Tensor, scale: Tensor
+) -> Tensor:
+    """`_checksum_split` eagerly, chunk by chunk (`CHUNK` elements)."""
+    sums = torch.zeros(4, dtype=torch.int64, device=v.device)
+    for rs, cs in _blocks(*v.shape):
+        args = (position[rs, cs], correction[rs, cs], v[rs, cs], _rows(scale, rs))
+        sums += _checksum_split(*args)
+    return sums
+
+
 _MIN_COMPILED = 4096  # below this many elements, an integer kernel runs eagerly, for less
 
 
@@ -497,3 +560,7 @@ unstep_velocity = _Compiled(_unstep_velocity, _chunked(_unstep_velocity))
 unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _chunked(_unstep_velocity_pop))
 step_narrow = _Compiled(_step_narrow, _chunked(_step_narrow))
 unstep_velocity_narrow = _Compiled(_unstep_velocity_narrow, _chunked(_unstep_velocity_narrow))
+split = _Compiled(_split, _chunked(_split))
+unstep_split = _Compiled(_unstep_split, _chunked(_unstep_split))
+unstep_velocity_only = _Compiled(_unstep_velocity_only, _chunked(_unstep_velocity_only))
+checksum_split = _Compiled(_checksum_split, _checksum_split_chunked)
