@@ -3,9 +3,11 @@ int32 words with ``q <= 2**19`` use, beside the float update.
 
 One layer's update (`step`, `step_narrow`) and its inverse (`unstep_velocity`,
 `unstep_velocity_narrow`) of exact mode, compiled, on a state of ``2**20`` elements in int32
-words with a one-byte buffer at gamma 0.9, and the float update of float mode (eager: four
-operations; fused: `momentum_update`, one compiled pass), on one thread, interleaved, median of
-the repeats.
+words with a one-byte buffer at gamma 0.9; one layer of the backward below its last block, the
+inverse and ``x_{n-1}``'s float, with ``x`` in its word (`unstep_velocity_narrow`, `convert`) and
+as a float32 and an int8 correction (`unstep_velocity_only`, `unstep_split`); and the float
+update of float mode (eager: four operations; fused: `momentum_update`, one compiled pass), on
+one thread, interleaved, median of the repeats.
 
 Writes benchmarks/results/kernels.{csv,md}. About a minute on a CPU.
 
@@ -51,6 +53,23 @@ def cases(n: int) -> dict[str, Callable[[], object]]:
     ):
         args = (*state(), *rest)
         runs[name] = lambda kernel=kernel, args=args: kernel(*args)
+    # One layer of the backward below its last block: the inverse and x_{n-1}'s float, with x in
+    # its word and with x as a float32 and an int8 correction.
+    scale = torch.full((1, 1), 2.0**20, dtype=torch.float64)
+    word_x, word_v, word_buffer, word_f = state()
+    split_v, split_buffer, split_f = state()[1:]
+    position, correction = kernels.split(word_x.clone(), scale, inv)
+
+    def word() -> object:
+        kernels.unstep_velocity_narrow(word_x, word_v, word_buffer, word_f, p, q, c)
+        return kernels.convert(word_x, inv, torch.float32)
+
+    def split() -> object:
+        kernels.unstep_velocity_only(split_v, split_buffer, split_f, p, q, c)
+        return kernels.unstep_split(position, correction, split_v, scale, inv)
+
+    runs["exact inverse and x's float, x in its word"] = word
+    runs["exact inverse and x's float, x split"] = split
     x, v, out = (torch.randn(n, generator=gen) for _ in "xvo")
     gamma, rest = torch.tensor(0.9), torch.tensor(1 - 0.9)
 

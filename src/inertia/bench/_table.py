@@ -275,6 +275,16 @@ def write_peak_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The command that ran ``script`` with flags ``argv``, without ``--out`` and its value (where
+    the results were written is not how they were measured)."""
+    flags = list(argv)
+    if "--out" in flags:
+        i = flags.index("--out")
+        del flags[i : i + 2]
+    return shlex.join(["python", script, *flags])
+
+
 def report_true_peak(
     config: PeakConfig,
     out: Path,
@@ -291,8 +301,7 @@ def report_true_peak(
         out: The folder of the results (created if missing).
         stem: The files' name without suffix.
         script: The script's path from the repository root, for the command in the table.
-        argv: The script's flags; ``--out`` and its value are left out of the command (where
-            the results were written is not how they were measured).
+        argv: The script's flags (`command_line`).
         describe: The table's description of ``config``; the run's duration is appended.
     """
     start = time.perf_counter()
@@ -303,11 +312,7 @@ def report_true_peak(
     rows = run_true_peak(config, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     write_peak_csv(rows, out / f"{stem}.csv")
-    flags = list(argv)
-    if "--out" in flags:
-        i = flags.index("--out")
-        del flags[i : i + 2]
-    command = shlex.join(["python", script, *flags])
+    command = command_line(script, argv)
     minutes = (time.perf_counter() - start) / 60
     description = describe(config) + f" The whole run took {minutes:.1f} minutes."
     write_peak_markdown(rows, out / f"{stem}.md", command, config, description)

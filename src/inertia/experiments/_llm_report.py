@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .._choose import GAMMAS as _CHOSEN_FROM
 from ._core import ExperimentResult
 from ._stdlib_corpus import corpus_python
 
@@ -23,7 +24,8 @@ __all__ = [
 ]  # fmt: skip
 
 PARTS = ("sweep", "finetune")  # what `ExperimentConfig.parts` selects; empty: both
-GAMMAS = (0.01, 0.03, 0.1, 0.3, 0.5, 0.9)  # converted and measured before any training
+# Converted and measured before any training: `choose_gamma`'s, smallest first.
+GAMMAS = tuple(sorted(_CHOSEN_FROM))
 MARGIN = 0.05  # "within 5%": the upper end of a perplexity ratio's 95% CI at most 1 + MARGIN
 TRAININGS = ("full", "LoRA")  # every weight; peft LoRA adapters (`inertia.bench.add_lora`)
 LORA_LR = 1e-3  # LoRA's learning rate on SmolLM2 (its adapters start at zero: a larger step)
