@@ -192,8 +192,8 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if self._bytes > self.peak:
             self.peak = self._bytes
             self.at_peak = {key: entry for key, (_, entry) in self._live.items()}
-        for name in self.roles:
-            self.peaks[name] = max(self.peaks[name], self.alive(name))
+        for name, accepts in self.roles.items():
+            self.peaks[name] = max(self.peaks[name], self._bytes_of(accepts))
         return out
 
     def _prune(self) -> None:
@@ -212,7 +212,9 @@ class LiveTensorMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         """Bytes of the storages made under the meter that are alive now and that ``role``
         accepts."""
         self._prune()
-        accepts = self.roles[role]
+        return self._bytes_of(self.roles[role])
+
+    def _bytes_of(self, accepts: Callable[[LiveTensor], bool]) -> int:
         return sum(entry.nbytes for _, entry in self._live.values() if accepts(entry))
 
 

@@ -308,11 +308,21 @@ def _unstep_velocity_narrow(
 # x so between blocks, one byte per element where the word takes four.
 
 
-def _split(x: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-    """int32 ``x`` as its float32 value and the int8 correction ``x - value * scale``."""
-    value = x.double()
+def _part(value: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """The integer ``value`` (float64) as its float32 value and the int8 correction
+    ``value - position * scale``."""
     position = (value * inv).float()
     return position, (value - position.double() * scale).to(torch.int8)
+
+
+def _join(position: Tensor, correction: Tensor, scale: Tensor) -> Tensor:
+    """The integer (float64) that ``position`` and ``correction`` stand for: `_part`'s inverse."""
+    return position.double() * scale + correction.double()
+
+
+def _split(x: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """int32 ``x`` as its float32 value and the int8 correction (`_part`)."""
+    return _part(x.double(), scale, inv)
 
 
 def _unstep_split(
@@ -320,9 +330,8 @@ def _unstep_split(
 ) -> Tensor:
     """``x <- x - v`` on ``x = position * scale + correction``: returns the new position, a new
     float32, and writes the new correction into ``correction``."""
-    value = position.double() * scale + correction.double() - v.double()
-    new = (value * inv).float()
-    correction.copy_(value - new.double() * scale)
+    new, new_correction = _part(_join(position, correction, scale) - v.double(), scale, inv)
+    correction.copy_(new_correction)
     return new
 
 
@@ -461,7 +470,7 @@ def _checksum_chunked(x: Tensor, v: Tensor) -> Tensor:
 
 def _checksum_split(position: Tensor, correction: Tensor, v: Tensor, scale: Tensor) -> Tensor:
     """`_checksum` of ``x = position * scale + correction`` (2-D, per-row ``scale``) and ``v``."""
-    return _checksum((position.double() * scale + correction.double()).long(), v)
+    return _checksum(_join(position, correction, scale).long(), v)
 
 
 def _checksum_split_chunked(
