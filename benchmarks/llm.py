@@ -7,7 +7,8 @@ causal-LM loss (the token ids as labels), full fine-tuning and peft LoRA (rank 8
 projections). Variants: plain; HuggingFace's ``activation_checkpointing_enable()``, with its own
 loss and with `inertia.use_chunked_loss` (the logits 32 MiB at a time: its default); and the decoder
 stack (``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9 and its defaults
-(the memory plan picks memory-free, exact), with `inertia.use_chunked_loss`. Each case and variant
+(the memory plan picks memory-free, exact), with `inertia.use_chunked_loss`, and the same
+memory-free in float arithmetic (``exact=False``), for exact mode's cost. Each case and variant
 is measured in a fresh process (`inertia.bench.true_peak`), as in benchmarks/true_peak.py; the
 peak is split into what the step allocates (gradients, logits, the stack's saved state) beside
 what is held before it (weights, Adam's state).
@@ -19,6 +20,8 @@ another chunk size.
     python benchmarks/llm.py --chunk-tokens 1024    # llm.md: every case, 1,024-token chunks
     python benchmarks/llm.py --tokens 4096 --variants checkpoint_chunked default_chunked \
         --training LoRA --stem llm_4096     # llm_4096.md: LoRA's target, default chunks
+    python benchmarks/llm.py --tokens 1024 --variants checkpoint_chunked default_chunked \
+        float_chunked --stem llm_exact      # llm_exact.md: exact against float, default chunks
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
 """
 
@@ -43,6 +46,9 @@ VOCAB = 49_152
 #: The targets at the longest sequence: inertia's default with the chunked loss against
 #: HuggingFace's checkpointing with the chunked loss (peak, .grad unset; step time).
 TARGETS = {"LoRA": 0.6, "full": 0.85, "step": 1.15}
+#: Exact mode's cost, at every sequence: the default (exact) against float memory-free, both with
+#: the chunked loss (peak, .grad unset: LoRA's and full fine-tuning's; step time).
+EXACT_TARGETS = {"LoRA": 1.01, "full": 1.03, "step": 1.10}
 
 
 def full(
@@ -102,7 +108,9 @@ def describe(config: PeakConfig) -> str:
         "`checkpoint`: HuggingFace's `activation_checkpointing_enable()` (non-reentrant) and "
         f"its own loss; `checkpoint_chunked`: the same with {loss}; `default_chunked`: "
         f"`transform_to_momentumnet(model, 'model.layers', keep_first_layer=False, "
-        f"gamma={gamma})` with its defaults (memory-free, exact) and the chunked loss.\n\n"
+        f"gamma={gamma})` with its defaults (memory-free, exact) and the chunked loss; "
+        "`float_chunked`: the same conversion memory-free in float arithmetic (`exact=False, "
+        "method='memory_free'`) and the chunked loss.\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
         "process held just before it, each case and variant in a fresh process: resident memory, "
         "the process launched with `MALLOC_MMAP_THRESHOLD_=65536`, one warm-up step, "
@@ -152,10 +160,36 @@ def split_table(csv_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ratio_rows(
+    rows: list[dict[str, str]], ours: str, anchor: str, targets: dict[str, float], only: str = ""
+) -> list[str]:
+    """Table rows of variant ``ours`` against ``anchor`` in each case (whose label contains
+    ``only``): the true peak (.grad unset; target by training kind) and the step time."""
+    lines = []
+    for r in rows:
+        if r["variant"] != ours or only not in r["case"]:
+            continue
+        base = next(a for a in rows if a["case"] == r["case"] and a["variant"] == anchor)
+        kind = r["case"].rsplit(", ", 1)[1]
+        for measure, key, unit, target in (
+            ("true peak", "peak_bytes", 2**20, targets[kind]),
+            ("step", "step_ms", 1, targets["step"]),
+        ):
+            value, theirs = float(r[key]), float(base[key])
+            ratio = value / theirs if theirs > 0 else math.nan  # a tiny model's peak may read 0
+            verdict = "n/a" if math.isnan(ratio) else "met" if ratio <= target else "missed"
+            name = f"{measure} ({'MiB' if unit > 1 else 'ms'})"
+            lines.append(
+                f"| {r['case']} | {name} | {theirs / unit:,.1f} | {value / unit:,.1f} | "
+                f"{ratio:.2f}x | <= {target:.2f}x | {verdict} |"
+            )
+    return lines
+
+
 def targets_table(csv_path: Path) -> str:
     """The targets at the longest sequence: ``default_chunked`` against ``checkpoint_chunked``."""
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    if not set(CHUNKED) <= {r["variant"] for r in rows}:
+    if not set(CHUNKED[:2]) <= {r["variant"] for r in rows}:
         return ""
     longest = max(int(r["case"].split("seq ")[1].split(",")[0]) for r in rows)
     lines = [
@@ -164,24 +198,25 @@ def targets_table(csv_path: Path) -> str:
         "",
         "| case | measure | checkpoint_chunked | default_chunked | ratio | target | |",
         "|---|---|---|---|---|---|---|",
+        *_ratio_rows(rows, CHUNKED[1], CHUNKED[0], TARGETS, f"seq {longest},"),
     ]
-    for r in rows:
-        if f"seq {longest}," not in r["case"] or r["variant"] != CHUNKED[1]:
-            continue
-        anchor = next(a for a in rows if a["case"] == r["case"] and a["variant"] == CHUNKED[0])
-        kind = r["case"].rsplit(", ", 1)[1]
-        for measure, key, unit, target in (
-            ("true peak", "peak_bytes", 2**20, TARGETS[kind]),
-            ("step", "step_ms", 1, TARGETS["step"]),
-        ):
-            ours, theirs = float(r[key]), float(anchor[key])
-            ratio = ours / theirs if theirs > 0 else math.nan  # a tiny model's peak may read 0
-            verdict = "n/a" if math.isnan(ratio) else "met" if ratio <= target else "missed"
-            name = f"{measure} ({'MiB' if unit > 1 else 'ms'})"
-            lines.append(
-                f"| {r['case']} | {name} | {theirs / unit:,.1f} | {ours / unit:,.1f} | "
-                f"{ratio:.2f}x | <= {target:.2f}x | {verdict} |"
-            )
+    return "\n".join(lines) + "\n"
+
+
+def exact_table(csv_path: Path) -> str:
+    """Exact mode's cost at every sequence: ``default_chunked`` against ``float_chunked``."""
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    if not set(CHUNKED[1:]) <= {r["variant"] for r in rows}:
+        return ""
+    lines = [
+        "Exact mode's cost: `default_chunked` (memory-free, exact) against `float_chunked` "
+        "(memory-free, float), the true peak with .grad unset and the step time, from the rows "
+        "above.",
+        "",
+        "| case | measure | float_chunked | default_chunked | ratio | target | |",
+        "|---|---|---|---|---|---|---|",
+        *_ratio_rows(rows, CHUNKED[1], CHUNKED[2], EXACT_TARGETS),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -209,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     flags = sys.argv[1:] if argv is None else argv
     table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)
     extra = split_table(args.out / f"{stem}.csv")
-    targets = targets_table(args.out / f"{stem}.csv")
-    extra += "\n" + targets if targets else ""
+    for table_of in (targets_table, exact_table):
+        part = table_of(args.out / f"{stem}.csv")
+        extra += "\n" + part if part else ""
     (args.out / f"{stem}.md").write_text(table + "\n" + extra)
     print(table + "\n" + extra)
 

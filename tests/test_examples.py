@@ -116,13 +116,13 @@ def test_true_peak_benchmark_script(tmp_path: Path) -> None:
 
 def test_llm_benchmark_script(tmp_path: Path) -> None:
     """benchmarks/llm.py --quick: a 2-layer random Llama trained on its loss, full and LoRA,
-    against HuggingFace's checkpointing with and without the chunked loss, each variant in a
-    fresh process; the split and targets tables follow the rows."""
+    against HuggingFace's checkpointing with and without the chunked loss, and float memory-free,
+    each variant in a fresh process; the split, targets and exact-cost tables follow the rows."""
     pytest.importorskip("peft")
     script = load(ROOT / "benchmarks" / "llm.py")
     script.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "llm_quick.csv").read_text().splitlines()))
-    variants = ("plain", "checkpoint", "checkpoint_chunked", "default_chunked")
+    variants = ("plain", "checkpoint", "checkpoint_chunked", "default_chunked", "float_chunked")
     assert {(r["case"], r["variant"]) for r in rows} == {
         (f"llama-tiny, seq 32, batch 1, {kind}", variant)
         for kind in ("full", "LoRA")
@@ -148,6 +148,7 @@ def test_llm_benchmark_script(tmp_path: Path) -> None:
     assert "| llama-tiny, seq 32, batch 1, LoRA | default_chunked |" in table
     assert "Targets at 32 tokens" in table
     assert "| <= 0.60x |" in table
+    assert "| llama-tiny, seq 32, batch 1, LoRA | step (ms) |" in table.split("Exact mode's")[1]
     assert all(not r["reason"] for r in rows)
 
 

@@ -14,9 +14,10 @@ Variants, all on the same blocks and inputs:
   checkpointed; on a stack alone, `MomentumNet` with ``use_backprop=False``;
 - ``floor``, timed only: ``checkpoint`` plus exact mode's integer update and its inverse
   (`IntegerFloor`), the least time that a memory-free exact stack can take;
-- on causal LMs trained on their own loss (`PeakCase.labels`), ``checkpoint_chunked`` and
-  ``default_chunked`` (`CHUNKED`): HuggingFace's checkpointing and ``default``, each with
-  `inertia.use_chunked_loss` (the logits `PeakCase.chunk_tokens` tokens at a time);
+- on causal LMs trained on their own loss (`PeakCase.labels`), ``checkpoint_chunked``,
+  ``default_chunked`` and ``float_chunked`` (`CHUNKED`): HuggingFace's checkpointing, ``default``
+  and ``momentum_free``, each with `inertia.use_chunked_loss` (the logits `PeakCase.chunk_tokens`
+  tokens at a time);
 - on torchvision ResNets in `true_peak`, ``momentum_free_ckpt_stem_first`` and
   ``momentum_exact_ckpt_stem_first`` (`LEAN_RESNET`): the memory-free ones with the stem and each
   stage's first block checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).

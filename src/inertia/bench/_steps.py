@@ -37,9 +37,10 @@ PAPER = "momentumnet_0.10"
 #: ResNets only: memory-free (float or exact) with the stem and each stage's first block
 #: checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
 LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first")
-#: Causal LMs trained on their loss (``PeakCase.labels``) only: HuggingFace's checkpointing and the
-#: default conversion, each with `inertia.use_chunked_loss` (the logits never whole).
-CHUNKED = ("checkpoint_chunked", "default_chunked")
+#: Causal LMs trained on their loss (``PeakCase.labels``) only: HuggingFace's checkpointing, the
+#: default conversion and the float memory-free one (``exact=False``), each with
+#: `inertia.use_chunked_loss` (the logits never whole).
+CHUNKED = ("checkpoint_chunked", "default_chunked", "float_chunked")
 #: `PeakCase.precision`: float32, bfloat16 weights, float32 weights under bfloat16 autocast.
 PRECISIONS = ("float32", "bfloat16", "autocast")
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
@@ -373,7 +374,13 @@ def build(
         model = transform_to_momentumnet(
             base, paths, keep_first_layer=keep_first, gamma=case.gamma, inplace=True
         )
-    elif variant in ("momentum_backprop", "momentum_free", "momentum_exact", *LEAN_RESNET):
+    elif variant in (
+        "momentum_backprop",
+        "momentum_free",
+        "momentum_exact",
+        *LEAN_RESNET,
+        CHUNKED[2],
+    ):
         lean = variant in LEAN_RESNET
         model = transform_to_momentumnet(
             base,
