@@ -46,17 +46,31 @@ def test_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_update_cost_script(tmp_path: Path) -> None:
-    """benchmarks/update_cost.py --quick: a converted ResNet-50 against the original, timed."""
+    """benchmarks/update_cost.py --quick: a converted ResNet-50 against the original, and the
+    update alone (its floor), timed."""
     script = load(ROOT / "benchmarks" / "update_cost.py")
     script.main(["--quick", "--out", str(tmp_path)])
     with (tmp_path / "update_cost_quick.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {(r["setting"], r["model"]) for r in rows} == {
-        (s, m) for s in ("inference", "training step") for m in ("original", "converted")
+        (s, m)
+        for s in ("inference", "training step")
+        for m in ("original", "converted", "update alone")
     }
     assert all(float(r["ms"]) > 0 for r in rows)
+    # ResNet-50's twelve momentum blocks (each stage's but the first block).
+    assert (
+        len(
+            script.momentum_shapes(
+                script.transform_to_momentumnet(script.torchvision.models.resnet50(), gamma=0.9),
+                torch.randn(1, 3, 64, 64),
+            )
+        )
+        == 12
+    )
     table = (tmp_path / "update_cost_quick.md").read_text()
     assert table.startswith("Produced by `python benchmarks/update_cost.py --quick`")
+    assert "| update alone (floor) |" in table
 
 
 def test_kernels_script(tmp_path: Path) -> None:

@@ -246,14 +246,14 @@ def test_keep_first_runs_leading_blocks_as_layers() -> None:
 def test_the_update_is_the_eager_loop_bit_for_bit(
     dtype: torch.dtype, is_residual: bool, init_speed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without autograd, on a CPU, the update runs as one compiled pass per block (tensors of
-    `2**16` elements and more), writing each new v into the last; where autograd records, it is
-    the eager update. Outputs and gradients are those of the update written as a plain loop, to
-    the last bit."""
+    """On a CPU, the update runs as one compiled pass per block (tensors of `2**16` elements and
+    more): without autograd writing each new v into the last; where autograd records, as one node
+    whose backward is one compiled pass too. Outputs and gradients are those of the update written
+    as a plain loop, to the last bit, whichever of x and v the loss uses."""
     from inertia._core import arith
 
     calls: list[str] = []
-    for name in ("momentum_update", "momentum_update_"):
+    for name in ("momentum_update", "momentum_update_", "momentum_pullback"):
         kernel = getattr(arith, name)
         monkeypatch.setattr(
             arith, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1]
@@ -273,15 +273,25 @@ def test_the_update_is_the_eager_loop_bit_for_bit(
             x = x + v
         return x, v
 
-    grads = []
-    for run in (eager_loop, lambda x: net(x, return_velocity=True)):
-        out = run(x)
-        (out[0].square().sum() + out[1].sum()).backward()
-        grads.append([x.grad, *(p.grad for p in net.parameters())])
-        x.grad = None
-        net.zero_grad()
-    assert not calls
-    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    losses = {
+        "both": lambda x, v: x.square().sum() + v.sum(),
+        "x": lambda x, v: x.square().sum(),
+        "v": lambda x, v: v.square().sum(),  # the last node's x' unused: its eager pullback
+    }
+    for name, loss in losses.items():
+        grads = []
+        for run in (eager_loop, lambda x: net(x, return_velocity=True)):
+            out = run(x)
+            loss(*out).backward()
+            grads.append([x.grad, *(p.grad for p in net.parameters())])
+            x.grad = None
+            net.zero_grad()
+        for a, b in zip(*grads, strict=True):
+            assert (a is None) == (b is None), name
+            assert a is None or torch.equal(a, b), name
+    assert calls.count("momentum_update") == 3 * 4  # each block, for each loss
+    assert calls.count("momentum_pullback") == 4 + 4 + 3  # the v-only loss's last block: eager
+    assert "momentum_update_" not in calls
     calls.clear()
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():

@@ -40,6 +40,7 @@ __all__ = [
     "checksum_split",
     "convert",
     "eager",
+    "momentum_pullback",
     "momentum_update",
     "momentum_update_",
     "round_to_grid",
@@ -367,6 +368,25 @@ def _momentum_update_(
     return x + v
 
 
+def _momentum_pullback(
+    grad_x: Tensor,
+    grad_v: Tensor | None,
+    gamma: Tensor,
+    rest: Tensor,
+    subtract: bool,
+    want_v: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The pullback of `_momentum_update` in one pass, from the gradients of the new ``x`` and
+    (unless None) of the new ``v``: those of ``x``, ``v`` (None unless ``want_v``) and ``out``.
+    Autograd's operations on the eager update, in its order (``a = dv + dx``, ``df = a rest``,
+    ``dv_in = a gamma``, ``dx_in = dx - df`` where ``subtract``), so the same bits."""
+    a = grad_x if grad_v is None else grad_v + grad_x
+    grad_f = a * rest
+    grad_v_in = a * gamma if want_v else None
+    grad_x_in = grad_x - grad_f if subtract else grad_x
+    return grad_x_in, grad_v_in, grad_f
+
+
 CHUNK = 1 << 16  # elements per chunk of an eager kernel (512 KiB of int64 temporaries each)
 
 
@@ -560,6 +580,7 @@ checksum = _Compiled(_checksum, _checksum_chunked)
 # Four eager float operations cost less than a compiled call's overhead below 2**16 elements.
 momentum_update = _Compiled(_momentum_update, smallest=1 << 16)
 momentum_update_ = _Compiled(_momentum_update_, smallest=1 << 16)
+momentum_pullback = _Compiled(_momentum_pullback, smallest=1 << 16)
 convert = _Compiled(to_float, _chunked(to_float))
 round_to_grid = _Compiled(_round, _chunked(_round))
 step = _Compiled(_step, _chunked(_step))
