@@ -3,7 +3,9 @@ int32 words with ``q <= 2**19`` use, beside the float update.
 
 One layer's update (`step`, `step_narrow`) and its inverse (`unstep_velocity`,
 `unstep_velocity_narrow`) of exact mode, compiled, on a state of ``2**20`` elements in int32
-words with a one-byte buffer at gamma 0.9; one layer of the backward below its last block, the
+words with a one-byte buffer at gamma 0.9, on one grid and (the update) on a grid per row, as the
+default grid places it (``2**20 / 256`` rows of 256, a token's or channel's, each its own step);
+one layer of the backward below its last block, the
 inverse and ``x_{n-1}``'s float, with ``x`` in its word (`unstep_velocity_narrow`, `convert`) and
 as a float32 and an int8 correction (`unstep_velocity_only`, `unstep_split`); and the float
 update of float mode (eager: four operations; fused: `momentum_update`, one compiled pass), on
@@ -53,6 +55,15 @@ def cases(n: int) -> dict[str, Callable[[], object]]:
     ):
         args = (*state(), *rest)
         runs[name] = lambda kernel=kernel, args=args: kernel(*args)
+    # A grid per row of 256 elements: the kernels see (rows, 256) and per-row constants.
+    rows = n // 256
+    steps = 2.0 ** torch.randint(16, 24, (rows, 1), generator=gen, dtype=torch.float64)
+    for name, kernel in (
+        ("exact update, int64 form, a grid per row", kernels.step),
+        ("exact update, float64 form, a grid per row", kernels.step_narrow),
+    ):
+        args = (*(t.reshape(rows, 256) for t in state()), p, q, steps * 0.1, 1 / steps)
+        runs[name] = lambda kernel=kernel, args=args: kernel(*args, torch.float32)
     # One layer of the backward below its last block: the inverse and x_{n-1}'s float, with x in
     # its word and with x as a float32 and an int8 correction.
     scale = torch.full((1, 1), 2.0**20, dtype=torch.float64)
@@ -120,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Produced by `{command}` ({measured_on}).",
         "",
         f"A state of {n:,} elements: int32 words and a one-byte buffer at gamma 0.9 for exact "
-        "mode's kernels (compiled), float32 for the float update; median of the interleaved "
-        "repeats.",
+        "mode's kernels (compiled), on one grid unless a grid per row (rows of 256) is named, "
+        "float32 for the float update; median of the interleaved repeats.",
         "",
         "| kernel | ns per element |",
         "|---|---|",
