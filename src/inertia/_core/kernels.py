@@ -166,6 +166,7 @@ def _step(
     new_x, new_v, new_buffer, word = _mul_gamma(
         x.long(), v.long(), _rowwise(buffer.long(), c), scaled, p, q, push
     )
+    # The integers' own reduction stays whole: inductor fails on it row by row (KeyError).
     largest = torch.maximum(new_v.abs(), new_x.abs()).amax().double()
     largest = torch.maximum(largest, _largest(scaled))
     position = to_float(new_x, inv, dtype)
@@ -552,8 +553,10 @@ class _Compiled:
         fn: Callable[..., Any],
         fallback: Callable[..., Any] | None = None,
         smallest: int = _MIN_COMPILED,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.fn = fn
+        self.options = options  # inductor's settings for this kernel
         self.fallback = fn if fallback is None else fallback  # uncompiled: the same results
         self.smallest = smallest  # fewer elements run the fallback
         self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
@@ -566,7 +569,7 @@ class _Compiled:
             copy = types.FunctionType(
                 code, self.fn.__globals__, name, self.fn.__defaults__, self.fn.__closure__
             )
-            compiled = torch.compile(copy, dynamic=True, fullgraph=True)
+            compiled = torch.compile(copy, dynamic=True, fullgraph=True, options=self.options)
             self.variants[key] = compiled
         return compiled
 
@@ -605,10 +608,17 @@ round_to_grid = _Compiled(_round, _chunked(_round))
 step = _Compiled(_step, _chunked(_step))
 step_push = _Compiled(_step_push, _chunked(_step_push))
 unstep_position = _Compiled(_unstep_position, _chunked(_unstep_position))
-unstep_velocity = _Compiled(_unstep_velocity, _chunked(_unstep_velocity))
-unstep_velocity_pop = _Compiled(_unstep_velocity_pop, _chunked(_unstep_velocity_pop))
+# Where the new v goes both to v and into x, inductor would keep it in a temporary of the state's
+# size (int64 or float64) between two loops, unless told that reading it again is cheap.
+_ONE_PASS = {"realize_reads_threshold": 1 << 10}
+unstep_velocity = _Compiled(_unstep_velocity, _chunked(_unstep_velocity), options=_ONE_PASS)
+unstep_velocity_pop = _Compiled(
+    _unstep_velocity_pop, _chunked(_unstep_velocity_pop), options=_ONE_PASS
+)
 step_narrow = _Compiled(_step_narrow, _chunked(_step_narrow))
-unstep_velocity_narrow = _Compiled(_unstep_velocity_narrow, _chunked(_unstep_velocity_narrow))
+unstep_velocity_narrow = _Compiled(
+    _unstep_velocity_narrow, _chunked(_unstep_velocity_narrow), options=_ONE_PASS
+)
 split = _Compiled(_split, _chunked(_split))
 unstep_split = _Compiled(_unstep_split, _chunked(_unstep_split))
 unstep_velocity_only = _Compiled(_unstep_velocity_only, _chunked(_unstep_velocity_only))
