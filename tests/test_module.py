@@ -240,6 +240,30 @@ def test_keep_first_runs_leading_blocks_as_layers() -> None:
         MomentumNet(blocks, 0.9, keep_first=4)
 
 
+def test_the_fused_update_has_a_double_backward() -> None:
+    """With use_backprop=True the update is one compiled node (2**16 elements and more), whose
+    backward autograd records under create_graph: second derivatives are the eager loop's."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(3)]
+    net = MomentumNet(blocks, 0.9, use_backprop=True, is_residual=False).double()
+    x = torch.randn(1024, 64, dtype=torch.float64, requires_grad=True)
+
+    def eager_loop(x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(x)
+        for block in blocks:
+            v = 0.9 * v + (1 - 0.9) * (block(x) - x)
+            x = x + v
+        return x
+
+    second = []
+    for run in (eager_loop, net):
+        (g,) = torch.autograd.grad(run(x).pow(3).sum(), x, create_graph=True)
+        assert g.requires_grad
+        second.append(torch.autograd.grad(g.square().sum(), [x, *net.parameters()]))
+    for a, b in zip(*second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("is_residual", [True, False])
 @pytest.mark.parametrize("init_speed", [False, True])

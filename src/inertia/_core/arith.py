@@ -264,9 +264,9 @@ class _FusedUpdate(torch.autograd.Function):
             grad_x_in = -grad_f if subtract and want_x else None
             grad_v_in = grad_v * gamma if want_v else None
         else:
-            grad_x_in, grad_v_in, grad_f = momentum_pullback(
-                grad_x, grad_v, gamma, rest, subtract, want_v
-            )
+            # Under create_graph, the eager pullback, which autograd records (double backward).
+            pullback = momentum_pullback.fallback if torch.is_grad_enabled() else momentum_pullback
+            grad_x_in, grad_v_in, grad_f = pullback(grad_x, grad_v, gamma, rest, subtract, want_v)
         return (
             grad_x_in if want_x else None,
             grad_v_in,
