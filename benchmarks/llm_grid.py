@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from inertia import MomentumNet, transform_to_momentumnet
-from inertia.bench import environment
+from inertia.bench import command_line, environment
 from inertia.models import smollm2
 from inertia.testing import relative_error
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     torch.set_num_threads(args.threads)
     flags = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/llm_grid.py", *flags])
+    command = command_line("benchmarks/llm_grid.py", flags)
     table = markdown(measure(args.quick, args.tokens), command)
     stem = args.stem or ("llm_grid_quick" if args.quick else "llm_grid")
     args.out.mkdir(parents=True, exist_ok=True)

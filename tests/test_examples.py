@@ -183,7 +183,7 @@ def test_llm_grid_script(tmp_path: Path) -> None:
         assert ratios[-1] > ratios[0] > 0
     script.main(["--quick", "--out", str(tmp_path)])
     table = (tmp_path / "llm_grid_quick.md").read_text()
-    assert table.startswith("Produced by `python benchmarks/llm_grid.py --quick --out ")
+    assert table.startswith("Produced by `python benchmarks/llm_grid.py --quick` (")
     assert "| b = 24 (7 bits above) |" in table
 
 

@@ -257,16 +257,12 @@ class _FusedUpdate(torch.autograd.Function):
     def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
         gamma, rest, subtract = ctx.constants
         want_x, want_v, want_out = ctx.needs_input_grad[:3]
-        if grad_x is None:  # only the velocity was used: its own gradient alone, eagerly
-            if grad_v is None:
-                return (None,) * 6
-            grad_f = grad_v * rest
-            grad_x_in = -grad_f if subtract and want_x else None
-            grad_v_in = grad_v * gamma if want_v else None
-        else:
-            # Under create_graph, the eager pullback, which autograd records (double backward).
-            pullback = momentum_pullback.fallback if torch.is_grad_enabled() else momentum_pullback
-            grad_x_in, grad_v_in, grad_f = pullback(grad_x, grad_v, gamma, rest, subtract, want_v)
+        if grad_x is None and grad_v is None:
+            return (None,) * 6
+        # One compiled pass; eager under create_graph, where autograd records it (`_Compiled`).
+        grad_x_in, grad_v_in, grad_f = momentum_pullback(
+            grad_x, grad_v, gamma, rest, subtract, want_v
+        )
         return (
             grad_x_in if want_x else None,
             grad_v_in,

@@ -389,22 +389,28 @@ def _momentum_update_(
 
 
 def _momentum_pullback(
-    grad_x: Tensor,
+    grad_x: Tensor | None,
     grad_v: Tensor | None,
     gamma: Tensor,
     rest: Tensor,
     subtract: bool,
     want_v: bool,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The pullback of `_momentum_update` in one pass, from the gradients of the new ``x`` and
-    (unless None) of the new ``v``: those of ``x``, ``v`` (None unless ``want_v``) and ``out``.
-    Autograd's operations on the eager update, in its order (``a = dv + dx``, ``df = a rest``,
-    ``dv_in = a gamma``, ``dx_in = dx - df`` where ``subtract``), so the same bits."""
-    a = grad_x if grad_v is None else grad_v + grad_x
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The pullback of `_momentum_update` in one pass, from the gradients of the new ``x`` and of
+    the new ``v`` (at most one of them None: not used): those of ``x`` (None where nothing
+    reaches it), ``v`` (None unless ``want_v``) and ``out``. Autograd's operations on the eager
+    update, in its order (``a = dv + dx``, ``df = a rest``, ``dv_in = a gamma``, ``dx_in = dx -
+    df`` where ``subtract``), so the same bits."""
+    if grad_x is None or grad_v is None:
+        a = grad_v if grad_x is None else grad_x
+    else:
+        a = grad_v + grad_x
+    assert a is not None
     grad_f = a * rest
     grad_v_in = a * gamma if want_v else None
-    grad_x_in = grad_x - grad_f if subtract else grad_x
-    return grad_x_in, grad_v_in, grad_f
+    if not subtract:
+        return grad_x, grad_v_in, grad_f
+    return (-grad_f if grad_x is None else grad_x - grad_f), grad_v_in, grad_f
 
 
 CHUNK = 1 << 16  # elements per chunk of an eager kernel (512 KiB of int64 temporaries each)
@@ -574,10 +580,13 @@ class _Compiled:
         return compiled
 
     def __call__(self, *args: Any) -> Any:
-        small = args[0].numel() < self.smallest
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        small = tensors[0].numel() < self.smallest
         # Under a Python dispatch mode, dynamo compiles nothing: eager for this call only.
         moded = torch._C._len_torch_dispatch_stack() > 0
-        if small or moded or _Compiled.failed or torch.compiler.is_compiling():
+        # Where autograd records (a double backward), eagerly: the compiled call detaches.
+        records = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if small or moded or records or _Compiled.failed or torch.compiler.is_compiling():
             return self.fallback(*args)
         # Plain tensors (a view would make dynamo guard on its base's shape) and no autograd
         # state in the guards.
