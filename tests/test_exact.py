@@ -74,7 +74,7 @@ def roundtrip(arith: ExactArithmetic, x: Tensor, fs: list[Tensor]) -> None:
     arith.check_range()
     assert len(state) - 5 == len(arith.pushes)  # one word plane per scheduled push
     for n in reversed(range(len(fs))):
-        state = arith.unstep_position(state)
+        state = arith.unstep_position(state, n)
         state = arith.unstep_velocity(state, fs[n], n)
     assert len(state) == 5  # every plane popped
     assert torch.equal(state[2], start[2])
@@ -190,13 +190,14 @@ def test_out_of_range_values_raise_before_any_result() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return x * 1e13
 
-    # Beyond the int32 word (7 bits above the input's scale) the forward runs again in int64;
-    # beyond int64's 2**61 it raises.
+    # Beyond the int32 word (7 bits above the input's scale) the forward runs again on a grid
+    # that moves, then, beyond what one layer's update holds on it (2**50 grid steps), in
+    # int64; beyond int64's 2**61 it raises.
     blocks = [nn.Identity(), Blow(), nn.Identity()]
     deep = MomentumNet(blocks, gamma=0.5, use_backprop=False, exact=True)
     with pytest.raises(InertiaError, match=r"output of block 1 .*2\*\*37 times its row"):
         deep(torch.ones(2, 3, requires_grad=True))
-    assert deep.word.overflows == 1
+    assert deep.word.overflows == 2
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1e-3, 1e3])
@@ -286,12 +287,14 @@ def test_a_quiet_sample_beside_loud_ones_keeps_its_precision(shape: tuple[int, .
         assert relative_error(got[n].double(), want[n]) < 1e-6
 
 
-@pytest.mark.parametrize("factor", [50.0, 1e4])
-def test_values_that_leave_the_int32_word_run_again_in_int64(factor: float) -> None:
-    """x and v live in int32 words; a forward whose values leave them runs again in int64, on the
-    same grid: the results are the backprop twin's bit for bit (the twin computes in int64), the
-    BatchNorm statistics are updated once and dropout draws the same mask, and `Word` counts
-    it."""
+@pytest.mark.parametrize(("factor", "word"), [(50.0, "fixed"), (1e4, "moving"), (1e8, "int64")])
+def test_values_that_leave_the_int32_word_run_again(factor: float, word: str) -> None:
+    """x and v live in int32 words, on the grid placed at the stack's input. A forward whose
+    values leave them runs again on a grid that moves (the buffer in int32 words then), and, where
+    that cannot hold them either (here: 1e8 times the input, more bits than the buffer has room
+    for), in int64 on the input's grid. The BatchNorm statistics are updated once and dropout
+    draws the same mask: the gradients are the backprop twin's (which computes in int64 on the
+    input's grid), bit for bit unless the grid moved, and `Word` counts the reruns."""
     torch.manual_seed(0)
     blocks = [MLP(d=8, dropout=0.2, bn=True), Grow(factor), MLP(d=8, bn=True)]
     net = MomentumNet(blocks, 0.5, use_backprop=False, exact=True)
@@ -305,17 +308,22 @@ def test_values_that_leave_the_int32_word_run_again_in_int64(factor: float) -> N
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net(x)
-    overflowed = factor > 128
-    assert net.word.overflows == int(overflowed)
-    wide = torch.int64 if overflowed else torch.int32
+    overflows = {"fixed": 0, "moving": 1, "int64": 2}[word]
+    assert net.word.overflows == overflows
+    assert net.word.moving == (word != "fixed")
+    wide = torch.int64 if word == "int64" else torch.int32
     assert net.word.dtype == wide
-    assert saved[:2] == [wide, wide]  # x and v; then the one-byte buffer
-    net.word.dtype = torch.int32  # try the narrow word again
+    buffer = torch.int32 if word == "moving" else torch.uint8  # the one-byte buffer otherwise
+    assert saved[:3] == [wide, wide, buffer]  # x, v and the buffer
+    net.word.dtype = torch.int32  # try the narrow word again: the moving grid first
     twin = backprop_twin(net)
     errors = assert_gradients_match(twin, net, x, seed=3, steps=2)
-    assert all(e == 0 for e in errors.values())
     assert any(k.startswith("buffer.") for k in errors)
-    assert net.word.overflows == 2 * int(overflowed)  # and then stayed in int64
+    if word == "moving":  # the grid moved: it rounds elsewhere than the input's grid
+        assert max(errors.values()) > 0
+    else:
+        assert all(e == 0 for e in errors.values())
+    assert net.word.overflows == overflows + (word == "int64")  # and then stayed there
 
 
 @pytest.mark.parametrize(
@@ -589,7 +597,7 @@ def test_integer_update_is_in_place(n: int) -> None:
         state = arith.step(state, f, i)
         assert [t.data_ptr() for t in state[2:5]] == where
     for i in reversed(range(3)):
-        state = arith.unstep_velocity(arith.unstep_position(state), fs[i], i)
+        state = arith.unstep_velocity(arith.unstep_position(state, i), fs[i], i)
         assert [t.data_ptr() for t in state[2:5]] == where
     assert not state[4].any()
 

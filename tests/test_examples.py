@@ -169,18 +169,20 @@ def test_llm_benchmark_script(tmp_path: Path) -> None:
 
 
 def test_llm_grid_script(tmp_path: Path) -> None:
-    """benchmarks/llm_grid.py --quick: a 2-layer random Llama's growth and word at each gamma,
-    and the exact forward's precision on each grid, in units of float32 rounding (coarser grids
-    are further)."""
+    """benchmarks/llm_grid.py --quick: a 2-layer random Llama's growth, word and kept bytes at
+    each gamma, and the exact forward's precision with the defaults and on each grid, in units of
+    float32 rounding (coarser grids are further)."""
     pytest.importorskip("transformers")
     script = load(ROOT / "benchmarks" / "llm_grid.py")
     rows = script.measure(quick=True, tokens=32)
     assert [r["gamma"] for r in rows] == list(script.GAMMAS)
     for r in rows:
         assert r["worst"] >= r["median"] > 0
-        assert r["word"] in ("int32", "int64")
+        assert r["word"] in ("int32", "int32, moving", "int64")
+        assert r["kept"] >= 9  # x, v and the buffer in their words
         ratios = [r["precision"][b] for b in script.GRID_BITS]
         assert ratios[-1] > ratios[0] > 0
+        assert r["precision"]["moving"] > 0
     script.main(["--quick", "--out", str(tmp_path)])
     table = (tmp_path / "llm_grid_quick.md").read_text()
     assert table.startswith("Produced by `python benchmarks/llm_grid.py --quick` (")

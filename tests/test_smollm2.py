@@ -84,8 +84,11 @@ def test_pretrained_weights_load_and_convert(cache: Path) -> None:
 @pytest.mark.parametrize("exact", [None, False])
 def test_memory_free_gradients_on_the_pretrained_weights(cache: Path, exact: bool | None) -> None:
     """Converted at gamma 0.9, the real 30-layer model trains memory-free with its backprop twin's
-    gradients: within 1e-5 in the default (exact) arithmetic. Float arithmetic, rebuilding the
-    inputs by division, drifts far beyond that on these weights: what makes exact the default."""
+    gradients: within 1e-5 in the default (exact) arithmetic, where the residual stream outgrows
+    the int32 word on the input's grid and the grid moves (the twin computes in int64 words on
+    the input's grid: the same forward within float32's rounding). Float arithmetic, rebuilding
+    the inputs by division, drifts far beyond that on these weights: what makes exact the
+    default."""
     model, ids = converted(cache, gamma=0.9, exact=exact)
     model.train()
     free = LanguageModelLoss(model)
@@ -97,7 +100,9 @@ def test_memory_free_gradients_on_the_pretrained_weights(cache: Path, exact: boo
     worst = max(grads.values())
     if exact is None:
         assert worst <= 1e-5, sorted(grads.items(), key=lambda kv: -kv[1])[:3]
-        assert errors["output"] == 0.0  # the same exact forward
+        word = model.get_submodule(smollm2.LAYERS).word
+        assert (word.dtype, word.moving, word.overflows) == (torch.int32, True, 1)
+        assert 0 < errors["output"] <= 1e-6
     else:
         assert worst > 1e-3
 

@@ -108,9 +108,11 @@ class MomentumNet(nn.Module):
             loud channel or token does not coarsen the grid of rows up to 16 times quieter in its
             sample. Words are int32 while the values stay below
             ``2**(7 + e)`` (at least 128 times ``m``); a forward that leaves that range runs
-            again in int64 (values below ``2**(37 + e)``; float64 inputs always use int64, below
-            ``2**(21 + e)``), and the stack's `Word` (``net.word``) counts it and stays at
-            int64. An integer: a fixed grid of step
+            again on a grid that moves with the data (each row that grows moves to a coarser
+            grid, the bits it drops kept in an int32 buffer), or, where that cannot hold them,
+            in int64 (values below ``2**(37 + e)``; float64 inputs always use int64, below
+            ``2**(21 + e)``), and the stack's `Word` (``net.word``) counts it and stays there.
+            An integer: a fixed grid of step
             ``2**-fraction_bits`` for every element, int64 words, values below
             ``2**(61 - fraction_bits)``.
 

@@ -75,8 +75,8 @@ class Arithmetic(Protocol):
         them."""
         ...
 
-    def unstep_position(self, state: State) -> State:
-        """Undo ``x <- x + v``: from ``(x_{n+1}, v_{n+1})`` to ``(x_n, v_{n+1})``."""
+    def unstep_position(self, state: State, n: int) -> State:
+        """Undo block ``n``'s ``x <- x + v``: from ``(x_{n+1}, v_{n+1})`` to ``(x_n, v_{n+1})``."""
         ...
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
@@ -194,7 +194,7 @@ class FloatArithmetic:
     def restore(self, saved: State, owned: bool) -> State:
         return tuple(saved)
 
-    def unstep_position(self, state: State) -> State:
+    def unstep_position(self, state: State, n: int) -> State:
         x, v = state
         return (x - v, v)
 

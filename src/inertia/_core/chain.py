@@ -189,7 +189,7 @@ def inverse(spec: StackSpec, state: State, args: Sequence[Any], kwargs: dict[str
     arith = spec.arith
     with torch.no_grad():
         for n in reversed(range(len(spec.blocks))):
-            state = arith.unstep_position(state)
+            state = arith.unstep_position(state, n)
             f = call_block(spec, n, arith.position(state), args, kwargs)
             state = arith.unstep_velocity(state, f, n)
         return state
@@ -567,7 +567,7 @@ class _Block(torch.autograd.Function):
         last = ctx.n_final > 0
         state = arith.restore(rest[: ctx.n_final], not _keeps_graph()) if last else run.take(n)
         owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
-        state = arith.unstep_position(state)
+        state = arith.unstep_position(state, n)
         evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
         # v_n now: neither f nor the block's output then lives through the pullback.
         state = arith.unstep_velocity(state, evaluation.f(), n)

@@ -13,10 +13,16 @@ rows up to 16 times apart, thus each keep their precision, and no sample's grid 
 rest of the batch; quieter rows (a dead ReLU channel) have room for values of their sample's
 scale, which a block may write into them. ``x`` and ``v``
 are held in an int32 word, 4 bytes per element, which leaves the rows 7 bits (128 times) to grow
-over the stack; a forward whose values leave it is detected at its end, and the memory-free
-forward then runs again with int64 words, on the same grid, so that its results are those the
-int32 words would have given: nothing wraps or is lost, and `Word` counts it. float64 stacks and
-fixed grids (``fraction_bits``) use int64 words, whose values stay below ``2**61``.
+over the stack. A forward whose values leave it is detected at its end, and the memory-free
+forward then runs again on a grid that moves (`Word.moving`): after each layer, a row whose new
+``x`` or ``v`` passes ``2**30`` steps of its grid moves to a grid coarser by the fewest bits ``k``
+that hold them, and the ``k`` low bits that each of its ``x`` and ``v`` drops go to the buffer
+(int32 words then), above the gamma product's digits, so that nothing is lost and each row keeps
+30 bits at its largest magnitude. The backward replays the shifts from their record (one ``k``
+per row and layer). Where even that cannot hold the values (a layer's past ``2**50`` steps of
+its grid, or a buffer past its int32 word), the forward runs again with int64 words on the
+input's grid. Nothing wraps, and `Word` counts the reruns. float64 stacks and fixed grids
+(``fraction_bits``) use int64 words, whose values stay below ``2**61``.
 
 Multiplying by ``gamma = p / q`` (a rational within 1e-12 of the float gamma, usually equal to it:
 0.9 is 9/10) destroys information, about ``log2(q / p)`` bits per element. Following Maclaurin,
@@ -54,6 +60,7 @@ from torch import Tensor
 from .._errors import InertiaError, InversionError
 from .arith import Check, State
 from .kernels import (
+    MOVING_LIMIT,
     NARROW_LIMIT,
     NARROW_Q,
     WORD,
@@ -64,11 +71,14 @@ from .kernels import (
     round_to_grid,
     split,
     step,
+    step_moving,
     step_narrow,
     step_push,
     unstep_position,
+    unstep_position_moving,
     unstep_split,
     unstep_velocity,
+    unstep_velocity_moving,
     unstep_velocity_narrow,
     unstep_velocity_only,
     unstep_velocity_pop,
@@ -139,14 +149,24 @@ class Word:
 
     Attributes:
         dtype: ``torch.int32`` (4 bytes per element) until a memory-free forward's values leave
-            it; from then on ``torch.int64``. Set it back to ``torch.int32`` to try again.
-        overflows: How many memory-free forwards left the int32 word and ran again in int64, on
-            the same grid and with the same results (their blocks' buffers, such as BatchNorm's
-            running statistics, and random generators were put back before the second run).
+            it even on a grid that moves; from then on ``torch.int64``, on the grid placed at the
+            stack's input. Set it back to ``torch.int32`` to try again.
+        overflows: How many memory-free forwards left their word and ran again (their blocks'
+            buffers, such as BatchNorm's running statistics, and random generators were put
+            back before the second run): on a grid that moves, or in int64.
+        moving: Whether the int32 word's grid moves with the data: set by the first forward
+            whose values leave the word on the grid placed at the stack's input. Each row (a
+            sample's token or channel) whose values pass ``2**30`` grid steps then moves, at that
+            layer, to a grid coarser by the fewest bits that hold them, and the low bits that its
+            ``x`` and ``v`` drop go to the buffer (int32, 4 bytes per element instead of 1 or
+            2): nothing is lost, and each row keeps 30 bits at its largest magnitude. Where the
+            buffer cannot hold them, or the stack's schedule leaves it no room (word planes, or
+            a ``gamma`` whose denominator passes ``2**19``), the forward runs in int64 instead.
     """
 
     dtype: torch.dtype = torch.int32
     overflows: int = 0
+    moving: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,9 @@ class ExactState:
         fraction_bits: int32, broadcastable to ``x``: each grid row's step is
             ``2**-fraction_bits`` (one value for a fixed grid), so ``x * 2.0**-fraction_bits`` is
             the position.
+        shifts: int8, of shape ``(depth, *fraction_bits.shape)``, where the grid moved
+            (`Word.moving`): the bits by which each row's step grew after each block, which the
+            inverse replays. None where the grid stayed where the stack's input placed it.
     """
 
     position: Tensor
@@ -177,6 +200,7 @@ class ExactState:
     words: tuple[Tensor, ...]
     gamma: Fraction
     fraction_bits: Tensor
+    shifts: Tensor | None = None
 
     @property
     def buffer_bits_per_element(self) -> int:
@@ -278,11 +302,22 @@ class ExactArithmetic:
         self.pushes, self.kept_buffer = (
             _schedule(self.p, self.q, depth) if self.p else (frozenset(), torch.int64)
         )
+        self.kept_fixed = self.kept_buffer  # where the grid does not move
         # The buffer works in its kept dtype unless planes are pushed (then int64, below 2**51).
         self.buffer_dtype = self.kept_buffer if not self.pushes else torch.int64
         self.policy = word if relative else None
         narrow = self.policy is not None and self.policy.dtype == torch.int32
         self.word = torch.int32 if narrow else torch.int64
+        # A grid that moves (`Word.moving`): each layer's shifts k (float64, (rows, 1)), and the
+        # largest value each row's buffer can hold (float64, (rows, 1)), checked by `check_range`.
+        self.moving = False
+        self._moves: list[Tensor] = []
+        self._bound: Tensor | None = None
+        # The grids of the layers' inputs, and 2**k for each layer, for the backward.
+        self._grids: list[_Grid] = []
+        self._factors: list[Tensor] = []
+        if narrow and self.policy is not None and self.policy.moving:
+            self._move_grid()
         self._ints: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.grid: _Grid | None = None
         # On-grid input cached by `on_grid` for `encode` (the init function sees it first).
@@ -304,13 +339,35 @@ class ExactArithmetic:
         """Magnitudes in grid units must stay below this in the word."""
         return NARROW_LIMIT if self.word == torch.int32 else _LIMIT
 
+    @property
+    def movable(self) -> bool:
+        """Whether an int32 word's grid can move: the narrow kernels serve the update (``q <=
+        NARROW_Q``, no word plane), and the schedule's buffer takes at most 16 bits, which
+        leaves its int32 at least 15 for the shifts' low bits."""
+        small = self.kept_fixed.itemsize <= 2
+        return bool(self.p) and not self.pushes and self.q <= NARROW_Q and small
+
+    def _move_grid(self, moving: bool = True) -> None:
+        """Let the int32 word's grid move (or stop it): the buffer takes int32 words."""
+        self.moving = moving and self.movable
+        kept = torch.int32 if self.moving else self.kept_fixed
+        self.kept_buffer = kept
+        self.buffer_dtype = kept if not self.pushes else torch.int64
+
     def widen(self, count: bool = True) -> None:
-        """Hold ``x`` and ``v`` in int64 words from now on, on the same grid; ``count``: a
-        memory-free forward overflowed (`Word.overflows`)."""
+        """A memory-free forward's values left the int32 word (``count``: `Word.overflows`):
+        let its grid move, where it can and does not yet, else hold ``x`` and ``v`` in int64
+        words from now on, on the grid placed at the input. Without ``count`` (nothing is kept,
+        no rerun): int64."""
         if count and self.word == torch.int32 and self.policy is not None:
-            self.policy.dtype = torch.int64
             self.policy.overflows += 1
+            if not self.moving and self.movable:
+                self.policy.moving = True
+                self._move_grid()
+                return
+            self.policy.dtype = torch.int64
         self.word = torch.int64
+        self._move_grid(False)
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``p`` and ``q`` as 0-d int64 tensors (kernel arguments, so that one compiled kernel
@@ -322,14 +379,48 @@ class ExactArithmetic:
             )
         return self._ints[device]
 
-    def _set_grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
+    def _grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
         """The grid of ``bits`` (int, broadcastable to ``shape``) for a state of ``shape``."""
         rows = math.prod(bits.shape)
         scale = _power_of_two(bits).reshape(rows, 1)
         c = scale * ((self.q - self.p) / self.q)  # exact: times a power of two
         inv = _power_of_two(-bits).reshape(rows, 1)
-        self.grid = _Grid(bits.to(torch.int32), scale, c, inv, shape)
+        return _Grid(bits.to(torch.int32), scale, c, inv, shape)
+
+    def _set_grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
+        """Place the state's grid (`_grid`)."""
+        self.grid = self._grid(bits, shape)
         return self.grid
+
+    def _shift(self, k: Tensor) -> None:
+        """The rows of the grid move by ``k`` bits (float64, ``(rows, 1)``) after a layer: the
+        record, the buffer's bound (``p`` digits out, ``q`` in, then ``2 k`` bits in) and the
+        grid."""
+        grid, bound = self.grid, self._bound
+        assert grid is not None
+        assert bound is not None
+        self._moves.append(k)
+        m2 = _power_of_two(2 * k)
+        # Exact while it matters (below 2**31: the quotient's rounding error is below 1 / p).
+        quotient = torch.div(bound, self.p, rounding_mode="floor")
+        bound = (quotient * self.q + (self.q - 1)) * m2 + (m2 - 1)
+        self._bound = bound.clamp(max=2.0**60)  # past the word: reported, and kept finite
+        bits = grid.bits - k.reshape(grid.bits.shape).to(torch.int32)
+        self._set_grid(bits, grid.shape)
+
+    def _replay(self, final: Tensor, moves: list[Tensor]) -> None:
+        """The grids and the shifts' factors ``2**k`` of a moving grid's layers, for the
+        inverse, from the grid after the last layer (``final`` bits) and the shifts."""
+        assert self.grid is not None
+        shape = self.grid.shape
+        grids = [self._grid(final, shape)]
+        bits = final
+        for k in reversed(moves):
+            bits = bits + k.reshape(bits.shape).to(torch.int32)
+            grids.append(self._grid(bits, shape))
+        self._grids = grids[::-1]
+        self._factors = [_power_of_two(k) for k in moves]
+        self.grid = self._grids[-1]
 
     def _place(self, t: Tensor) -> _Grid:
         """The grid for the stack's input ``t``, computed on its device (no sync)."""
@@ -421,6 +512,9 @@ class ExactArithmetic:
         if v is not None and _recording(v):
             vf = _StraightThrough.apply(v, vf)
         self._largest = []
+        self._moves, self._grids, self._factors = [], [], []
+        if self.moving:
+            self._bound = torch.zeros((grid.rows, 1), dtype=torch.float64, device=x.device)
         self.dtype = x.dtype
         return (xf, vf, xi, vi, torch.zeros(x.shape, dtype=self.buffer_dtype, device=x.device))
 
@@ -440,7 +534,12 @@ class ExactArithmetic:
         narrow = self.policy is not None and self.policy.dtype == torch.int32 and self._fits
         if narrow and xi.dtype != torch.int32:  # values of an int64 pass that fit the word
             xi, vi = xi.to(torch.int32), vi.to(torch.int32)
-        return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, self.grid.bits)
+        bits = self.grid.bits
+        shifts = None
+        if self._moves:
+            moves = torch.stack([k.reshape(bits.shape) for k in self._moves])
+            shifts = moves.to(torch.int8)  # at most 60 bits each
+        return ExactState(xf, vf, xi, vi, buffer, tuple(words), self.ratio, bits, shifts)
 
     def from_exact_state(self, state: ExactState) -> State:
         """The tuple for ``state``, after checking that this stack's forward made it."""
@@ -462,6 +561,17 @@ class ExactArithmetic:
             )
         _check_device(state.x.device)
         self._set_grid(state.fraction_bits, state.x.shape)
+        self._move_grid(state.shifts is not None)
+        if state.shifts is not None:
+            if not self.moving or len(state.shifts) != self.depth:
+                raise ValueError(
+                    f"the state's grid moved over {len(state.shifts)} blocks, but these "
+                    f"{self.depth} blocks (gamma={self.ratio}) cannot move theirs that way; it "
+                    "comes from another stack."
+                )
+            self.word = torch.int32
+            rows = self.grid.rows if self.grid is not None else 1
+            self._replay(state.fraction_bits, [k.reshape(rows, 1).double() for k in state.shifts])
         self._fits = state.x.dtype == torch.int32  # the forward's values all fitted it
         self._split = False
         dtype = state.position.dtype
@@ -491,6 +601,8 @@ class ExactArithmetic:
         vf = self.velocity(state) if recording else vf
         if xi.numel() == 0:  # an empty batch: nothing moves (and no reduction over nothing)
             largest = torch.zeros((), dtype=torch.float64, device=xi.device)
+            if self.moving:
+                self._shift(torch.zeros((grid.rows, 1), dtype=torch.float64, device=xi.device))
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
         elif self.p == 0:  # gamma = 0: v is forgotten, there is nothing to keep (backprop only)
             scaled = grid.view(f.detach()).double() * grid.c
@@ -500,6 +612,13 @@ class ExactArithmetic:
             xi = new_x.clamp(-self.limit, self.limit).to(self.word).view(shape)
             vi = new_v.clamp(-self.limit, self.limit).to(self.word).view(shape)
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
+        elif self.moving:
+            views = [grid.view(t) for t in (xi, vi, buffer)]
+            args = (*views, grid.view(f.detach()), p, q, grid.c, grid.inv, dtype)
+            largest, new_xf, k = step_moving(*args)
+            new_xf = new_xf.view(shape)
+            self._shift(k)
+            new_vf = self._to_float(vi, dtype) if recording else _LAZY
         else:
             kernel = step_push if n in self.pushes else step
             if kernel is step and xi.dtype == torch.int32 and self.q <= NARROW_Q:
@@ -528,16 +647,25 @@ class ExactArithmetic:
         """Whether the forward since `encode` stayed finite (one device sync per forward). False
         where a NaN or inf entered (the input, ``v_0`` or a block's output): the state's integers
         are then meaningless, and `poisoned` gives the state to return. Where a finite value left
-        the word first: `WordOverflow` in an int32 word (the memory-free forward runs again in
-        int64, see `widen`), else an error."""
+        the word first: `WordOverflow` in an int32 word (the memory-free forward runs again on a
+        grid that moves, or in int64, see `widen`), else an error. On a moving grid, a layer's
+        values must stay below `MOVING_LIMIT` on the grid it computes on, and each row's buffer
+        within its int32 word."""
         entries, self._entries = self._entries, []
         layers, self._largest = self._largest, []
         self.finite = False
         names = [what for what, _ in entries] + [
             f"the output of block {n} (or the state x or v after it)" for n in range(len(layers))
         ]
-        values = torch.stack([t for _, t in entries] + layers)
-        bad = ~(values < self.limit)  # True for NaN too
+        limits = [float(self.limit)] * len(entries)
+        limits += [MOVING_LIMIT if self.moving else float(self.limit)] * len(layers)
+        found = [t for _, t in entries] + layers
+        if self.moving and self._bound is not None and self._bound.numel():
+            names.append("the buffer (the low bits that the moving grid's rows dropped)")
+            limits.append(float(NARROW_LIMIT) + 1)
+            found.append(self._bound.amax())
+        values = torch.stack(found)
+        bad = ~(values < values.new_tensor(limits))  # True for NaN too
         self._fits = bool((values < NARROW_LIMIT).all())
         if bool(bad.any()):
             n = int(bad.nonzero()[0, 0])
@@ -576,6 +704,8 @@ class ExactArithmetic:
         wide = buffer.dtype != self.buffer_dtype
         buffer = buffer.to(self.buffer_dtype, copy=not owned and not wide)
         self._split = self._splits(xi)
+        if self._grids:  # a moving grid, walked back before (retain_graph): from its end again
+            self.grid = self._grids[-1]
         return (placeholder, _LAZY, *ints, buffer, *words)
 
     def _splits(self, xi: Tensor) -> bool:
@@ -591,6 +721,7 @@ class ExactArithmetic:
             and not self.pushes
             and self.q <= NARROW_Q
             and self.depth > 1
+            and not self.moving
         ):
             return False
         assert self.grid is not None
@@ -598,8 +729,13 @@ class ExactArithmetic:
         low, high = _SPLIT_BITS
         return bool(((bits >= low) & (bits <= high)).all())
 
-    def unstep_position(self, state: State) -> State:
+    def unstep_position(self, state: State, n: int) -> State:
         xf, vf, xi, vi, *rest = state
+        if self.moving:  # block n's input is on a grid of its own
+            if not self._grids:  # the backward's first block: the forward's grids, replayed
+                assert self.grid is not None
+                self._replay(self.grid.bits, self._moves)
+            self.grid = self._grids[n]
         grid = self.grid
         assert grid is not None
         ahead, self._ahead = self._ahead, None
@@ -613,7 +749,11 @@ class ExactArithmetic:
                 new_xf, correction = split(grid.view(xi), grid.scale, grid.inv)
                 return (new_xf.view(xi.shape), vf, correction.view(xi.shape), vi, *rest)
             return (self._to_float(xi, xf.dtype), vf, xi, vi, *rest)
-        new_xf = unstep_position(grid.view(xi), grid.view(vi), grid.inv, xf.dtype)
+        if self.moving:  # x_{n+1} and v_{n+1} whole again from the buffer's low bits
+            views = [grid.view(t) for t in (xi, vi, rest[0])]
+            new_xf = unstep_position_moving(*views, self._factors[n], grid.inv, xf.dtype)
+        else:
+            new_xf = unstep_position(grid.view(xi), grid.view(vi), grid.inv, xf.dtype)
         return (new_xf.view(xi.shape), vf, xi, vi, *rest)
 
     def unstep_velocity(self, state: State, f: Tensor, n: int) -> State:
@@ -632,7 +772,10 @@ class ExactArithmetic:
             return (xf, _LAZY, xi, vi, buffer, *words)
         views = [grid.view(t) for t in (xi, vi, buffer)]
         args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c)
-        if n in self.pushes:
+        if self.moving:  # this layer's shift popped; the one below read, for x one step ahead
+            below = self._factors[n - 1] if n > 0 else torch.ones_like(self._factors[n])
+            unstep_velocity_moving(*args, self._factors[n], below)
+        elif n in self.pushes:
             unstep_velocity_pop(*args, grid.view(words.pop()))
         elif xi.dtype == torch.int32 and self.q <= NARROW_Q:
             unstep_velocity_narrow(*args)  # the same integers, in float64 arithmetic

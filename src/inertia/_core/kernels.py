@@ -33,6 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK",
+    "MOVING_LIMIT",
+    "MOVING_TOP",
     "NARROW_LIMIT",
     "NARROW_Q",
     "WORD",
@@ -46,12 +48,15 @@ __all__ = [
     "round_to_grid",
     "split",
     "step",
+    "step_moving",
     "step_narrow",
     "step_push",
     "to_float",
     "unstep_position",
+    "unstep_position_moving",
     "unstep_split",
     "unstep_velocity",
+    "unstep_velocity_moving",
     "unstep_velocity_narrow",
     "unstep_velocity_only",
     "unstep_velocity_pop",
@@ -276,19 +281,27 @@ def _step_narrow(
     """`_step` for int32 words and ``q <= NARROW_Q``, at a layer that pushes no word plane:
     ``v <- floor((v p + s) / q) + round(c f)`` with ``s = buffer mod p``, the remainder of the
     division going to the buffer."""
-    pd, qd = p.double(), q.double()
-    scaled = f.double() * c
-    high, s = _divmod_exact(_rowwise(buffer.double(), c), pd)
-    new_v, r = _divmod_exact(v.double() * pd + s, qd)
-    new_v = new_v + scaled.round()
-    new_x = x.double() + new_v
+    new_x, new_v, new_buffer, scaled = _narrow_update(x, v, buffer, f, p, q, c)
     largest = _largest(new_v, new_x, scaled)
     position = (new_x * inv).to(dtype)
     limit = float(NARROW_LIMIT)
     x.copy_(new_x.clamp(-limit, limit))
     v.copy_(new_v.clamp(-limit, limit))
-    buffer.copy_(high * qd + r)
+    buffer.copy_(new_buffer)
     return None, largest, position
+
+
+def _narrow_update(
+    x: Tensor, v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer's new ``x``, ``v`` and buffer, and ``scaled = c f``, in float64: `_step_narrow`'s
+    arithmetic, for a buffer below ``2**31``."""
+    pd, qd = p.double(), q.double()
+    scaled = f.double() * c
+    high, s = _divmod_exact(_rowwise(buffer.double(), c), pd)
+    new_v, r = _divmod_exact(v.double() * pd + s, qd)
+    new_v = new_v + scaled.round()
+    return x.double() + new_v, new_v, high * qd + r, scaled
 
 
 def _narrow_velocity(
@@ -316,6 +329,161 @@ def _unstep_velocity_narrow(
     ``2**32``, as an int64 would be truncated, and the caller's ``x += v`` wraps back."""
     new_v, new_buffer = _narrow_velocity(v, buffer, f, p, q, c)
     new_x = x.double() - new_v
+    wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
+    v.copy_(new_v)
+    buffer.copy_(new_buffer)
+    x.copy_(wrapped)
+
+
+# -- a grid that moves ---------------------------------------------------------------------------
+# With int32 words, a row of the state (a token, a channel) whose values grow past 2**30 grid steps
+# moves to a coarser grid: after the layer's update, computed on the row's grid in float64 (exact
+# below 2**50, `MOVING_LIMIT`), the row's new x and v are divided by 2**k, the fewest bits that
+# bring them below 2**30, and the k low bits that each drops go to the buffer, above the
+# remainders of the gamma product (``buffer <- (buffer 2**k + dx) 2**k + dv``): a bijection, which
+# the inverse undoes, reading the buffer's low digits. The backward replays the shifts from their
+# record (one k per row and layer); where k = 0, these kernels compute the fixed grid's integers.
+
+MOVING_TOP = 30  # a moving grid keeps |x| and |v| at most 2**30 grid steps
+MOVING_LIMIT = float(1 << 50)  # |x|, |v| and |c f| on the layer's grid, before the shift
+
+
+def _power(k: Tensor) -> Tensor:
+    """``2.0**k`` for the integer-valued float64 ``0 <= |k| <= 1000``, from the IEEE exponent."""
+    return ((k.long() + 1023) << 52).view(torch.float64)
+
+
+def _shift_for(largest: Tensor) -> Tensor:
+    """The fewest bits ``k >= 0`` (float64) with ``largest < 2**(MOVING_TOP + k)``, read from
+    the float64 exponent of the (non-negative) ``largest``; NaN and inf give 60 (`check_range`
+    reports them)."""
+    biased = largest.view(torch.int64) >> 52  # 2**(biased - 1023) <= largest, for normal numbers
+    return (biased - (1022 + MOVING_TOP)).clamp(0, 60).double()
+
+
+def _moving_rows(
+    x: Tensor, v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The largest new ``|x|`` and ``|v|`` of each row (``(rows, 1)``, float64, on the rows'
+    grids before any shift), and the largest ``|c f|``."""
+    new_x, new_v, _, scaled = _narrow_update(x, v, buffer, f, p, q, c)
+    rows = torch.maximum(new_x.abs(), new_v.abs()).amax(dim=-1, keepdim=True)
+    return rows, scaled.abs().amax()
+
+
+def _shifted(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+    k: Tensor,
+) -> Tensor:
+    """One layer's update (`_narrow_update`), with the rows' new x and v shifted right by ``k``
+    bits (``(rows, 1)``) and the dropped bits pushed onto the buffer, written into ``x``, ``v`` and
+    ``buffer``; returns x's float on the new grid (whose step is ``2**k`` times the old one)."""
+    new_x, new_v, new_buffer, _ = _narrow_update(x, v, buffer, f, p, q, c)
+    m, inv_m = _power(k), _power(-k)
+    high_x, high_v = torch.floor(new_x * inv_m), torch.floor(new_v * inv_m)
+    pushed = ((new_buffer * m) + (new_x - high_x * m)) * m + (new_v - high_v * m)
+    limit = float(NARROW_LIMIT)
+    position = (high_x * (inv * m)).to(dtype)
+    x.copy_(high_x.clamp(-limit, limit))
+    v.copy_(high_v.clamp(-limit, limit))
+    buffer.copy_(pushed.clamp(-limit, limit))  # beyond the word: `check_range` reruns the forward
+    return position
+
+
+def _step_moving(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_step_narrow` on a moving grid: each row shifts by the fewest bits ``k`` that keep its new
+    x and v within ``2**MOVING_TOP`` steps. Returns the largest magnitude before the shifts
+    (float64, for `check_range` against `MOVING_LIMIT`), x's float, and ``k`` (``(rows, 1)``,
+    float64). Compiled, the rows' reduction and their update share one loop nest."""
+    rows, scaled = _moving_rows(x, v, buffer, f, p, q, c)
+    k = _shift_for(rows)
+    position = _shifted(x, v, buffer, f, p, q, c, inv, dtype, k)
+    return torch.maximum(rows.amax(), scaled), position, k
+
+
+def _step_moving_chunked(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    inv: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_step_moving` eagerly, chunk by chunk: the rows' largest magnitudes first, then the
+    update."""
+    rows = torch.zeros((x.shape[0], 1), dtype=torch.float64, device=x.device)
+    scaled = torch.zeros((), dtype=torch.float64, device=x.device)
+    for rs, cs in _blocks(*x.shape):
+        args = (x[rs, cs], v[rs, cs], buffer[rs, cs], f[rs, cs], p, q, _rows(c, rs))
+        part, big = _moving_rows(*args)
+        rows[rs] = torch.maximum(rows[rs], part)
+        scaled = torch.maximum(scaled, big)
+    k = _shift_for(rows)
+    position = _chunked(_shifted)(x, v, buffer, f, p, q, c, inv, dtype, k)
+    return torch.maximum(rows.amax(), scaled), position, k
+
+
+def _low_digits(buffer: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The shift that `_shifted` pushed onto ``buffer`` (float64), by ``m = 2**k``: the buffer
+    below it and the low bits ``dx`` and ``dv`` that x and v dropped."""
+    inv_m = 1.0 / m  # exact: a power of two
+    upper = torch.floor(buffer * inv_m)
+    rest = torch.floor(upper * inv_m)
+    return rest, upper - rest * m, buffer - upper * m
+
+
+def _unstep_position_moving(
+    x: Tensor, v: Tensor, buffer: Tensor, m: Tensor, inv: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``x_n = x_{n+1} - v_{n+1}`` from the shifted ``x_{n+1}`` and ``v_{n+1}``, on the grid
+    before the shift by ``m = 2**k`` (the low bits read from the buffer, which keeps them),
+    written into ``x``; returns its float (``inv``: that grid's step)."""
+    _, dx, dv = _low_digits(buffer.double(), m)
+    new_x = (x.double() - v.double()) * m + (dx - dv)
+    x.copy_(new_x)
+    return (new_x * inv).to(dtype)
+
+
+def _unstep_velocity_moving(
+    x: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    f: Tensor,
+    p: Tensor,
+    q: Tensor,
+    c: Tensor,
+    m: Tensor,
+    m_below: Tensor,
+) -> None:
+    """`_unstep_velocity_narrow` on a moving grid: pops the shift ``m = 2**k`` of this layer
+    (``v_{n+1}`` whole again), undoes the velocity update, and moves x one step ahead through the
+    shift ``m_below`` of the layer below (its low bits read from the buffer, which keeps them
+    until that layer pops them; 1 below block 0)."""
+    rest, _, dv = _low_digits(_rowwise(buffer.double(), c), m)
+    new_v, new_buffer = _narrow_velocity(v.double() * m + dv, rest, f, p, q, c)
+    _, dx, dv = _low_digits(new_buffer, m_below)
+    new_x = (x.double() - new_v) * m_below + (dx - dv)
     wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
     v.copy_(new_v)
     buffer.copy_(new_buffer)
@@ -627,6 +795,11 @@ unstep_velocity_pop = _Compiled(
 step_narrow = _Compiled(_step_narrow, _chunked(_step_narrow))
 unstep_velocity_narrow = _Compiled(
     _unstep_velocity_narrow, _chunked(_unstep_velocity_narrow), options=_ONE_PASS
+)
+step_moving = _Compiled(_step_moving, _step_moving_chunked)
+unstep_position_moving = _Compiled(_unstep_position_moving, _chunked(_unstep_position_moving))
+unstep_velocity_moving = _Compiled(
+    _unstep_velocity_moving, _chunked(_unstep_velocity_moving), options=_ONE_PASS
 )
 split = _Compiled(_split, _chunked(_split))
 unstep_split = _Compiled(_unstep_split, _chunked(_unstep_split))

@@ -1,0 +1,191 @@
+"""Exact mode's moving grid: int32 words whose rows move to coarser grids where their values grow,
+with the dropped bits kept in the buffer (`inertia.Word.moving`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import MLP
+from inertia import MomentumNet
+from inertia._core import kernels
+from inertia.testing import assert_gradients_match, gradient_errors, relative_error
+
+
+class Amplify(nn.Module):
+    """``f(x) = factor x`` on the first row (a sample, or a sample's first token), 0 elsewhere: one
+    row grows, the others do not."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = torch.zeros_like(x)
+        mask[(slice(None),) * (x.dim() - 2) + (0,)] = self.factor
+        return x * mask
+
+
+def _amplified(d: int = 8, factor: float = 3e3) -> list[nn.Module]:
+    return [MLP(d=d, bn=True), Amplify(factor), MLP(d=d, dropout=0.2, bn=True), Amplify(5.0)]
+
+
+@pytest.mark.parametrize(
+    ("p", "q"), [(9, 10), (1, 2), (99, 100), (1929, 15625), (1, 2**19), (2**19 - 1, 2**19)]
+)
+def test_moving_kernels_shift_rows_and_invert(
+    p: int, q: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row's new x and v are shifted by the fewest bits k that bring them within 2**30 steps,
+    the k low bits of each pushed onto the buffer (rows with k = 0 get the fixed grid's integers);
+    the inverse pops them, gives back x_n, v_n and the buffer, and moves x one step ahead through
+    the shift of the layer below, read from the buffer. Compiled and chunk by chunk (rows longer
+    than a chunk) alike, against the int64 kernels and Python's integers."""
+    monkeypatch.setattr(kernels, "CHUNK", 3000)
+    gen = torch.Generator().manual_seed(q)
+    shape = (4, 5000)
+    x, v = (torch.randint(-(2**28), 2**28, shape, generator=gen) for _ in "xv")
+    below = torch.tensor([[0], [1], [0], [1]])  # the shift of the layer below, per row
+    m_below = 2**below
+    # The buffer below: its own digits, then the low bits that the layer below dropped.
+    top = max(1, 2**31 // (q // p + 2) // 2**8 // 4)  # the buffer stays below 2**31
+    dx, dv = (torch.randint(0, 2**20, shape, generator=gen) % m_below for _ in "xv")
+    buffer = (torch.randint(0, top, shape, generator=gen) * m_below + dx) * m_below + dv
+    f = torch.randn(shape, generator=gen).clamp(-3, 3).float()
+    c = torch.tensor([[0.5], [2.0**29], [2.0**30], [2.0**31]], dtype=torch.float64)
+    inv = torch.tensor([[2.0**-20], [2.0**-5], [2.0**3], [2.0**-40]], dtype=torch.float64)
+    pq = (torch.tensor(p), torch.tensor(q))
+    wide = [t.clone() for t in (x, v, buffer)]  # int64 words: the fixed grid's update, whole
+    largest = kernels.step(*wide, f, *pq, c, inv, torch.float32)[1]
+    rows = torch.maximum(wide[0].abs(), wide[1].abs()).amax(1, keepdim=True)
+    k = torch.tensor([[max(0, int(r).bit_length() - 30)] for r in rows])
+    assert k[0] == 0
+    assert k[3] > k[1] > 0
+    m = 2**k
+    dropped = [t & (m - 1) for t in wide[:2]]
+    want = [wide[0] >> k, wide[1] >> k, (wide[2] * m + dropped[0]) * m + dropped[1]]
+    assert all(t.abs().max() <= 2**30 for t in want[:2])
+    assert want[2].max() < 2**31
+    position = (want[0].double() * (inv * m)).float()
+    results = []
+    for kernel in (kernels.step_moving, kernels.step_moving.fallback):
+        ints = [t.int() for t in (x, v, buffer)]
+        got_largest, got_position, got_k = kernel(*ints, f, *pq, c, inv, torch.float32)
+        assert all(torch.equal(a.long(), b) for a, b in zip(ints, want, strict=True))
+        assert torch.equal(got_k, k.double())
+        assert torch.equal(got_position, position)
+        assert torch.equal(got_largest, largest)
+        results.append(ints)
+    # The inverse: x_n from x_{n+1} and v_{n+1}, then v_n and the buffer, then x_{n-1} ahead.
+    md, mb = m.double(), m_below.double()
+    for position_kernel, velocity_kernel in [
+        (kernels.unstep_position_moving, kernels.unstep_velocity_moving),
+        (kernels.unstep_position_moving.fallback, kernels.unstep_velocity_moving.fallback),
+    ]:
+        ints = [t.clone() for t in results[0]]
+        back = position_kernel(*ints, md, inv, torch.float32)
+        assert torch.equal(ints[0].long(), x)
+        assert torch.equal(back, (x.double() * inv).float())
+        velocity_kernel(*ints, f, *pq, c, md, mb)
+        assert torch.equal(ints[1].long(), v)
+        assert torch.equal(ints[2].long(), buffer)
+        assert torch.equal(ints[0].long(), (x - v) * m_below + dx - dv)
+
+
+def test_a_growing_row_moves_alone_and_trains_like_autograd() -> None:
+    """A row (here a sample) that grows more than 2**7 times its input's scale leaves the int32
+    word on the input's grid: the forward runs again on a grid that moves, where that row alone
+    moves. Outputs,
+    every gradient and the BatchNorm statistics are plain float32 autograd's within float32's
+    tolerance, the inversion checks out bit for bit at block 0, and the word stays int32."""
+    torch.manual_seed(0)
+    blocks = _amplified()
+    net = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False, exact=True)
+    net.check_inversion = "raise"
+    plain = MomentumNet(copy.deepcopy(blocks), 0.9, exact=False)
+    x = torch.randn(6, 8, requires_grad=True)
+    errors = assert_gradients_match(plain, net, x, seed=3, steps=2)
+    assert any(k.startswith("buffer.") for k in errors)
+    assert (net.word.dtype, net.word.moving, net.word.overflows) == (torch.int32, True, 1)
+    state = net(x, return_state=True)
+    assert state.shifts is not None
+    moved = state.shifts.long().sum(0).flatten()
+    assert moved[0] > 0
+    assert not moved[1:].any()
+    assert (state.x.dtype, state.v.dtype, state.buffer.dtype) == (torch.int32,) * 3
+    # The same stack in float64: int64 words, which hold it on the input's grid.
+    wide = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False, exact=True).double()
+    reference = MomentumNet(copy.deepcopy(blocks), 0.9, exact=False).double()
+    assert_gradients_match(reference, wide, x.detach().double().requires_grad_(), seed=3)
+    assert wide(x.double(), return_state=True).shifts is None
+
+
+def test_a_moving_grid_keeps_precision_where_its_rows_grow() -> None:
+    """A sample's first token grows some 2**12 times past its input's scale; the others do not.
+    The rows that stay keep the integers of the input's grid (the int64 twin's, bit for bit); the
+    row that moves keeps 30 bits at its largest magnitude as it grows, so its output is as close
+    to the float64 forward as the int64 words on the input's grid, and within 4 times float32's
+    own rounding."""
+    torch.manual_seed(0)
+    blocks = [MLP(d=16), Amplify(300.0), MLP(d=16), Amplify(300.0), MLP(d=16)]
+    x = torch.randn(2, 5, 16) * torch.tensor([1.0, 0.5, 4.0, 1.0, 2.0]).reshape(1, 5, 1)
+    want = MomentumNet(copy.deepcopy(blocks), 0.9, exact=False).double()(x.double())
+    own = MomentumNet(copy.deepcopy(blocks), 0.9, exact=False)(x)
+    moving = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False, exact=True)
+    got = moving(x.requires_grad_()).detach()
+    assert moving.word.moving
+    assert moving.word.dtype == torch.int32
+    shifts = moving(x, return_state=True).shifts
+    assert shifts is not None
+    assert shifts[:, :, 0].sum() > 0
+    assert not shifts[:, :, 1:].any()
+    twin = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=True, exact=True)
+    fixed = twin(x).detach()  # int64 words on the input's grid
+    assert torch.equal(got[:, 1:], fixed[:, 1:])
+    error = relative_error(got[:, 0], want[:, 0])
+    assert error <= 4 * relative_error(own[:, 0], want[:, 0])
+    assert error <= 2 * relative_error(fixed[:, 0], want[:, 0])
+
+
+def test_a_moving_state_keeps_twelve_bytes_and_inverts() -> None:
+    """On a moving grid the memory-free stack keeps x, v and the buffer in int32 words (12 bytes
+    per element, against 16 + 1 for int64 words), beside a shift record of one byte per row and
+    block. Its `ExactState` inverts to the input's bit for bit, a stack of another depth refuses
+    it, and a second backward (retain_graph) walks the same grids again."""
+    torch.manual_seed(0)
+    blocks = _amplified(d=64)
+    for block in blocks:
+        block.eval()  # dropout draws again in the inverse: it would not rebuild the input
+    net = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False, exact=True)
+    x = torch.randn(32, 64, requires_grad=True)
+    net(x)  # the first forward overflows and reruns; the word now moves
+    assert net.word.moving
+    widened = copy.deepcopy(net)
+    widened.word.dtype = torch.int64  # the int64 words of before
+    kept = {}
+    for name, model in (("moving", net), ("int64", widened)):
+        saved: list[Tensor] = []
+
+        def pack(t: Tensor) -> Tensor:
+            if t.shape == x.shape and not t.is_floating_point():
+                saved.append(t)  # noqa: B023 (used at once)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        kept[name] = sum(t.element_size() for t in saved)
+    assert kept == {"moving": 12, "int64": 17}  # bytes per element: x, v and the buffer
+    state = net(x, return_state=True)
+    start = net.inverse(state)
+    assert torch.equal(start.x, net[:0](x, return_state=True).x)
+    with pytest.raises(ValueError, match="moved over 4 blocks"):
+        net[1:].inverse(state)
+    out = net(x)
+    grads = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    again = torch.autograd.grad(out.sum(), x)[0]
+    assert torch.equal(grads, again)
+    errors = gradient_errors(MomentumNet(copy.deepcopy(blocks), 0.9, exact=False), net, x)
+    assert max(errors.values()) < 1e-5
