@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from conftest import MLP
 from inertia import MomentumNet
+from inertia._core import exact as inertia_exact
 from inertia._core import kernels
 from inertia.testing import assert_gradients_match, gradient_errors, relative_error
 
@@ -42,8 +43,9 @@ def test_moving_kernels_shift_rows_and_invert(
     """Each row's new x and v are shifted by the fewest bits k that bring them within 2**30 steps,
     the k low bits of each pushed onto the buffer (rows with k = 0 get the fixed grid's integers);
     the inverse pops them, gives back x_n, v_n and the buffer, and moves x one step ahead through
-    the shift of the layer below, read from the buffer. Compiled and chunk by chunk (rows longer
-    than a chunk) alike, against the int64 kernels and Python's integers."""
+    the shift of the layer below, read from the buffer; so with x held as its float32 and an int8
+    correction. Compiled and chunk by chunk (rows longer than a chunk) alike, against the int64
+    kernels and Python's integers."""
     monkeypatch.setattr(kernels, "CHUNK", 3000)
     gen = torch.Generator().manual_seed(q)
     shape = (4, 5000)
@@ -93,6 +95,20 @@ def test_moving_kernels_shift_rows_and_invert(
         assert torch.equal(ints[1].long(), v)
         assert torch.equal(ints[2].long(), buffer)
         assert torch.equal(ints[0].long(), (x - v) * m_below + dx - dv)
+    # With x held as its float32 and an int8 correction, on the grid after the shift.
+    scale = 1 / inv
+    above, correction = kernels.split(results[0][0], scale / md, inv * md)
+    for split_kernel, velocity_kernel in [
+        (kernels.unstep_split_moving, kernels.unstep_velocity_only_moving),
+        (kernels.unstep_split_moving.fallback, kernels.unstep_velocity_only_moving.fallback),
+    ]:
+        ints, fixed = [t.clone() for t in results[0]], correction.clone()
+        back = split_kernel(above, fixed, ints[1], ints[2], md, scale, inv)
+        assert torch.equal(back, (x.double() * inv).float())
+        assert torch.equal((back.double() * scale).long() + fixed, x)
+        velocity_kernel(ints[1], ints[2], f, *pq, c, md)
+        assert torch.equal(ints[1].long(), v)
+        assert torch.equal(ints[2].long(), buffer)
 
 
 def test_a_growing_row_moves_alone_and_trains_like_autograd() -> None:
@@ -189,3 +205,29 @@ def test_a_moving_state_keeps_twelve_bytes_and_inverts() -> None:
     assert torch.equal(grads, again)
     errors = gradient_errors(MomentumNet(copy.deepcopy(blocks), 0.9, exact=False), net, x)
     assert max(errors.values()) < 1e-5
+
+
+def test_the_backward_holds_x_as_a_float_and_a_byte_on_a_moving_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below its last block the backward holds x as the block's float32 input and an int8
+    correction on a moving grid too, each block's on its own grid: gradients within float32's
+    tolerance of plain autograd, the inversion checked bit for bit at block 0."""
+    largest: list[int] = []
+    unstep = inertia_exact.unstep_split_moving
+
+    def recording(position: Tensor, correction: Tensor, *rest: Tensor) -> Tensor:
+        new: Tensor = unstep(position, correction, *rest)
+        largest.append(int(correction.abs().max()))
+        return new
+
+    monkeypatch.setattr(inertia_exact, "unstep_split_moving", recording)
+    torch.manual_seed(0)
+    blocks = [MLP(d=8), Amplify(300.0), MLP(d=8), Amplify(300.0), MLP(d=8), MLP(d=8)]
+    net = MomentumNet(copy.deepcopy(blocks), 0.9, use_backprop=False, exact=True)
+    net.check_inversion = "raise"
+    x = torch.randn(6, 8, requires_grad=True)
+    assert_gradients_match(MomentumNet(copy.deepcopy(blocks), 0.9, exact=False), net, x)
+    assert net.word.moving
+    assert len(largest) == 4  # to x_3, ..., x_0 (x_4 is split from its word)
+    assert 0 < max(largest) <= 64

@@ -77,10 +77,12 @@ from .kernels import (
     unstep_position,
     unstep_position_moving,
     unstep_split,
+    unstep_split_moving,
     unstep_velocity,
     unstep_velocity_moving,
     unstep_velocity_narrow,
     unstep_velocity_only,
+    unstep_velocity_only_moving,
     unstep_velocity_pop,
 )
 
@@ -703,9 +705,12 @@ class ExactArithmetic:
         ints = (t.to(copy=not owned, memory_format=contiguous) for t in (xi, vi))
         wide = buffer.dtype != self.buffer_dtype
         buffer = buffer.to(self.buffer_dtype, copy=not owned and not wide)
-        self._split = self._splits(xi)
-        if self._grids:  # a moving grid, walked back before (retain_graph): from its end again
+        if self.moving:  # the forward's grids, replayed (once: retain_graph walks them again)
+            if not self._grids:
+                assert self.grid is not None
+                self._replay(self.grid.bits, self._moves)
             self.grid = self._grids[-1]
+        self._split = self._splits(xi)
         return (placeholder, _LAZY, *ints, buffer, *words)
 
     def _splits(self, xi: Tensor) -> bool:
@@ -721,24 +726,26 @@ class ExactArithmetic:
             and not self.pushes
             and self.q <= NARROW_Q
             and self.depth > 1
-            and not self.moving
         ):
             return False
         assert self.grid is not None
-        bits = self.grid.bits
         low, high = _SPLIT_BITS
+        # A moving grid's steps only grow: its rows' first grids and last ones bound them all.
+        grids = (self._grids[0], self._grids[-1]) if self.moving else (self.grid,)
+        bits = torch.stack([g.bits for g in grids])
         return bool(((bits >= low) & (bits <= high)).all())
 
     def unstep_position(self, state: State, n: int) -> State:
         xf, vf, xi, vi, *rest = state
-        if self.moving:  # block n's input is on a grid of its own
-            if not self._grids:  # the backward's first block: the forward's grids, replayed
-                assert self.grid is not None
-                self._replay(self.grid.bits, self._moves)
+        if self.moving:  # block n's input is on a grid of its own (`restore`)
             self.grid = self._grids[n]
         grid = self.grid
         assert grid is not None
         ahead, self._ahead = self._ahead, None
+        if xi.dtype == torch.int8 and self.moving:  # x = xf and a correction, through a shift
+            views = [grid.view(t) for t in (xf, xi, vi, rest[0])]
+            new_xf = unstep_split_moving(*views, self._factors[n], grid.scale, grid.inv)
+            return (new_xf.view(xi.shape), vf, xi, vi, *rest)
         if xi.dtype == torch.int8:  # x = xf and a correction (`restore`)
             new_xf = unstep_split(*(grid.view(t) for t in (xf, xi, vi)), grid.scale, grid.inv)
             return (new_xf.view(xi.shape), vf, xi, vi, *rest)
@@ -768,7 +775,10 @@ class ExactArithmetic:
         assert grid is not None
         if xi.dtype == torch.int8:
             views = [grid.view(t) for t in (vi, buffer, f.detach())]
-            unstep_velocity_only(*views, *self._on(xi.device), grid.c)
+            if self.moving:
+                unstep_velocity_only_moving(*views, *self._on(xi.device), grid.c, self._factors[n])
+            else:
+                unstep_velocity_only(*views, *self._on(xi.device), grid.c)
             return (xf, _LAZY, xi, vi, buffer, *words)
         views = [grid.view(t) for t in (xi, vi, buffer)]
         args = (*views, grid.view(f.detach()), *self._on(xi.device), grid.c)

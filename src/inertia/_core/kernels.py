@@ -55,10 +55,12 @@ __all__ = [
     "unstep_position",
     "unstep_position_moving",
     "unstep_split",
+    "unstep_split_moving",
     "unstep_velocity",
     "unstep_velocity_moving",
     "unstep_velocity_narrow",
     "unstep_velocity_only",
+    "unstep_velocity_only_moving",
     "unstep_velocity_pop",
 ]
 
@@ -533,6 +535,36 @@ def _unstep_velocity_only(
     buffer.copy_(new_buffer)
 
 
+def _unstep_split_moving(
+    position: Tensor,
+    correction: Tensor,
+    v: Tensor,
+    buffer: Tensor,
+    m: Tensor,
+    scale: Tensor,
+    inv: Tensor,
+) -> Tensor:
+    """`_unstep_split` on a moving grid: ``x_{n+1}`` (its float32 and int8 correction on the grid
+    after the shift by ``m``, whose step is ``m`` times ``x_n``'s) and ``v_{n+1}`` whole again from
+    the buffer's low bits (which it keeps), ``x_n = x_{n+1} - v_{n+1}`` on ``x_n``'s grid
+    (``scale``, ``inv``): returns its float32 and writes its correction into ``correction``."""
+    _, dx, dv = _low_digits(buffer.double(), m)
+    x = (_join(position, correction, scale / m) - v.double()) * m + (dx - dv)
+    new, new_correction = _part(x, scale, inv)
+    correction.copy_(new_correction)
+    return new
+
+
+def _unstep_velocity_only_moving(
+    v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor, m: Tensor
+) -> None:
+    """`_unstep_velocity_moving` without moving ``x`` (held as a float and a correction)."""
+    rest, _, dv = _low_digits(_rowwise(buffer.double(), c), m)
+    new_v, new_buffer = _narrow_velocity(v.double() * m + dv, rest, f, p, q, c)
+    v.copy_(new_v)
+    buffer.copy_(new_buffer)
+
+
 def _momentum_update(
     x: Tensor, v: Tensor, out: Tensor, gamma: Tensor, rest: Tensor, subtract: bool
 ) -> tuple[Tensor, Tensor]:
@@ -804,4 +836,8 @@ unstep_velocity_moving = _Compiled(
 split = _Compiled(_split, _chunked(_split))
 unstep_split = _Compiled(_unstep_split, _chunked(_unstep_split))
 unstep_velocity_only = _Compiled(_unstep_velocity_only, _chunked(_unstep_velocity_only))
+unstep_split_moving = _Compiled(_unstep_split_moving, _chunked(_unstep_split_moving))
+unstep_velocity_only_moving = _Compiled(
+    _unstep_velocity_only_moving, _chunked(_unstep_velocity_only_moving)
+)
 checksum_split = _Compiled(_checksum_split, _checksum_split_chunked)
