@@ -17,8 +17,8 @@ in their word (int32 or int64), the buffer in its own dtype (uint8 to int64), th
 ``f``, and per-row constants of shape ``(rows, 1)`` (or ``(1, 1)`` for one grid). They compute in
 int64 registers and write the new integers into the tensors they are given, so that a layer's
 update allocates only its float output: callers pass integers that they own. An int32 word is
-saturated where a value leaves it (the forward's range check then reruns the stack in int64), so
-that nothing wraps.
+saturated where a value leaves it (the forward's range check then reruns the stack on a grid that
+moves, or in int64), so that nothing wraps.
 """
 
 from __future__ import annotations
