@@ -68,6 +68,7 @@ from .kernels import (
     checksum_split,
     convert,
     eager,
+    power_of_two,
     round_to_grid,
     split,
     step,
@@ -261,11 +262,6 @@ def _row_dims(ndim: int) -> int:
     return 2 if ndim >= 3 else 1 if ndim == 2 else 0
 
 
-def _power_of_two(bits: Tensor) -> Tensor:
-    """``2.0**bits`` exactly, in float64, for int ``|bits| <= _MAX_BITS`` (the IEEE exponent)."""
-    return ((bits.long() + 1023) << 52).view(torch.float64)
-
-
 class ExactArithmetic:
     """The momentum update in fixed point, with a bit-exact inverse (see the module docstring).
 
@@ -384,9 +380,9 @@ class ExactArithmetic:
     def _grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
         """The grid of ``bits`` (int, broadcastable to ``shape``) for a state of ``shape``."""
         rows = math.prod(bits.shape)
-        scale = _power_of_two(bits).reshape(rows, 1)
+        scale = power_of_two(bits).reshape(rows, 1)
         c = scale * ((self.q - self.p) / self.q)  # exact: times a power of two
-        inv = _power_of_two(-bits).reshape(rows, 1)
+        inv = power_of_two(-bits).reshape(rows, 1)
         return _Grid(bits.to(torch.int32), scale, c, inv, shape)
 
     def _set_grid(self, bits: Tensor, shape: torch.Size) -> _Grid:
@@ -402,7 +398,7 @@ class ExactArithmetic:
         assert grid is not None
         assert bound is not None
         self._moves.append(k)
-        m2 = _power_of_two(2 * k)
+        m2 = power_of_two(2 * k)
         # Exact while it matters (below 2**31: the quotient's rounding error is below 1 / p).
         quotient = torch.div(bound, self.p, rounding_mode="floor")
         bound = (quotient * self.q + (self.q - 1)) * m2 + (m2 - 1)
@@ -421,7 +417,7 @@ class ExactArithmetic:
             bits = bits + k.reshape(bits.shape).to(torch.int32)
             grids.append(self._grid(bits, shape))
         self._grids = grids[::-1]
-        self._factors = [_power_of_two(k) for k in moves]
+        self._factors = [power_of_two(k) for k in moves]
         self.grid = self._grids[-1]
 
     def _place(self, t: Tensor) -> _Grid:

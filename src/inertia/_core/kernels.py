@@ -45,6 +45,7 @@ __all__ = [
     "momentum_pullback",
     "momentum_update",
     "momentum_update_",
+    "power_of_two",
     "round_to_grid",
     "split",
     "step",
@@ -350,15 +351,16 @@ MOVING_TOP = 30  # a moving grid keeps |x| and |v| at most 2**30 grid steps
 MOVING_LIMIT = float(1 << 50)  # |x|, |v| and |c f| on the layer's grid, before the shift
 
 
-def _power(k: Tensor) -> Tensor:
-    """``2.0**k`` for the integer-valued float64 ``0 <= |k| <= 1000``, from the IEEE exponent."""
+def power_of_two(k: Tensor) -> Tensor:
+    """``2.0**k`` exactly, in float64, for integer-valued ``|k| <= 1000`` (any dtype), from the
+    IEEE exponent."""
     return ((k.long() + 1023) << 52).view(torch.float64)
 
 
 def _shift_for(largest: Tensor) -> Tensor:
     """The fewest bits ``k >= 0`` (float64) with ``largest < 2**(MOVING_TOP + k)``, read from
-    the float64 exponent of the (non-negative) ``largest``; NaN and inf give 60 (`check_range`
-    reports them)."""
+    the float64 exponent of the (non-negative) ``largest``, at most 60 (NaN and inf, which
+    `check_range` reports, give 0 or 60)."""
     biased = largest.view(torch.int64) >> 52  # 2**(biased - 1023) <= largest, for normal numbers
     return (biased - (1022 + MOVING_TOP)).clamp(0, 60).double()
 
@@ -389,7 +391,7 @@ def _shifted(
     bits (``(rows, 1)``) and the dropped bits pushed onto the buffer, written into ``x``, ``v`` and
     ``buffer``; returns x's float on the new grid (whose step is ``2**k`` times the old one)."""
     new_x, new_v, new_buffer, _ = _narrow_update(x, v, buffer, f, p, q, c)
-    m, inv_m = _power(k), _power(-k)
+    m, inv_m = power_of_two(k), power_of_two(-k)
     high_x, high_v = torch.floor(new_x * inv_m), torch.floor(new_v * inv_m)
     pushed = ((new_buffer * m) + (new_x - high_x * m)) * m + (new_v - high_v * m)
     limit = float(NARROW_LIMIT)
