@@ -558,7 +558,7 @@ class ExactArithmetic:
                 "another depth."
             )
         _check_device(state.x.device)
-        self._set_grid(state.fraction_bits, state.x.shape)
+        grid = self._set_grid(state.fraction_bits, state.x.shape)
         self._move_grid(state.shifts is not None)
         if state.shifts is not None:
             if not self.moving or len(state.shifts) != self.depth:
@@ -568,8 +568,8 @@ class ExactArithmetic:
                     "comes from another stack."
                 )
             self.word = torch.int32
-            rows = self.grid.rows if self.grid is not None else 1
-            self._replay(state.fraction_bits, [k.reshape(rows, 1).double() for k in state.shifts])
+            moves = [k.reshape(grid.rows, 1).double() for k in state.shifts]
+            self._replay(state.fraction_bits, moves)
         self._fits = state.x.dtype == torch.int32  # the forward's values all fitted it
         self._split = False
         dtype = state.position.dtype
@@ -610,23 +610,20 @@ class ExactArithmetic:
             xi = new_x.clamp(-self.limit, self.limit).to(self.word).view(shape)
             vi = new_v.clamp(-self.limit, self.limit).to(self.word).view(shape)
             new_xf, new_vf = self._to_float(xi, dtype), self._to_float(vi, dtype)
-        elif self.moving:
-            views = [grid.view(t) for t in (xi, vi, buffer)]
-            args = (*views, grid.view(f.detach()), p, q, grid.c, grid.inv, dtype)
-            largest, new_xf, k = step_moving(*args)
-            new_xf = new_xf.view(shape)
-            self._shift(k)
-            new_vf = self._to_float(vi, dtype) if recording else _LAZY
         else:
-            kernel = step_push if n in self.pushes else step
-            if kernel is step and xi.dtype == torch.int32 and self.q <= NARROW_Q:
-                kernel = step_narrow  # the same integers, in float64 arithmetic
             views = [grid.view(t) for t in (xi, vi, buffer)]  # the state's own integers: in place
-            f2 = grid.view(f.detach())
-            word, largest, new_xf = kernel(*views, f2, p, q, grid.c, grid.inv, dtype)
+            args = (*views, grid.view(f.detach()), p, q, grid.c, grid.inv, dtype)
+            if self.moving:
+                largest, new_xf, k = step_moving(*args)
+                self._shift(k)  # x and v are on the next layer's grid now
+            else:
+                kernel = step_push if n in self.pushes else step
+                if kernel is step and xi.dtype == torch.int32 and self.q <= NARROW_Q:
+                    kernel = step_narrow  # the same integers, in float64 arithmetic
+                word, largest, new_xf = kernel(*args)
+                if word is not None:
+                    words.append(word.view(shape))
             new_xf = new_xf.view(shape)
-            if word is not None:
-                words.append(word.view(shape))
             new_vf = self._to_float(vi, dtype) if recording else _LAZY
         # |(1 - gamma) f|, |v| and |x| below the word's limit at every layer keep every sum in
         # int64 (by induction). Checked once per forward by `check_range`, not with a device sync

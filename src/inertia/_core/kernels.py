@@ -331,11 +331,15 @@ def _unstep_velocity_narrow(
     plane. ``x_{n-1} = x_n - v_n`` below block 0 may leave the word: it is stored modulo
     ``2**32``, as an int64 would be truncated, and the caller's ``x += v`` wraps back."""
     new_v, new_buffer = _narrow_velocity(v, buffer, f, p, q, c)
-    new_x = x.double() - new_v
-    wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
     v.copy_(new_v)
     buffer.copy_(new_buffer)
-    x.copy_(wrapped)
+    x.copy_(_wrap32(x.double() - new_v))
+
+
+def _wrap32(x: Tensor) -> Tensor:
+    """The float64 integer ``x`` modulo ``2**32``, in ``[-2**31, 2**31)``: as an int64 is truncated
+    to an int32 word."""
+    return x - torch.floor((x + 2.0**31) * 2.0**-32) * 2.0**32
 
 
 # -- a grid that moves ---------------------------------------------------------------------------
@@ -372,7 +376,7 @@ def _moving_rows(
     grids before any shift), and the largest ``|c f|``."""
     new_x, new_v, _, scaled = _narrow_update(x, v, buffer, f, p, q, c)
     rows = torch.maximum(new_x.abs(), new_v.abs()).amax(dim=-1, keepdim=True)
-    return rows, scaled.abs().amax()
+    return rows, _largest(scaled)
 
 
 def _shifted(
@@ -484,14 +488,20 @@ def _unstep_velocity_moving(
     (``v_{n+1}`` whole again), undoes the velocity update, and moves x one step ahead through the
     shift ``m_below`` of the layer below (its low bits read from the buffer, which keeps them
     until that layer pops them; 1 below block 0)."""
-    rest, _, dv = _low_digits(_rowwise(buffer.double(), c), m)
-    new_v, new_buffer = _narrow_velocity(v.double() * m + dv, rest, f, p, q, c)
+    new_v, new_buffer = _moving_velocity(v, buffer, f, p, q, c, m)
     _, dx, dv = _low_digits(new_buffer, m_below)
-    new_x = (x.double() - new_v) * m_below + (dx - dv)
-    wrapped = new_x - torch.floor((new_x + 2.0**31) * 2.0**-32) * 2.0**32
     v.copy_(new_v)
     buffer.copy_(new_buffer)
-    x.copy_(wrapped)
+    x.copy_(_wrap32((x.double() - new_v) * m_below + (dx - dv)))
+
+
+def _moving_velocity(
+    v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor, m: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`_narrow_velocity` on a moving grid: ``v_n`` and the buffer below it, from ``v_{n+1}``
+    shifted by ``m = 2**k`` (whole again with the low bits that the buffer's top digits hold)."""
+    rest, _, dv = _low_digits(_rowwise(buffer.double(), c), m)
+    return _narrow_velocity(v.double() * m + dv, rest, f, p, q, c)
 
 
 # -- x as a float32 and an int8 correction ---------------------------------------------------------
@@ -561,8 +571,7 @@ def _unstep_velocity_only_moving(
     v: Tensor, buffer: Tensor, f: Tensor, p: Tensor, q: Tensor, c: Tensor, m: Tensor
 ) -> None:
     """`_unstep_velocity_moving` without moving ``x`` (held as a float and a correction)."""
-    rest, _, dv = _low_digits(_rowwise(buffer.double(), c), m)
-    new_v, new_buffer = _narrow_velocity(v.double() * m + dv, rest, f, p, q, c)
+    new_v, new_buffer = _moving_velocity(v, buffer, f, p, q, c, m)
     v.copy_(new_v)
     buffer.copy_(new_buffer)
 
