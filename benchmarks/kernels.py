@@ -4,7 +4,9 @@ int32 words with ``q <= 2**19`` use, beside the float update.
 One layer's update (`step`, `step_narrow`) and its inverse (`unstep_velocity`,
 `unstep_velocity_narrow`) of exact mode, compiled, on a state of ``2**20`` elements in int32
 words with a one-byte buffer at gamma 0.9, on one grid and (the update) on a grid per row, as the
-default grid places it (``2**20 / 256`` rows of 256, a token's or channel's, each its own step);
+default grid places it (``2**20 / 256`` rows of 256, a token's or channel's, each its own step),
+and the update and its inverse on a grid that moves (`step_moving`, `unstep_velocity_moving`,
+an int32 buffer, no row moving);
 one layer of the backward below its last block, the
 inverse and ``x_{n-1}``'s float, with ``x`` in its word (`unstep_velocity_narrow`, `convert`) and
 as a float32 and an int8 correction (`unstep_velocity_only`, `unstep_split`); and the float
@@ -64,6 +66,16 @@ def cases(n: int) -> dict[str, Callable[[], object]]:
     ):
         args = (*(t.reshape(rows, 256) for t in state()), p, q, steps * 0.1, 1 / steps)
         runs[name] = lambda kernel=kernel, args=args: kernel(*args, torch.float32)
+    # A grid that moves (an int32 buffer), with no row moving: the same work whatever the shifts.
+    ahead, behind = ([t.reshape(rows, 256) for t in state()] for _ in "ab")
+    ahead[2], behind[2] = ahead[2].int(), behind[2].int()
+    ones = torch.ones((rows, 1), dtype=torch.float64)
+    runs["exact update, moving grid, a grid per row"] = lambda: kernels.step_moving(
+        *ahead, p, q, steps * 0.1, 1 / steps, torch.float32
+    )
+    runs["exact inverse, moving grid, a grid per row"] = lambda: kernels.unstep_velocity_moving(
+        *behind, p, q, steps * 0.1, ones, ones
+    )
     # One layer of the backward below its last block: the inverse and x_{n-1}'s float, with x in
     # its word and with x as a float32 and an int8 correction.
     scale = torch.full((1, 1), 2.0**20, dtype=torch.float64)

@@ -75,13 +75,14 @@ def test_update_cost_script(tmp_path: Path) -> None:
 
 def test_kernels_script(tmp_path: Path) -> None:
     """benchmarks/kernels.py --quick: every kernel timed per element, the update on one grid and
-    on a grid per row too."""
+    on a grid per row too, and the moving grid's update and inverse."""
     script = load(ROOT / "benchmarks" / "kernels.py")
     script.main(["--quick", "--out", str(tmp_path)])
     with (tmp_path / "kernels_quick.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10
-    assert sum("a grid per row" in r["kernel"] for r in rows) == 2
+    assert len(rows) == 12
+    assert sum("a grid per row" in r["kernel"] for r in rows) == 4
+    assert sum("moving grid" in r["kernel"] for r in rows) == 2
     assert all(float(r["ns_per_element"]) > 0 for r in rows)
 
 

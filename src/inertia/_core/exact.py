@@ -565,7 +565,7 @@ class ExactArithmetic:
                 raise ValueError(
                     f"the state's grid moved over {len(state.shifts)} blocks, but these "
                     f"{self.depth} blocks (gamma={self.ratio}) cannot move theirs that way; it "
-                    "comes from another stack."
+                    "comes from another stack: invert it with the stack whose forward returned it."
                 )
             self.word = torch.int32
             moves = [k.reshape(grid.rows, 1).double() for k in state.shifts]
