@@ -8,7 +8,8 @@ projections). Variants: plain; HuggingFace's ``activation_checkpointing_enable()
 loss and with `inertia.use_chunked_loss` (the logits 32 MiB at a time: its default); and the decoder
 stack (``model.layers``) converted with ``transform_to_momentumnet`` at gamma 0.9 and its defaults
 (the memory plan picks memory-free, exact), with `inertia.use_chunked_loss`, and the same
-memory-free in float arithmetic (``exact=False``), for exact mode's cost. Each case and variant
+memory-free in float arithmetic (``exact=False``), for exact mode's cost; ``floor_chunked``, timed
+only, is the exact memory-free stack's floor (`inertia.bench.IntegerFloor`). Each case and variant
 is measured in a fresh process (`inertia.bench.true_peak`), as in benchmarks/true_peak.py; the
 peak is split into what the step allocates (gradients, logits, the stack's saved state) beside
 what is held before it (weights, Adam's state).
@@ -21,7 +22,7 @@ another chunk size.
     python benchmarks/llm.py --tokens 4096 --variants checkpoint_chunked default_chunked \
         --training LoRA --stem llm_4096     # llm_4096.md: LoRA's target, default chunks
     python benchmarks/llm.py --tokens 1024 --variants checkpoint_chunked default_chunked \
-        float_chunked --stem llm_exact      # llm_exact.md: exact against float, default chunks
+        float_chunked floor_chunked --stem llm_exact    # llm_exact.md: against float, floor
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
 """
 
@@ -37,7 +38,11 @@ from pathlib import Path
 from inertia.bench import CHUNKED, PeakCase, PeakConfig, report_true_peak
 from inertia.loss import chunk_tokens
 
-VARIANTS = ("plain", "checkpoint", *CHUNKED)
+VARIANTS = ("plain", "checkpoint", *CHUNKED[:3])
+#: Timed only, when named in ``--variants``: the exact memory-free stack's floor, with the
+#: chunked loss (`inertia.bench.IntegerFloor`: checkpointing each layer recomputed whole, plus
+#: the integer update and its inverse).
+FLOOR = CHUNKED[3]
 TOKENS = (1024, 2048, 4096)
 TRAININGS = ("full", "LoRA")
 GAMMA = 0.9
@@ -87,7 +92,7 @@ QUICK = PeakConfig(
         for lora in (False, True)
     ),
     variants=VARIANTS,
-    timed=(),
+    timed=(FLOOR,),
     repeats=1,
 )
 
@@ -110,7 +115,8 @@ def describe(config: PeakConfig) -> str:
         f"`transform_to_momentumnet(model, 'model.layers', keep_first_layer=False, "
         f"gamma={gamma})` with its defaults (memory-free, exact) and the chunked loss; "
         "`float_chunked`: the same conversion memory-free in float arithmetic (`exact=False, "
-        "method='memory_free'`) and the chunked loss.\n\n"
+        "method='memory_free'`) and the chunked loss. `floor_chunked` (timed only, where run): "
+        "the exact memory-free stack's floor with the chunked loss (see the last table).\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
         "process held just before it, each case and variant in a fresh process: resident memory, "
         "the process launched with `MALLOC_MMAP_THRESHOLD_=65536`, one warm-up step, "
@@ -206,7 +212,7 @@ def targets_table(csv_path: Path) -> str:
 def exact_table(csv_path: Path) -> str:
     """Exact mode's cost at every sequence: ``default_chunked`` against ``float_chunked``."""
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    if not set(CHUNKED[1:]) <= {r["variant"] for r in rows}:
+    if not set(CHUNKED[1:3]) <= {r["variant"] for r in rows}:
         return ""
     lines = [
         "Exact mode's cost: `default_chunked` (memory-free, exact) against `float_chunked` "
@@ -220,13 +226,41 @@ def exact_table(csv_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def floor_table(csv_path: Path) -> str:
+    """Step times against the floor: what HuggingFace's checkpointing skips and a memory-free
+    stack cannot (the rest of each layer after its last saved tensor), and exact mode's update."""
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    if not {CHUNKED[0], CHUNKED[1], FLOOR} <= {r["variant"] for r in rows}:
+        return ""
+    lines = [
+        f"The floor: `{FLOOR}` runs HuggingFace's layers under non-reentrant checkpointing with "
+        "each layer recomputed whole (early stop off: a memory-free stack's inverse reads each "
+        "layer's output, where checkpointing's early stop skips the layer's down projection), "
+        "plus exact mode's integer update and its inverse at each layer, and the chunked loss "
+        "(`inertia.bench.IntegerFloor`): the least step time of a memory-free exact stack. Step "
+        "times (ms) from the rows above.",
+        "",
+        f"| case | {CHUNKED[0]} | {FLOOR} | {CHUNKED[1]} | floor / checkpointing | "
+        "default / checkpointing | default / floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        step = {r["variant"]: float(r["step_ms"]) for r in rows if r["case"] == case}
+        ckpt, floor, default = step[CHUNKED[0]], step[FLOOR], step[CHUNKED[1]]
+        lines.append(
+            f"| {case} | {ckpt:,.0f} | {floor:,.0f} | {default:,.0f} | {floor / ckpt:.2f}x | "
+            f"{default / ckpt:.2f}x | {default / floor:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama, seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, choices=TOKENS)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=(*VARIANTS, FLOOR))
     parser.add_argument("--training", nargs="+", default=TRAININGS, choices=TRAININGS)
     parser.add_argument(
         "--chunk-tokens", type=int, help="the chunked loss's chunk_size (default: its default)"
@@ -236,15 +270,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         config = replace(QUICK, threads=args.threads)
     else:
-        chosen = full(
-            tuple(args.tokens), tuple(args.variants), args.chunk_tokens, tuple(args.training)
-        )
-        config = replace(chosen, threads=args.threads)
+        measured = tuple(v for v in args.variants if v != FLOOR)
+        chosen = full(tuple(args.tokens), measured, args.chunk_tokens, tuple(args.training))
+        timed = (FLOOR,) if FLOOR in args.variants else ()
+        config = replace(chosen, threads=args.threads, timed=timed)
     stem = args.stem or ("llm_quick" if args.quick else "llm")
     flags = sys.argv[1:] if argv is None else argv
     table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)
     extra = split_table(args.out / f"{stem}.csv")
-    for table_of in (targets_table, exact_table):
+    for table_of in (targets_table, exact_table, floor_table):
         part = table_of(args.out / f"{stem}.csv")
         extra += "\n" + part if part else ""
     (args.out / f"{stem}.md").write_text(table + "\n" + extra)

@@ -6,8 +6,9 @@ nn.TransformerEncoder and torchvision's ResNet-50 and ResNet-101, gamma 0.9; on 
 memory-free with the stem and each stage's first block checkpointed. Each case and variant
 is measured in a fresh process (`inertia.bench.true_peak`): on the CPU the resident high-water mark
 over one step, after a warm-up step, with .grad unset and under gradient accumulation; times in one
-more process per case, variants interleaved, with the time floor of the exact memory-free stack
-(`floor`: checkpointing plus the integer update, `inertia.bench.IntegerFloor`).
+more process per case, variants interleaved, with the time floors of a memory-free stack
+(`checkpoint_whole`: checkpointing with each block recomputed whole) and of the exact one (`floor`:
+that plus the integer update, `inertia.bench.IntegerFloor`).
 
 Writes benchmarks/results/true_peak.{csv,md}. About 25 minutes on 2 CPU cores.
 
@@ -46,11 +47,16 @@ def describe(config: PeakConfig) -> str:
         "(ResNets only) pass `checkpoint_stem=True, checkpoint_kept=True` too, so that the stem "
         "and those first blocks keep only their inputs (non-reentrant checkpointing: the saved "
         "bytes leave these inputs out, the true peak counts them). Float32; the loss is the "
-        "output's mean square. `floor` (timed only): "
-        "`checkpoint` plus exact mode's integer kernels at each block's output size, the update "
-        "in the forward and its inverse in the backward (`inertia.bench.IntegerFloor`): what a "
-        "memory-free exact stack cannot avoid (one more forward per block and the integer "
-        "update), without the rest, so its time bounds momentum_exact's from below.\n\n"
+        "output's mean square. `checkpoint_whole` (timed only): `checkpoint` with each block "
+        "recomputed whole (early stop off): a memory-free stack's inverse reads each block's "
+        "output, where checkpointing's early stop ends the recomputation at the block's last "
+        "saved tensor (it skips an MLP block's second Linear, an encoder layer's second "
+        "feed-forward Linear), so its time bounds every memory-free stack's from below. `floor` "
+        "(timed only): `checkpoint_whole` plus exact mode's integer kernels at each block's "
+        "output size, the update in the forward and its inverse in the backward "
+        "(`inertia.bench.IntegerFloor`): what a memory-free exact stack cannot avoid (one more "
+        "whole forward per block and the integer update), without the rest, so its time bounds "
+        "momentum_exact's from below.\n\n"
         "True peak: the most memory a training step (forward and backward) holds beyond what the "
         "process held just before it, each case and variant in a fresh process. On the CPU, "
         "resident memory: the process is launched with `MALLOC_MMAP_THRESHOLD_=65536` (freed "

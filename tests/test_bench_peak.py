@@ -256,3 +256,19 @@ def test_floor_runs_the_integer_update_and_its_inverse(model: str) -> None:
     assert not any(bool(t.any()) for t in ints)  # x, v and the buffer: back to zero
     for p, q in zip(floor.parameters(), checkpointed.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("variant", ["checkpoint", "checkpoint_whole", "floor"])
+def test_floors_recompute_each_block_whole(variant: str) -> None:
+    """A memory-free stack's inverse reads each block's output, so its floors recompute the whole
+    block; checkpointing's early stop (what users get) skips an MLP block's second Linear, whose
+    output no backward reads. Counted by the second Linear's forward hook over one step."""
+    case = PeakCase("mlp", depth=3, batch=64, width=128)
+    model, (x,) = build(case, variant, torch.device("cpu"))
+    calls = []
+    for block in model.modules():
+        if isinstance(block, nn.Sequential):
+            block[2].register_forward_hook(lambda *_: calls.append(1))
+    model(x).square().mean().backward()
+    recomputed = len(calls) - case.depth
+    assert recomputed == (0 if variant == "checkpoint" else case.depth)

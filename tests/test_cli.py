@@ -250,7 +250,11 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert summary.startswith("inertia bench: mlp batch 32, depth 16, against plain ")
     assert "inertia exact (the default) " in summary
     assert "checkpointing " in summary
+    assert "; floors of the step: any memory-free stack " in summary
     rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    floors = [r for r in rows if r["variant"] in ("checkpoint_whole", "floor")]
+    assert len(floors) == 2 * 2 * 2  # timed only, at each depth and batch
+    assert all(r["peak_saved_bytes"] == "nan" and float(r["step_ms"]) > 0 for r in floors)
     assert {r["case"] for r in rows} == {"mlp batch 8", "mlp batch 32"}
     variants = {r["variant"] for r in rows}
     assert {"plain", "checkpoint", "momentum_backprop", "momentum_free"} <= variants

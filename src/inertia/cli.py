@@ -140,13 +140,24 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import PAPER, BenchConfig, describe, run, write_csv, write_markdown
+    from .bench import (
+        FLOOR,
+        PAPER,
+        RECOMPUTE,
+        BenchConfig,
+        describe,
+        run,
+        write_csv,
+        write_markdown,
+    )
     from .plots import plot_bench
 
-    config = BenchConfig(device=args.device)
+    # Timed beside the variants: the least time of any memory-free stack, and of an exact one.
+    floors = (RECOMPUTE, FLOOR)
+    config = BenchConfig(device=args.device, timed=floors)
     if args.quick:
         config = BenchConfig(
-            depths=(4, 16, 64), width=512, batch=256, repeats=3, device=args.device
+            depths=(4, 16, 64), width=512, batch=256, repeats=3, device=args.device, timed=floors
         )
     for flag, values in (("--depths", args.depths), ("--batches", args.batches)):
         if values and min(values) < 1:
@@ -178,13 +189,18 @@ def _bench(args: argparse.Namespace) -> int:
             parts.append(
                 f"{name} {r.peak_saved_bytes / 2**20:.2f} MiB saved{peak}, {r.time_ratio:.2f}x"
             )
+    floor = ", ".join(
+        f"{label} {cell[v].time_ratio:.2f}x"
+        for v, label in ((RECOMPUTE, "any memory-free stack"), (FLOOR, "exact"))
+    )
     plain = cell["plain"]
     base = f"plain {plain.peak_saved_bytes / 2**20:.2f} MiB saved" + (
         f", true peak {plain.true_peak_bytes / 2**20:.1f}" if config.true_peak else ""
     )
     print(
         f"inertia bench: {plain.case}, depth {deepest}, against {base} (MiB; steps as "
-        f"multiples of plain's): {'; '.join(parts)} | {out / 'bench.md'}{plots}"
+        f"multiples of plain's): {'; '.join(parts)}; floors of the step: {floor} | "
+        f"{out / 'bench.md'}{plots}"
     )
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InertiaError
-from .bench import LEAN_RESNET, PAPER, VARIANTS, BenchRow
+from .bench import FLOOR, LEAN_RESNET, PAPER, RECOMPUTE, VARIANTS, BenchRow
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,6 +33,8 @@ _LABELS = {
     LEAN_RESNET[0]: "memory-free, float + checkpointed stem, first blocks",
     LEAN_RESNET[1]: "memory-free, exact + checkpointed stem, first blocks",
     PAPER: "momentumnet 0.10 (the paper's package)",
+    RECOMPUTE: "checkpoint, blocks recomputed whole (memory-free's floor)",
+    FLOOR: "that + the integer update (exact's floor)",
 }
 _MARKERS = "osD^vP*X"
 _METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")

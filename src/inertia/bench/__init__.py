@@ -12,12 +12,16 @@ Variants, all on the same blocks and inputs:
 - ``default``: the conversion as a user writes it, ``transform_to_momentumnet(model, gamma=...)``,
   each stack as its plan chooses (`inertia.plan`), the stem and first blocks of a ResNet
   checkpointed; on a stack alone, `MomentumNet` with ``use_backprop=False``;
-- ``floor``, timed only: ``checkpoint`` plus exact mode's integer update and its inverse
+- ``checkpoint_whole``, timed only: ``checkpoint`` with each block recomputed whole (`RECOMPUTE`):
+  a memory-free stack's inverse reads each block's output, where checkpointing's early stop ends
+  the recomputation at the block's last saved tensor (an MLP block's second Linear is skipped),
+  so this is the least time that any memory-free stack can take;
+- ``floor``, timed only: ``checkpoint_whole`` plus exact mode's integer update and its inverse
   (`IntegerFloor`), the least time that a memory-free exact stack can take;
 - on causal LMs trained on their own loss (`PeakCase.labels`), ``checkpoint_chunked``,
   ``default_chunked`` and ``float_chunked`` (`CHUNKED`): HuggingFace's checkpointing, ``default``
   and ``momentum_free``, each with `inertia.use_chunked_loss` (the logits `PeakCase.chunk_tokens`
-  tokens at a time);
+  tokens at a time), and ``floor_chunked``, ``floor`` with it (timed only);
 - on torchvision ResNets in `true_peak`, ``momentum_free_ckpt_stem_first`` and
   ``momentum_exact_ckpt_stem_first`` (`LEAN_RESNET`): the memory-free ones with the stem and each
   stage's first block checkpointed too (``checkpoint_stem=True, checkpoint_kept=True``).
@@ -59,6 +63,7 @@ from ._steps import (
     LORA_TARGETS,
     PAPER,
     PRECISIONS,
+    RECOMPUTE,
     VARIANTS,
     IntegerFloor,
     PeakCase,
@@ -95,6 +100,7 @@ __all__ = [
     "LORA_TARGETS",
     "PAPER",
     "PRECISIONS",
+    "RECOMPUTE",
     "VARIANTS",
     "BenchConfig",
     "BenchRow",
@@ -140,6 +146,7 @@ class BenchConfig:
     repeats: int = 7
     threads: int | None = 2
     variants: tuple[str, ...] = field(default_factory=default_variants)
+    timed: tuple[str, ...] = ()  # timed only, beside the variants (`RECOMPUTE`, `FLOOR`)
     batches: tuple[int, ...] = ()  # a sweep over batch sizes too; empty: ``batch`` only
     device: str = "cpu"
     seed: int = 0
@@ -154,8 +161,8 @@ class BenchRow:
     variant: str
     case: str  # "mlp" for the depth sweep, else the model's name
     depth: int  # residual blocks in the network
-    saved_bytes: int  # held for backward after the forward
-    peak_saved_bytes: int  # most held at once over forward and backward
+    saved_bytes: float  # held for backward after the forward; nan: timed only
+    peak_saved_bytes: float  # most held at once over forward and backward; nan: timed only
     step_ms: float  # median training step; nan when not timed
     step_ms_min: float
     step_ms_max: float
@@ -166,7 +173,8 @@ class BenchRow:
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Measure every variant at every depth; returns one row per (variant, depth)."""
+    """Measure every variant at every depth (and time those of ``config.timed``); returns one row
+    per (variant, depth)."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -178,12 +186,13 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
             torch.manual_seed(config.seed)
             blocks = [b.to(device) for b in mlp_blocks(config.width, depth)]
             x = torch.randn(batch, config.width, device=device, requires_grad=True)
+            variants = config.variants + config.timed
             builders = {
-                v: functools.partial(variant_model, v, blocks, config.gamma)
-                for v in config.variants
+                v: functools.partial(variant_model, v, blocks, config.gamma) for v in variants
             }
-            results = measure(builders, (x,), config.repeats if config.time_steps else 0, device)
-            for v in config.variants:
+            repeats = config.repeats if config.time_steps else 0
+            results = measure(builders, (x,), repeats, device, config.timed)
+            for v in variants:
                 peak, accumulate = _true_peak(config, batch, depth, v)
                 rows.append(
                     BenchRow(
@@ -202,7 +211,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> l
 
 def _true_peak(config: BenchConfig, batch: int, depth: int, variant: str) -> tuple[float, float]:
     """True peaks (.grad unset, accumulation) in a fresh process when ``config`` asks, else nan."""
-    if not config.true_peak:
+    if not config.true_peak or variant in config.timed:
         return math.nan, math.nan
     case = PeakCase("mlp", depth, batch, config.width, gamma=config.gamma, seed=config.seed)
     found = true_peak(case, variant, device=config.device, threads=config.threads)
@@ -256,13 +265,19 @@ def write_markdown(rows: Sequence[BenchRow], path: Path, command: str, descripti
         "",
         *table(
             "Peak bytes saved for backward (MiB), ratio to plain",
-            lambda r: f"{r.peak_saved_bytes / 2**20:.2f} ({r.memory_ratio:.2f}x)",
+            lambda r: (
+                f"{r.peak_saved_bytes / 2**20:.2f} ({r.memory_ratio:.2f}x)"
+                if math.isfinite(r.peak_saved_bytes)
+                else "n/a"
+            ),
         ),
         *(
             table(
                 "True peak of a training step (MiB): .grad unset / gradient accumulation",
                 lambda r: (
                     f"{r.true_peak_bytes / 2**20:.1f} / {r.true_peak_accumulate_bytes / 2**20:.1f}"
+                    if math.isfinite(r.true_peak_bytes)
+                    else "n/a"
                 ),
             )
             if any(math.isfinite(r.true_peak_bytes) for r in rows)

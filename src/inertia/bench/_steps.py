@@ -6,20 +6,22 @@ table all build their variants and count bytes saved for backward and step times
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
+import math
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .._core import ExactArithmetic, kernels
 from ..loss import chunk_tokens
@@ -30,7 +32,11 @@ VARIANTS = ("plain", "checkpoint", "momentum_backprop", "momentum_free", "moment
 #: The conversion as a user writes it, with no option but gamma: each stack's plan (`inertia.plan`);
 #: on a stack alone, `MomentumNet` with ``use_backprop=False``.
 DEFAULT = "default"
-#: Timed only: checkpointing plus exact mode's integer update and its inverse (`IntegerFloor`).
+#: Timed only: checkpointing every block with the whole block recomputed (early stop off): the
+#: recomputation that a memory-free stack cannot skip, since its inverse reads the block's output,
+#: where checkpointing's early stop ends the recomputation at the block's last saved tensor.
+RECOMPUTE = "checkpoint_whole"
+#: Timed only: `RECOMPUTE` plus exact mode's integer update and its inverse (`IntegerFloor`).
 FLOOR = "floor"
 #: The paper's package, measured as a baseline when it is installed (``pip install momentumnet``).
 PAPER = "momentumnet_0.10"
@@ -39,8 +45,8 @@ PAPER = "momentumnet_0.10"
 LEAN_RESNET = ("momentum_free_ckpt_stem_first", "momentum_exact_ckpt_stem_first")
 #: Causal LMs trained on their loss (``PeakCase.labels``) only: HuggingFace's checkpointing, the
 #: default conversion and the float memory-free one (``exact=False``), each with
-#: `inertia.use_chunked_loss` (the logits never whole).
-CHUNKED = ("checkpoint_chunked", "default_chunked", "float_chunked")
+#: `inertia.use_chunked_loss` (the logits never whole), and `FLOOR` with it (timed only).
+CHUNKED = ("checkpoint_chunked", "default_chunked", "float_chunked", "floor_chunked")
 #: `PeakCase.precision`: float32, bfloat16 weights, float32 weights under bfloat16 autocast.
 PRECISIONS = ("float32", "bfloat16", "autocast")
 _RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
@@ -80,9 +86,10 @@ def variant_model(
     """
     if variant == "plain":
         return Residual(blocks)
-    if variant in ("checkpoint", FLOOR):
+    if variant in ("checkpoint", RECOMPUTE, FLOOR):
         floor = gamma if variant == FLOOR else None
-        return checkpoint_every_block(Residual(blocks), ["blocks"], for_memory, floor)
+        whole = variant != "checkpoint"
+        return checkpoint_every_block(Residual(blocks), ["blocks"], for_memory, floor, whole=whole)
     if variant == "momentum_backprop":
         return MomentumNet(blocks, gamma, use_backprop=True)
     if variant == "momentum_free":
@@ -96,16 +103,23 @@ def variant_model(
 
         net: nn.Module = momentumnet.MomentumNet(blocks, gamma, use_backprop=False)
         return net
-    known = ", ".join((*VARIANTS, DEFAULT, FLOOR, PAPER))
+    known = ", ".join((*VARIANTS, DEFAULT, RECOMPUTE, FLOOR, PAPER))
     raise ValueError(f"unknown variant {variant!r}; choose from {known}")
 
 
 class Checkpointed(nn.Module):
-    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured)."""
+    """A block run under ``torch.utils.checkpoint`` (non-tensor and mask arguments captured).
 
-    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+    ``whole``: the backward recomputes the whole block (non-reentrant checkpointing's early stop
+    off), as a memory-free stack must: its inverse reads the block's output. With early stop (the
+    default, which users get), the recomputation ends once the last tensor that the backward
+    needs is saved, which skips the block's last operations when their output is not saved (the
+    second Linear of an MLP block, a Llama layer's down projection).
+    """
+
+    def __init__(self, block: nn.Module, reentrant: bool, whole: bool = False) -> None:
         super().__init__()
-        self.block, self.reentrant = block, reentrant
+        self.block, self.reentrant, self.whole = block, reentrant, whole
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -114,26 +128,30 @@ class Checkpointed(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(
-            functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
-        )
+        # Read as the forward runs, and kept for the backward's recomputation.
+        whole = set_checkpoint_early_stop(False) if self.whole else contextlib.nullcontext()
+        with whole:
+            return checkpoint(
+                functools.partial(self.block, *(), **kwargs), x, *args, use_reentrant=self.reentrant
+            )
 
 
 class IntegerFloor(Checkpointed):
-    """A block under non-reentrant checkpoint that also runs exact mode's integer kernels at its
-    output's size: the update in the forward and its inverse in the backward, in place on
-    integers that the stack's blocks share, as a memory-free exact stack does.
+    """A block under non-reentrant checkpoint, recomputed whole, that also runs exact mode's
+    integer kernels at its output's size: the update in the forward and its inverse in the
+    backward, in place on integers that the stack's blocks share, as a memory-free exact stack
+    does.
 
     Its step time is the floor of the memory-free exact stack's: what no implementation of it
-    can skip (one more forward per block, the integer update and its inverse) without the rest
-    (records of what the forward used, generator replay, the inversion check, autograd nodes of
-    its own). It is timed only: it keeps each block's output for the inverse.
+    can skip (one more whole forward per block, the integer update and its inverse) without the
+    rest (records of what the forward used, generator replay, the inversion check, autograd nodes
+    of its own). It is timed only: it keeps each block's output for the inverse.
     """
 
     def __init__(
         self, block: nn.Module, gamma: float, integers: dict[int, list[Tensor]], where: str
     ) -> None:
-        super().__init__(block, reentrant=False)
+        super().__init__(block, reentrant=False, whole=True)
         self.arith = ExactArithmetic(gamma, fraction_bits=24, depth=1)  # its kernels' constants
         self.integers = integers  # x, v and the buffer by element count, shared by the stack
         self.where = where  # "first", "last", "only" or "" (in between) in the stack
@@ -171,11 +189,13 @@ def checkpoint_every_block(
     reentrant: bool = False,
     floor: float | None = None,
     keep_first: bool = False,
+    whole: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose stacks at ``paths`` run each block under checkpoint: the
     baseline that the memory-free stacks are compared with. ``floor``: a gamma, for blocks that
-    also run exact mode's integer update (`IntegerFloor`), but the first of each stack where
-    ``keep_first`` (as `transform_to_momentumnet` keeps it an ordinary layer)."""
+    also run exact mode's integer update (`IntegerFloor`, recomputed whole), but the first of
+    each stack where ``keep_first`` (as `transform_to_momentumnet` keeps it an ordinary layer).
+    ``whole``: the other blocks recompute whole too (`Checkpointed`)."""
     model = copy.deepcopy(model)
     for path in paths:
         stack = stack_at(model, path)
@@ -184,7 +204,7 @@ def checkpoint_every_block(
         ends = {first: "first", last: "last"} if last > first else {first: "only"}
         for i, block in enumerate(list(stack)):
             stack[i] = (
-                Checkpointed(block, reentrant)
+                Checkpointed(block, reentrant, whole)
                 if floor is None or i < first
                 else IntegerFloor(block, floor, integers, ends.get(i, ""))
             )
@@ -366,10 +386,11 @@ def build(
         # HuggingFace's own, as its users turn it on (non-reentrant; reentrant to count bytes).
         llm.activation_checkpointing_enable({"use_reentrant": for_memory})
         model = base
-    elif variant in ("checkpoint", FLOOR):
+    elif variant in ("checkpoint", RECOMPUTE, FLOOR, CHUNKED[3]):
         stacks = [paths] if isinstance(paths, str) else paths
-        floor = case.gamma if variant == FLOOR else None
-        model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first)
+        floor = case.gamma if variant in (FLOOR, CHUNKED[3]) else None
+        whole = variant != "checkpoint"
+        model = checkpoint_every_block(base, stacks, for_memory, floor, keep_first, whole)
     elif variant in (DEFAULT, CHUNKED[1]):
         model = transform_to_momentumnet(
             base, paths, keep_first_layer=keep_first, gamma=case.gamma, inplace=True
@@ -499,15 +520,20 @@ def measure(
     inputs: tuple[Any, ...],
     repeats: int,
     device: torch.device,
-) -> dict[str, tuple[int, int, float, float, float]]:
+    timed: Collection[str] = (),
+) -> dict[str, tuple[float, float, float, float, float]]:
     """Bytes saved for backward and step times of each variant (``builders[v](for_memory)``).
 
-    Returns, per variant: bytes held after the forward, peak bytes, and the median, min and max
-    step time in ms over ``repeats`` interleaved steps (nan when ``repeats`` is 0).
+    Returns, per variant: bytes held after the forward, peak bytes (nan for the variants in
+    ``timed``, timed only), and the median, min and max step time in ms over ``repeats``
+    interleaved steps (nan when ``repeats`` is 0).
     """
-    memory = {v: saved_bytes(build(True), inputs) for v, build in builders.items()}
+    memory: dict[str, tuple[float, float]] = {
+        v: (math.nan, math.nan) if v in timed else saved_bytes(build(True), inputs)
+        for v, build in builders.items()
+    }
     times = step_times({v: build(False) for v, build in builders.items()}, inputs, repeats, device)
-    results: dict[str, tuple[int, int, float, float, float]] = {}
+    results: dict[str, tuple[float, float, float, float, float]] = {}
     for variant in builders:
         t = times[variant] or [float("nan")]
         results[variant] = (*memory[variant], statistics.median(t), min(t), max(t))

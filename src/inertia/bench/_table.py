@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ._fresh import time_variants, true_peak
-from ._steps import DEFAULT, FLOOR, LEAN_RESNET, PeakCase
+from ._steps import DEFAULT, FLOOR, LEAN_RESNET, RECOMPUTE, PeakCase
 
 #: The cases of ``benchmarks/true_peak.py``: parameters dominate, activations dominate, an encoder,
 #: two ResNets.
@@ -43,8 +43,8 @@ class PeakConfig:
         cases: The models and their sizes.
         variants: Variants of each case (see `inertia.bench`), those that apply to it
             (`PeakCase.runs`); ``plain`` is the ratios' base.
-        timed: Variants that are timed only, with the others (``floor``: the memory-free exact
-            stack's floor, `IntegerFloor`).
+        timed: Variants that are timed only, with the others (``checkpoint_whole`` and
+            ``floor``: the memory-free stacks' floors, `RECOMPUTE` and `IntegerFloor`).
         repeats: Timed steps of each variant (the median is reported), interleaved in one process
             per case after a round that warms up; 0: no timing.
         threads: ``torch.set_num_threads`` in every process; None leaves torch's default.
@@ -59,7 +59,7 @@ class PeakConfig:
 
     cases: tuple[PeakCase, ...] = DEFAULT_CASES
     variants: tuple[str, ...] = PEAK_VARIANTS
-    timed: tuple[str, ...] = (FLOOR,)
+    timed: tuple[str, ...] = (RECOMPUTE, FLOOR)
     repeats: int = 3
     threads: int | None = 2
     device: str = "cpu"
