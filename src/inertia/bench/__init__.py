@@ -297,10 +297,16 @@ def describe(config: BenchConfig) -> str:
     """The depth sweep's configuration, in one sentence for the results table."""
     sizes = ", ".join(map(str, config.batches))
     batch = f"batches {sizes}" if config.batches else f"batch {config.batch}"
+    floors = (
+        f" Timed only: {', '.join(config.timed)} (the floors of a memory-free stack's step, "
+        "`inertia.bench`)."
+        if config.timed
+        else ""
+    )
     return (
         f"Blocks Linear({config.width})-GELU-Linear({config.width}), {batch}, "
         f"gamma {config.gamma}; time: median of {config.repeats} interleaved steps "
-        "[min-max], ratio to plain in parentheses."
+        f"[min-max], ratio to plain in parentheses.{floors}"
     )
 
 
