@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inertia import InertiaError, transform_to_momentumnet
+from inertia import InertiaError, MomentumNet, transform_to_momentumnet
 from inertia.models import smollm2
 from inertia.testing import backprop_twin, gradient_errors, relative_error
 
@@ -80,31 +80,65 @@ def test_pretrained_weights_load_and_convert(cache: Path) -> None:
     assert tokenizer.decode(int(want[0, -1].argmax())).strip() == "Paris"
 
 
+def autograd_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` whose stacks run ordinary autograd in float arithmetic, in ``dtype``."""
+    plain = backprop_twin(model)
+    for stack in plain.modules():
+        if isinstance(stack, MomentumNet):
+            stack.exact = False
+    return plain.to(dtype)
+
+
 @needs_wheel
 @pytest.mark.parametrize("exact", [None, False])
 def test_memory_free_gradients_on_the_pretrained_weights(cache: Path, exact: bool | None) -> None:
-    """Converted at gamma 0.9, the real 30-layer model trains memory-free with its backprop twin's
-    gradients: within 1e-5 in the default (exact) arithmetic, where the residual stream outgrows
-    the int32 word on the input's grid and the grid moves (the twin computes in int64 words on
-    the input's grid: the same forward within float32's rounding). Float arithmetic, rebuilding
-    the inputs by division, drifts far beyond that on these weights: what makes exact the
-    default."""
+    """Converted at gamma 0.9, the real 30-layer model trains memory-free with gradients as
+    accurate as backprop's in the default (exact) arithmetic, where the residual stream outgrows
+    the int32 word on the input's grid and the grid moves. Against float64 autograd (the truth),
+    each weight's gradient error is at most 2x the larger of its backprop twin's (int64 words on
+    the input's grid: the same forward within float32's rounding) and float32 autograd's (1.3x
+    measured), and the worst is at most float32 autograd's worst. The twin itself is no exact
+    reference here: two float32 computations that round differently, they disagree by up to
+    4e-5 on some norm weights, by an amount that changes with the CPU's kernels. Float
+    arithmetic, rebuilding the inputs by division, drifts far beyond that on these weights: what
+    makes exact the default."""
     model, ids = converted(cache, gamma=0.9, exact=exact)
     model.train()
     free = LanguageModelLoss(model)
-    with warnings.catch_warnings(record=True):  # float mode warns about its drift
-        warnings.simplefilter("always")
-        errors = gradient_errors(backprop_twin(free), free, ids, loss_fn=lambda loss: loss)
-    grads = {k: v for k, v in errors.items() if k.startswith("grad.")}
+    twin = backprop_twin(free)
+
+    def errors(reference: torch.nn.Module, net: torch.nn.Module) -> dict[str, float]:
+        with warnings.catch_warnings(record=True):  # float mode warns about its drift
+            warnings.simplefilter("always")
+            return gradient_errors(reference, net, ids, loss_fn=lambda loss: loss)
+
+    against_twin = errors(twin, free)
+    grads = {k: v for k, v in against_twin.items() if k.startswith("grad.")}
     assert len(grads) == 272  # every weight has a gradient
-    worst = max(grads.values())
-    if exact is None:
-        assert worst <= 1e-5, sorted(grads.items(), key=lambda kv: -kv[1])[:3]
-        word = model.get_submodule(smollm2.LAYERS).word
-        assert (word.dtype, word.moving, word.overflows) == (torch.int32, True, 1)
-        assert 0 < errors["output"] <= 1e-6
-    else:
-        assert worst > 1e-3
+    if exact is not None:
+        assert max(grads.values()) > 1e-3
+        return
+    word = model.get_submodule(smollm2.LAYERS).word
+    assert (word.dtype, word.moving, word.overflows) == (torch.int32, True, 1)
+    assert 0 < against_twin["output"] <= 1e-6
+    truth = autograd_copy(free, torch.float64)
+    found = {
+        name: {k: v for k, v in errors(truth, net).items() if k.startswith("grad.")}
+        for name, net in (
+            ("free", free),
+            ("twin", twin),
+            ("float32", autograd_copy(free, torch.float32)),
+        )
+    }
+    free_errors, twin_errors, float_errors = found["free"], found["twin"], found["float32"]
+    assert 1e-6 < max(float_errors.values()) < 1e-3  # float32's own rounding, measured
+    assert max(free_errors.values()) <= max(float_errors.values())
+    worse = {
+        k: v / max(twin_errors[k], float_errors[k])
+        for k, v in free_errors.items()
+        if v > 2 * max(twin_errors[k], float_errors[k])
+    }
+    assert not worse, worse
 
 
 @needs_wheel
