@@ -22,7 +22,7 @@ another chunk size.
     python benchmarks/llm.py --tokens 4096 --variants checkpoint_chunked default_chunked \
         --training LoRA --stem llm_4096     # llm_4096.md: LoRA's target, default chunks
     python benchmarks/llm.py --tokens 1024 --variants checkpoint_chunked default_chunked \
-        float_chunked floor_chunked --stem llm_exact    # llm_exact.md: against float, floor
+        float_chunked floor_chunked --repeats 5 --stem llm_exact    # against float, floor
     python benchmarks/llm.py --quick    # a 2-layer random Llama, seconds (the tests run it)
 """
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, choices=TOKENS)
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=(*VARIANTS, FLOOR))
     parser.add_argument("--training", nargs="+", default=TRAININGS, choices=TRAININGS)
+    parser.add_argument("--repeats", type=int, help="timed steps per variant (default: 2)")
     parser.add_argument(
         "--chunk-tokens", type=int, help="the chunked loss's chunk_size (default: its default)"
     )
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         measured = tuple(v for v in args.variants if v != FLOOR)
         chosen = full(tuple(args.tokens), measured, args.chunk_tokens, tuple(args.training))
         timed = (FLOOR,) if FLOOR in args.variants else ()
-        config = replace(chosen, threads=args.threads, timed=timed)
+        repeats = chosen.repeats if args.repeats is None else args.repeats
+        config = replace(chosen, threads=args.threads, timed=timed, repeats=repeats)
     stem = args.stem or ("llm_quick" if args.quick else "llm")
     flags = sys.argv[1:] if argv is None else argv
     table = report_true_peak(config, args.out, stem, "benchmarks/llm.py", flags, describe)
