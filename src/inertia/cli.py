@@ -157,9 +157,7 @@ def _bench(args: argparse.Namespace) -> int:
     floors = () if args.variants else (RECOMPUTE, FLOOR)
     config = BenchConfig(device=args.device, timed=floors)
     if args.quick:
-        config = BenchConfig(
-            depths=(4, 16, 64), width=512, batch=256, repeats=3, device=args.device, timed=floors
-        )
+        config = dataclasses.replace(config, depths=(4, 16, 64), width=512, batch=256, repeats=3)
     for flag, values in (("--depths", args.depths), ("--batches", args.batches)):
         if values and min(values) < 1:
             raise UsageError(f"{flag} {' '.join(map(str, values))}: each must be 1 or more.")

@@ -34,7 +34,7 @@ _LABELS = {
     LEAN_RESNET[1]: "memory-free, exact + checkpointed stem, first blocks",
     PAPER: "momentumnet 0.10 (the paper's package)",
     RECOMPUTE: "checkpoint, blocks recomputed whole (memory-free's floor)",
-    FLOOR: "that + the integer update (exact's floor)",
+    FLOOR: "checkpoint, recomputed whole + the integer update (exact's floor)",
 }
 _MARKERS = "osD^vP*X"
 _METRICS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
