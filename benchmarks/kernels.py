@@ -7,7 +7,7 @@ words with a one-byte buffer at gamma 0.9, on one grid and (the update) on a gri
 default grid places it (``2**20 / 256`` rows of 256, a token's or channel's, each its own step),
 and the update and its inverse on a grid that moves (`step_moving`, `unstep_velocity_moving`,
 an int32 buffer, no row moving);
-one layer of the backward below its last block, the
+one layer of the backward, the
 inverse and ``x_{n-1}``'s float, with ``x`` in its word (`unstep_velocity_narrow`, `convert`) and
 as a float32 and an int8 correction (`unstep_velocity_only`, `unstep_split`); and the float
 update of float mode (eager: four operations; fused: `momentum_update`, one compiled pass), on
@@ -76,12 +76,13 @@ def cases(n: int) -> dict[str, Callable[[], object]]:
     runs["exact inverse, moving grid, a grid per row"] = lambda: kernels.unstep_velocity_moving(
         *behind, p, q, steps * 0.1, ones, ones
     )
-    # One layer of the backward below its last block: the inverse and x_{n-1}'s float, with x in
-    # its word and with x as a float32 and an int8 correction.
+    # One layer of the backward: the inverse and x_{n-1}'s float, with x in its word and with x
+    # as a float32 and an int8 correction.
     scale = torch.full((1, 1), 2.0**20, dtype=torch.float64)
     word_x, word_v, word_buffer, word_f = state()
     split_v, split_buffer, split_f = state()[1:]
-    position, correction = kernels.split(word_x.clone(), scale, inv)
+    position = kernels.convert(word_x, inv, torch.float32)
+    correction = kernels.correction(word_x, position, scale)
 
     def word() -> object:
         kernels.unstep_velocity_narrow(word_x, word_v, word_buffer, word_f, p, q, c)

@@ -100,6 +100,25 @@ def test_double_backward_names_alternative() -> None:
     assert torch.allclose(g, g2, atol=1e-6)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_output_modified_in_place_before_backward_names_the_fix(exact: bool) -> None:
+    """The memory-free backward starts from the stack's output (float mode's x_N; exact mode's
+    x_N is the output's float and a one-byte correction): changed in place before the backward,
+    it cannot rebuild the activations, and says so (exact mode's output is one of a node's
+    several views: autograd itself refuses an in-place change that records)."""
+    net = MomentumNet([MLP() for _ in range(3)], gamma=0.9, use_backprop=False, exact=exact)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = net(x)
+    loss = out.sum()
+    with torch.no_grad():
+        out.mul_(2)
+    with pytest.raises(InertiaError, match=r"output of this MomentumNet.*modified in place"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match=r"modified in ?place"):
+        net(x).relu_().sum().backward()
+    net(x).clone().relu_().sum().backward()  # a clone of it: fine
+
+
 def test_loss_through_a_blocks_captured_output_names_the_fix() -> None:
     """A block's output captured by a hook (as HuggingFace's output_hidden_states does) carries the
     memory-free forward's throwaway graph, which saved nothing."""

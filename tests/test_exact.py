@@ -314,7 +314,8 @@ def test_values_that_leave_the_int32_word_run_again(factor: float, word: str) ->
     wide = torch.int64 if word == "int64" else torch.int32
     assert net.word.dtype == wide
     buffer = torch.int32 if word == "moving" else torch.uint8  # the one-byte buffer otherwise
-    assert saved[:3] == [wide, wide, buffer]  # x, v and the buffer
+    # x (in an int32 word: the output's float and an int8 correction), v and the buffer.
+    assert saved[:3] == [torch.int8 if word != "int64" else wide, wide, buffer]
     net.word.dtype = torch.int32  # try the narrow word again: the moving grid first
     twin = backprop_twin(net)
     errors = assert_gradients_match(twin, net, x, seed=3, steps=2)
@@ -339,11 +340,12 @@ def test_values_that_leave_the_int32_word_run_again(factor: float, word: str) ->
 def test_backward_holds_x_as_a_float_and_an_int8_correction(
     dtype: torch.dtype, scale: float, splits: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Below its last block, the backward of a float32 stack holds x as the block's float input
-    and an int8 correction, not in its int32 word: values grown 50 times past float32's 24 bits
-    need corrections, and the gradients are still the twin's bit for bit (the inverse is checked
-    at block 0). Where the float cannot carry x within a byte (grid steps out of float32's normal
-    range, 16-bit floats, int64 words), x keeps its word, with the same gradients."""
+    """A float32 stack keeps x_N as its output and an int8 correction, and its backward holds x
+    so at every block (the block's float input and a correction), not in its int32 word: values
+    grown 50 times past float32's 24 bits need corrections, and the gradients are still the
+    twin's bit for bit (the inverse is checked at block 0). Where the float cannot carry x within
+    a byte (grid steps out of float32's normal range, 16-bit floats, int64 words), x keeps its
+    word, with the same gradients."""
     largest: list[int] = []
     unstep = inertia_exact.unstep_split
 
@@ -362,7 +364,7 @@ def test_backward_holds_x_as_a_float_and_an_int8_correction(
     errors = gradient_errors(backprop_twin(net), net, x, seed=3)
     assert all(e == 0 for e in errors.values()), errors
     assert net.word.overflows == 0
-    assert len(largest) == (2 if splits else 0)  # to x_1 and x_0 (x_2 is split from its word)
+    assert len(largest) == (4 if splits else 0)  # to x_3, ..., x_0 (x_4 kept so by the forward)
     if splits:
         assert 0 < max(largest) <= 64
 
@@ -603,28 +605,37 @@ def test_integer_update_is_in_place(n: int) -> None:
 
 
 def test_backward_writes_into_the_saved_integers_unless_the_graph_is_kept() -> None:
-    """The last node's backward walks on the saved x and v themselves (no copy of the state's
-    size) when nothing reads them again; under retain_graph it copies them, and the caller of
-    ``return_state=True`` gets integers of its own."""
+    """The last node's backward walks on the saved x (its output's int8 correction) and v
+    themselves (no copy of the state's size) when nothing reads them again, and never writes into
+    the output; under retain_graph it copies them, and the caller of ``return_state=True`` gets
+    integers of its own."""
     torch.manual_seed(0)
-    net = MomentumNet([MLP() for _ in range(4)], 0.9, use_backprop=False)
+    # Values grown past float32's 24 bits: x_N's correction is not zero (x_0's is).
+    net = MomentumNet([Grow(50.0), *[MLP() for _ in range(3)]], 0.9, use_backprop=False)
     x = torch.randn(16, 8, requires_grad=True)
     saved: list[tuple[Tensor, Tensor]] = []
+    floats: list[tuple[Tensor, Tensor]] = []
 
     def pack(t: Tensor) -> Tensor:
-        if t.dtype == torch.int32 and t.shape == x.shape:  # x and v (the buffer: one byte)
+        if t.shape == x.shape and t.dtype in (torch.int8, torch.int32):  # x's correction, v
             saved.append((t, t.clone()))
+        elif t.shape == x.shape:
+            floats.append((t, t.clone()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x)
-    assert len(saved) == 2
+    assert [t.dtype for t, _ in saved] == [torch.int8, torch.int32]
+    saved += [f for f in floats if f[0].data_ptr() == out.data_ptr()]  # x_N: the output
+    assert len(saved) == 3
+    assert saved[0][0].any()
     out.sum().backward(retain_graph=True)
     assert all(torch.equal(t, kept) for t, kept in saved)  # there for the second backward
     first = x.grad.clone()
     out.sum().backward()
     torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
-    assert not any(torch.equal(t, kept) for t, kept in saved)  # walked in place
+    assert torch.equal(*saved[2])  # the output, read only
+    assert not any(torch.equal(t, kept) for t, kept in saved[:2])  # walked in place
     state = net(x, return_state=True)
     ints = (state.x, state.v, state.buffer)
     held = [t.clone() for t in ints]
@@ -674,8 +685,9 @@ def test_memory_is_flat_in_depth_and_backprop_grows() -> None:
     kept = {depth: _schedule(9, 10, depth)[1] for depth in (4, 64)}
     assert (kept[4], kept[64]) == (torch.uint8, torch.int32)
     assert held[64, False] - held[4, False] == x.numel() * 3
-    # x and v as int32 words, the buffer, and the 32-byte checksum of (x_0, v_0); no float copies.
-    assert held[4, False] == x.numel() * (4 + 4 + 1) + 32
+    # x_N as the output's float and an int8 correction, v as an int32 word, the buffer, and the
+    # 32-byte checksum of (x_0, v_0); no float copies.
+    assert held[4, False] == x.numel() * (4 + 1 + 4 + 1) + 32
     assert held[64, True] > 10 * held[4, False]
 
 

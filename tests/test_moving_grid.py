@@ -97,7 +97,8 @@ def test_moving_kernels_shift_rows_and_invert(
         assert torch.equal(ints[0].long(), (x - v) * m_below + dx - dv)
     # With x held as its float32 and an int8 correction, on the grid after the shift.
     scale = 1 / inv
-    above, correction = kernels.split(results[0][0], scale / md, inv * md)
+    above = (results[0][0].double() * (inv * md)).float()
+    correction = kernels.correction(results[0][0], above, scale / md)
     for split_kernel, velocity_kernel in [
         (kernels.unstep_split_moving, kernels.unstep_velocity_only_moving),
         (kernels.unstep_split_moving.fallback, kernels.unstep_velocity_only_moving.fallback),
@@ -166,11 +167,12 @@ def test_a_moving_grid_keeps_precision_where_its_rows_grow() -> None:
     assert error <= 2 * relative_error(fixed[:, 0], want[:, 0])
 
 
-def test_a_moving_state_keeps_twelve_bytes_and_inverts() -> None:
-    """On a moving grid the memory-free stack keeps x, v and the buffer in int32 words (12 bytes
-    per element, against 16 + 1 for int64 words), beside a shift record of one byte per row and
-    block. Its `ExactState` inverts to the input's bit for bit, a stack of another depth refuses
-    it, and a second backward (retain_graph) walks the same grids again."""
+def test_a_moving_state_keeps_nine_bytes_beside_its_output_and_inverts() -> None:
+    """On a moving grid the memory-free stack keeps, beside its output (x_N's float), x_N's int8
+    correction and v and the buffer in int32 words (9 bytes per element, against 16 + 1 for
+    int64 words, which keep x_N's word), and a shift record of one byte per row and block. Its
+    `ExactState` inverts to the input's bit for bit, a stack of another depth refuses it, and a
+    second backward (retain_graph) walks the same grids again."""
     torch.manual_seed(0)
     blocks = _amplified(d=64)
     for block in blocks:
@@ -193,7 +195,7 @@ def test_a_moving_state_keeps_twelve_bytes_and_inverts() -> None:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x)
         kept[name] = sum(t.element_size() for t in saved)
-    assert kept == {"moving": 12, "int64": 17}  # bytes per element: x, v and the buffer
+    assert kept == {"moving": 9, "int64": 17}  # bytes per element: x, v and the buffer
     state = net(x, return_state=True)
     start = net.inverse(state)
     assert torch.equal(start.x, net[:0](x, return_state=True).x)
@@ -210,9 +212,9 @@ def test_a_moving_state_keeps_twelve_bytes_and_inverts() -> None:
 def test_the_backward_holds_x_as_a_float_and_a_byte_on_a_moving_grid(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Below its last block the backward holds x as the block's float32 input and an int8
-    correction on a moving grid too, each block's on its own grid: gradients within float32's
-    tolerance of plain autograd, the inversion checked bit for bit at block 0."""
+    """The stack keeps x_N as its float32 output and an int8 correction, and the backward holds
+    x so at every block, on a moving grid too, each block's on its own grid: gradients within
+    float32's tolerance of plain autograd, the inversion checked bit for bit at block 0."""
     largest: list[int] = []
     unstep = inertia_exact.unstep_split_moving
 
@@ -229,7 +231,7 @@ def test_the_backward_holds_x_as_a_float_and_a_byte_on_a_moving_grid(
     x = torch.randn(6, 8, requires_grad=True)
     assert_gradients_match(MomentumNet(copy.deepcopy(blocks), 0.9, exact=False), net, x)
     assert net.word.moving
-    assert len(largest) == 4  # to x_3, ..., x_0 (x_4 is split from its word)
+    assert len(largest) == 6  # to x_5, ..., x_0 (x_6 kept so by the forward)
     assert 0 < max(largest) <= 64
 
 

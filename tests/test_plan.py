@@ -1,5 +1,6 @@
-"""The per-stack plan of `transform_to_momentumnet`: memory-free where it keeps fewer bytes,
-checkpointing each block where it does not, with the same gradients, statistics and randomness."""
+"""The per-stack plan of `transform_to_momentumnet`: memory-free where it keeps at most four fifths
+of the bytes that checkpointing each block keeps, checkpointing otherwise, with the same gradients,
+statistics and randomness."""
 
 from __future__ import annotations
 
@@ -17,25 +18,31 @@ from inertia.testing import LiveTensorMeter, assert_gradients_match, backprop_tw
 
 def test_the_plan_counts_bytes_per_stack() -> None:
     """ResNet-101's stages hold 2, 3, 22 and 2 momentum blocks. Counting the output, which the
-    next layer keeps: in exact arithmetic a stack keeps 8 bytes of integer words, a one-byte
-    buffer (two past 20 blocks at gamma 0.9) and the float output memory-free, against 4 bytes
-    per block and the output checkpointed; float arithmetic keeps x_N (the output) and v_N."""
+    next layer keeps: in exact arithmetic a float32 stack keeps, memory-free, the float output,
+    x_N's one-byte correction to it, v_N's int32 word and a one-byte buffer (two past 20 blocks
+    at gamma 0.9), against 4 bytes per block and the output checkpointed; float arithmetic keeps
+    x_N (the output) and v_N. Memory-free where it keeps at most four fifths of checkpointing's
+    bytes."""
     exact = [plan_stack(f"s{n}", n) for n in (2, 3, 22)]
     assert [(p.memory_free_bytes, p.checkpoint_bytes, p.method) for p in exact] == [
-        (13, 12, "checkpoint"),
-        (13, 16, "memory_free"),
-        (14, 92, "memory_free"),
+        (10, 12, "checkpoint"),
+        (10, 16, "memory_free"),
+        (11, 92, "memory_free"),
     ]
+    assert exact[0].reason == "under a fifth fewer memory-free, faster"
     floats = [plan_stack("s", n, exact=False) for n in (1, 2)]
     assert [p.method for p in floats] == ["checkpoint", "memory_free"]
     assert floats[0].reason == "as many bytes, faster"
-    # bf16 activations: 2 bytes per block checkpointed, against int32 words memory-free.
-    assert plan_stack("s", 4, dtype=torch.bfloat16).method == "checkpoint"
-    assert plan_stack("s", 5, dtype=torch.bfloat16).method == "memory_free"
+    # bf16 activations: 2 bytes per block checkpointed, against int32 words memory-free (x_N's
+    # too: no one-byte correction to a 16-bit float), 11 bytes.
+    assert plan_stack("s", 4, dtype=torch.bfloat16).reason == "fewer bytes"  # 10 checkpointed
+    assert plan_stack("s", 5, dtype=torch.bfloat16).method == "checkpoint"  # 12
+    assert plan_stack("s", 6, dtype=torch.bfloat16).method == "memory_free"  # 14
     # float64 stacks keep int64 words: 25 bytes against 8 per block and the output.
     assert plan_stack("s", 2, dtype=torch.float64).method == "checkpoint"
     assert plan_stack("s", 3, dtype=torch.float64).method == "memory_free"
-    # A small gamma fills the buffer faster: 24 bytes of integers after 30 blocks at gamma 0.1.
+    # A small gamma fills the buffer faster: 24 bytes of integers after 30 blocks at gamma 0.1,
+    # whose word planes keep x_N in its word.
     assert plan_stack("s", 30, gamma=0.1).memory_free_bytes == 24 + 4
     assert plan_stack("s", 2, gamma=0.0).reason == "gamma=0 cannot be inverted"
     assert plan_stack("s", 22, method="checkpoint").method == "checkpoint"
@@ -62,7 +69,7 @@ def test_resnet101_plan_is_logged_and_readable(caplog: pytest.LogCaptureFixture)
     assert type(model) is CheckpointedStemResNet
     assert all(model.get_submodule(s).checkpoint_kept for s in ("layer1", "layer4"))
     text = str(plan)
-    assert "layer3  1+22    float32  14 B (exact)" in text
+    assert "layer3  1+22    float32  11 B (exact)" in text
     assert "stem: checkpointed" in text
     assert text in caplog.text
     with pytest.raises(KeyError, match="no stack 'layer5'"):

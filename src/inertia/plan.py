@@ -6,19 +6,23 @@ backward, counting its output, which the next layer keeps for its own backward (
 block keeps its input), they keep:
 
 - memory-free: the final state. Float arithmetic keeps ``x_N``, which is the output, and ``v_N``:
-  ``2 s``. Exact arithmetic keeps their integer words and the buffer of the bits that multiplying
-  by gamma destroys (`inertia.ExactState`), beside the float output: ``4 + 4 + 1 + 4 = 13`` bytes
-  for a float32 stack of up to 20 blocks at gamma 0.9.
+  ``2 s``. Exact arithmetic keeps, beside the float output, ``x_N`` as a one-byte correction to
+  it, ``v_N``'s integer word and the buffer of the bits that multiplying by gamma destroys
+  (`inertia.ExactState`): ``4 + 1 + 4 + 1 = 10`` bytes for a float32 stack of up to 20 blocks at
+  gamma 0.9 (float64 and 16-bit stacks keep ``x_N``'s word instead of the byte).
 - checkpointing each block: each block's input, and the output: ``(L + 1) s``.
 
 Both also hold, during the backward, one block's recomputation and a few gradients of the
 activation's size, memory-free a few more beside its state (`inertia.testing.LiveTensorMeter`
-counts them), which the plan leaves out. So an exact float32 stack of one or two blocks keeps no
-more checkpointed, and runs faster (its backward runs each block once more, with no inversion):
-`transform_to_momentumnet` checkpoints it, and runs longer stacks memory-free (`plan_stack`). It
-also checkpoints the kept first block of each stack, which changes the shape (a checkpointed
-block keeps its input alone, less than any block that keeps an activation), and a torchvision
-ResNet's stem, whose activations are the model's largest (it keeps the image alone).
+counts them), which the plan leaves out; and memory-free's step is slower (its backward inverts
+each block). So the plan runs a stack memory-free where it keeps at most four fifths of
+checkpointing's bytes, and checkpoints it otherwise (`plan_stack`): an exact float32 stack of one
+or two blocks is checkpointed (10 bytes memory-free against 12: ResNet-50's two-block stages
+measured the same true peak either way, benchmarks/results/true_peak.md), and longer stacks run
+memory-free. `transform_to_momentumnet` also checkpoints the kept first block of each stack,
+which changes the shape (a checkpointed block keeps its input alone, less than any block that
+keeps an activation), and a torchvision ResNet's stem, whose activations are the model's largest
+(it keeps the image alone).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ class StackPlan:
         checkpoint_bytes: Bytes per element that checkpointing each block keeps, the output
             counted.
         method: ``"memory_free"``, ``"checkpoint"`` or ``"backprop"`` (``use_backprop=True``).
-        reason: Why: ``"fewer bytes"``, ``"as many bytes, faster"``, ``"gamma=0 cannot be
-            inverted"``, ``"method='...'"`` (forced) or ``"use_backprop=True"``.
+        reason: Why: ``"fewer bytes"``, ``"as many bytes, faster"``, ``"under a fifth fewer
+            memory-free, faster"``, ``"gamma=0 cannot be inverted"``, ``"method='...'"``
+            (forced) or ``"use_backprop=True"``.
         checkpoint_kept: Whether the kept blocks are checkpointed.
     """
 
@@ -145,12 +150,12 @@ def plan_stack(
     """Plan how one stack of ``blocks`` momentum blocks (after ``kept`` ones) saves memory where
     ``use_backprop=False`` (`transform_to_momentumnet` notes ``"backprop"`` where it is True).
 
-    ``method="auto"`` chooses memory-free where it keeps fewer bytes than checkpointing each
-    block, and checkpointing where it keeps as many or fewer (it is faster); ``"memory_free"`` or
-    ``"checkpoint"`` forces one. ``exact`` as in `MomentumNet` (None: exact when memory-free).
+    ``method="auto"`` chooses memory-free where it keeps at most four fifths of the bytes that
+    checkpointing each block keeps, and checkpointing otherwise (it is faster); ``"memory_free"``
+    or ``"checkpoint"`` forces one. ``exact`` as in `MomentumNet` (None: exact when memory-free).
 
     Examples:
-        >>> plan_stack("layer1", 2, kept=1).method  # 13 bytes memory-free, 12 checkpointed
+        >>> plan_stack("layer1", 2, kept=1).method  # 10 bytes memory-free, 12 checkpointed
         'checkpoint'
         >>> plan_stack("layer3", 22, kept=1).method
         'memory_free'
@@ -167,11 +172,16 @@ def plan_stack(
         chosen, reason = method, f"method={method!r}"
     elif gamma == 0:
         chosen, reason = "checkpoint", "gamma=0 cannot be inverted"
-    elif memory_free < checkpoint:
+    elif 5 * memory_free <= 4 * checkpoint:
         chosen, reason = "memory_free", "fewer bytes"
     else:
         chosen = "checkpoint"
-        reason = "fewer bytes" if checkpoint < memory_free else "as many bytes, faster"
+        if checkpoint < memory_free:
+            reason = "fewer bytes"
+        elif checkpoint == memory_free:
+            reason = "as many bytes, faster"
+        else:
+            reason = "under a fifth fewer memory-free, faster"
     return StackPlan(
         path=path,
         blocks=blocks,

@@ -65,8 +65,14 @@ class Arithmetic(Protocol):
         """``state`` with NaN floats (their autograd history kept)."""
         ...
 
+    def finish(self, state: State) -> State:
+        """The final ``state`` as the memory-free stack keeps it until its backward; its
+        `position` is the stack's output."""
+        ...
+
     def saved(self, state: State) -> State:
-        """The tensors that determine the final ``state``, saved for the backward."""
+        """The tensors that determine the final ``state`` (from `finish`), saved for the
+        backward."""
         ...
 
     def restore(self, saved: State, owned: bool) -> State:
@@ -186,6 +192,9 @@ class FloatArithmetic:
         return True  # float arithmetic carries NaN and inf itself
 
     def poisoned(self, state: State) -> State:
+        return state
+
+    def finish(self, state: State) -> State:
         return state
 
     def saved(self, state: State) -> State:

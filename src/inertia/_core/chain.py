@@ -4,40 +4,43 @@ The memory-free forward (`momentum_forward` with ``memory_free=True``) runs the 
 the node ``_Start`` and keeps no graph: each block runs as its recomputation will (autograd
 recording, the input requiring grad as it will then, the graph dropped at once), and what it used
 is recorded: its parameter and buffer tensors, the buffers it mutated as they were before, and the
-generator state if it drew random numbers. One ``_Block`` node per block then links the graph
-``x -> _Start -> _Block_0 -> ... -> _Block_{N-1} -> (x_N, v_N)``; between nodes travel tensors of
-the state's shape whose storage is one element, so that autograd hands each node full-size
-gradients. Saved for backward (``ctx.save_for_backward``, so that saved-tensor hooks see it and
-version counters guard it): by the last node, the final state (``(x_N, v_N)`` in float mode; the
-fixed-point integers and buffer of bits lost to gamma in exact mode, see `exact`); by each node,
-its block's parameters, its buffers (mutated ones as the forward saw them), its generator state,
-the extra arguments; by the first, a fingerprint of ``(x_0, v_0)``. Memory for backward is
-therefore constant in depth, plus what blocks keep themselves (one generator state per random
-block; in exact mode ``log2(1 / gamma)`` bits per element per block).
+generator state if it drew random numbers. One ``_Block`` node per block, and ``_Finish`` after
+them, then link the graph ``x -> _Start -> _Block_0 -> ... -> _Block_{N-1} -> _Finish -> (x_N,
+v_N)``; between nodes travel tensors of the state's shape whose storage is one element, so that
+autograd hands each node full-size gradients. Saved for backward (``ctx.save_for_backward``, so
+that saved-tensor hooks see it and version counters guard it): by ``_Finish``, the final state
+(``(x_N, v_N)`` in float mode, ``x_N`` being the output; in exact mode the fixed-point integers
+and buffer of bits lost to gamma, see `exact`, with ``x_N`` as the output and a one-byte
+correction in a float32 stack); by each ``_Block``, its block's parameters, its buffers (mutated
+ones as the forward saw them), its generator state, the extra arguments; by the first, a
+fingerprint of ``(x_0, v_0)``. Memory for backward is therefore constant in depth, plus what
+blocks keep themselves (one generator state per random block; in exact mode ``log2(1 / gamma)``
+bits per element per block).
 
-Backward: autograd runs ``_Block_{N-1}, ..., _Block_0, _Start``. Node ``n`` receives the gradients
-of ``(x_{n+1}, v_{n+1})`` from autograd and the state ``(x_{n+1}, v_{n+1})`` from node ``n + 1``
-(the last node from its saved tensors), inverts ``x_n = x_{n+1} - v_{n+1}``, evaluates
-``f_n(x_n)`` once with autograd recording and with what the forward used (the same parameter
-tensors, bound in place of the live ones; the buffers as they were; the generator replayed;
-autocast re-entered), uses that evaluation both to invert ``v_n = (v_{n+1} - (1 - gamma)
-f_n(x_n)) / gamma`` and for the vector-Jacobian product, hands ``(x_n, v_n)`` down and returns the
-gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter gradients thus
-leave block by block through autograd's own accumulation (``.grad`` in place, DDP's hooks per
-block). The gradients that a node hands down are tensors it allocated, with no other consumer, so
-the node below computes its own into them in place; for a block that is not ``is_residual``,
-``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. At the peak of the
-backward, beside the saved state (float: ``x_N`` and ``v_N``; exact: their int32 words and the
-buffer, which the nodes rewrite in place; below the last block of a float32 stack, ``x`` as the
-block's float input and an int8 correction instead of its word), live one block's recomputation
-and at most five tensors of the state's size in its dtype in exact mode: the incoming gradient,
-the adjoint, the block's output and its input's gradient, and ``x_n`` (the float of ``x_{n-1}`` is
-made after the block's pullback; float mode: seven, with ``v_n`` and ``x_{n-1}``, and at block 0
-the inversion check's random direction where the state has fewer than 2**16 elements); no integer
-or float64 tensor of the state's size (`tests/test_memory.py`, with
-`inertia.testing.LiveTensorMeter`). Where exact mode's
-forward met a NaN or inf, its output is NaN and every node returns NaN gradients, rebuilding
-nothing (``GradScaler`` then skips the step).
+Backward: autograd runs ``_Finish, _Block_{N-1}, ..., _Block_0, _Start``. ``_Finish`` hands its
+saved state down and passes the caller's gradients on, so that autograd frees its saved tensors
+before ``_Block_{N-1}`` runs. Node ``n`` receives the gradients of ``(x_{n+1}, v_{n+1})`` from
+autograd and the state ``(x_{n+1}, v_{n+1})`` from the node above, inverts ``x_n = x_{n+1} -
+v_{n+1}``, evaluates ``f_n(x_n)`` once with autograd recording and with what the forward used (the
+same parameter tensors, bound in place of the live ones; the buffers as they were; the generator
+replayed; autocast re-entered), uses that evaluation both to invert ``v_n = (v_{n+1} - (1 -
+gamma) f_n(x_n)) / gamma`` and for the vector-Jacobian product, hands ``(x_n, v_n)`` down and
+returns the gradients of ``x_n``, ``v_n``, its parameters and the extra arguments. Parameter
+gradients thus leave block by block through autograd's own accumulation (``.grad`` in place,
+DDP's hooks per block). The gradients that a node hands down are tensors it allocated, with no
+other consumer, so the node below computes its own into them in place; for a block that is not
+``is_residual``, ``f = out - x`` is differentiated as ``J_out^T g - g`` outside the graph. At the
+peak of the backward, beside the state (float: ``x_n`` and ``v_n``; exact: ``v_n``'s int32 word
+and the buffer, which the nodes rewrite in place, and ``x_n`` as the block's float input and an
+int8 correction in a float32 stack, else in its word), live one block's recomputation and at most
+six tensors of the state's size in its dtype in exact mode (at the last block, whose incoming
+gradient is the caller's and is not written into: that gradient, the adjoint, the block's input,
+its gradient from the pullback, and the gradients handed down; the float of ``x_{n-1}`` is made
+after the block's pullback); float mode: seven, the state among them, and at block 0 the
+inversion check's random direction where the state has fewer than 2**16 elements; no integer or
+float64 tensor of the state's size (`tests/test_memory.py`, with
+`inertia.testing.LiveTensorMeter`). Where exact mode's forward met a NaN or inf, its output is NaN
+and every node returns NaN gradients, rebuilding nothing (``GradScaler`` then skips the step).
 
 Adjoints, with ``a = dL/dx_{n+1} + dL/dv_{n+1}``::
 
@@ -525,21 +528,15 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: _Run, n: int, x: Tensor, v: Tensor, *tensors: Tensor) -> Any:
-        arith = run.spec.arith
         record, own = run.records.pop(n)
-        last = n == len(run.spec.blocks) - 1
         arg_tensors = tensors[len(record.trainable) :]
-        final = arith.saved(run.final) if last else ()
         sketch = (run.sketch,) if n == 0 and run.sketch is not None else ()
-        ctx.save_for_backward(*own, *arg_tensors, *final, *sketch)
+        ctx.save_for_backward(*own, *arg_tensors, *sketch)
         ctx.run, ctx.n, ctx.record = run, n, record
-        ctx.n_final, ctx.has_sketch = len(final), bool(sketch)
+        ctx.has_sketch = bool(sketch)
         ctx.set_materialize_grads(False)
-        if last:
-            x_n = arith.position(run.final)
-            out = x_n, arith.velocity(run.final) if run.velocity else _placeholder(x_n)
+        if n == 0:
             run.sketch = None
-            return out
         return _placeholder(x), _placeholder(v)
 
     @staticmethod
@@ -556,17 +553,15 @@ class _Block(torch.autograd.Function):
         saved = ctx.saved_tensors
         n_rec, n_args = record.n_tensors, run.n_args
         own, arg_tensors = saved[:n_rec], saved[n_rec : n_rec + n_args]
-        rest = saved[n_rec + n_args :]
         if run.nan is not None:  # the forward met a NaN or inf: nothing to rebuild
             grads = _nan(record, own, arg_tensors, run.arg_needs)
             if not record.need_x:
                 return (None, None, None, None, *grads)
             return (None, None, run.nan, run.nan, *grads)
-        # The last node starts from the saved final state; the others from the node above, whose
-        # gradients it may then overwrite (the last node's come from the caller's graph).
-        last = ctx.n_final > 0
-        state = arith.restore(rest[: ctx.n_final], not _keeps_graph()) if last else run.take(n)
-        owned_x, owned_v = (not last and run.owns(g) for g in (grad_x, grad_v))
+        # The state from the node above (`_Finish`, from the saved final state), whose gradients
+        # this node may overwrite where that node allocated them (`_Finish` passes the caller's).
+        state = run.take(n)
+        owned_x, owned_v = (run.owns(g) for g in (grad_x, grad_v))
         state = arith.unstep_position(state, n)
         evaluation = _evaluate(run, n, record, own, arith.position(state), arg_tensors)
         # v_n now: neither f nor the block's output then lives through the pullback.
@@ -592,7 +587,7 @@ class _Block(torch.autograd.Function):
         if ctx.has_sketch:
             assert spec.check_inversion is not None
             check = Check(spec.check_inversion, spec.inversion_tol, len(spec.blocks))
-            arith.verify(rest[-1], state, check)
+            arith.verify(saved[-1], state, check)
         if not record.need_x:  # nothing below this block wants a gradient
             run.hand()
             return (None, None, None, None, *grads)
@@ -608,6 +603,43 @@ class _Block(torch.autograd.Function):
             grad_v_in = a.mul_(ratio) if in_place else a * ratio
         run.hand(grad_x_in if own_x else None, grad_v_in)
         return (None, None, grad_x_in, grad_v_in, *grads)
+
+
+class _Finish(torch.autograd.Function):
+    """``(x_N, v_N)``: the stack's output, after the last block. It saves the final state
+    (`Arithmetic.finish`, `Arithmetic.saved`: float mode's ``x_N``, which is the output, and
+    ``v_N``; exact mode's integers, with ``x_N`` as the output and a one-byte correction where it
+    can), whose backward hands it to the last block's node and passes the caller's gradients on:
+    autograd then frees the saved tensors before the last block's backward runs, which rewrites
+    the state in place or drops it as it goes."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, x: Tensor, v: Tensor) -> Any:
+        arith = run.spec.arith
+        run.final = arith.finish(run.final)
+        ctx.save_for_backward(*arith.saved(run.final))
+        ctx.run = run
+        ctx.set_materialize_grads(False)
+        x_n = arith.position(run.final)
+        return x_n, arith.velocity(run.final) if run.velocity else _placeholder(x_n)
+
+    @staticmethod
+    def backward(ctx: Any, grad_x: Tensor | None, grad_v: Tensor | None) -> tuple[Any, ...]:
+        run: _Run = ctx.run
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise InertiaError(
+                "memory-free backward: the output of this MomentumNet, from which its backward "
+                "rebuilds the stack's activations, was modified in place after the forward (for "
+                "example under torch.no_grad()). Modify a clone of it (out.clone()) instead."
+            ) from error
+        if run.nan is None:  # else nothing to rebuild: every node returns NaN
+            run.state = run.spec.arith.restore(saved, not _keeps_graph())
+        run.hand()  # the caller's gradients: not the stack's to write into
+        return None, grad_x, grad_v
 
 
 def _nan(
@@ -956,8 +988,9 @@ def _apply(run: _Run, x: Tensor, arg_tensors: list[Tensor], integers: bool) -> S
         params = dict(zip(record.params, tensors, strict=False))
         trainable = [params[name] for name in record.trainable]
         tx, tv = _Block.apply(run, n, tx, tv, *trainable, *arg_tensors)
+    tx, tv = _Finish.apply(run, tx, tv)
     run.final = ()
-    # The last node saved these integers, and its backward writes into them unless it must keep
+    # `_Finish` saved these integers, and the backward writes into them unless it must keep
     # them: the caller gets copies.
     ints = tuple(t.clone() for t in final[2:]) if integers else final[2:]
     return (tx, tv, *ints)

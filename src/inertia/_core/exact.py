@@ -22,7 +22,11 @@ that hold them, and the ``k`` low bits that each of its ``x`` and ``v`` drops go
 per row and layer). Where even that cannot hold the values (a layer's past ``2**50`` steps of
 its grid, or a buffer past its int32 word), the forward runs again with int64 words on the
 input's grid. Nothing wraps, and `Word` counts the reruns. float64 stacks and fixed grids
-(``fraction_bits``) use int64 words, whose values stay below ``2**61``.
+(``fraction_bits``) use int64 words, whose values stay below ``2**61``. From its forward to its
+backward, a float32 stack in int32 words keeps ``x_N`` as its float32 value, the stack's output
+(which the next layer keeps for its own backward anyway), and an int8 correction (`finish`), and
+its backward holds each ``x_n`` so: one byte per element beside the float, where the word takes
+four.
 
 Multiplying by ``gamma = p / q`` (a rational within 1e-12 of the float gamma, usually equal to it:
 0.9 is 9/10) destroys information, about ``log2(q / p)`` bits per element. Following Maclaurin,
@@ -67,10 +71,10 @@ from .kernels import (
     checksum,
     checksum_split,
     convert,
+    correction,
     eager,
     power_of_two,
     round_to_grid,
-    split,
     step,
     step_moving,
     step_narrow,
@@ -102,7 +106,7 @@ _LIMIT = 1 << 61  # in int64 words, |x|, |v| and each rounded block output stay 
 _MAX_BITS = 1000  # grid steps from 2**-1000 to 2**1000: both normal float64 numbers
 # Grid steps from 2**-126 (every nonzero value on the grid is a normal float32) to 2**96 (values
 # below 2**31 steps stay below float32's largest): where x's int32 word splits into a float32 and
-# an int8 correction (`kernels._split`).
+# an int8 correction (`kernels._part`).
 _SPLIT_BITS = (-96, 126)
 # A relative grid's row (a sample's channel or token) is at most 2**_QUIET_BITS times finer than
 # its sample's loudest, so that a row whose input is quiet (a dead ReLU channel, a lone small
@@ -328,8 +332,6 @@ class ExactArithmetic:
         self._fits = False  # the last forward's values fitted an int32 word
         # v_n, from `unstep_velocity`, which moved x to x_{n-1}: for the next `unstep_position`.
         self._ahead: Tensor | None = None
-        # The backward holds x as a float32 and an int8 correction below its last block (`restore`).
-        self._split = False
         self.dtype = torch.float32  # of the floats, set by `encode`
 
     @property
@@ -571,7 +573,6 @@ class ExactArithmetic:
             moves = [k.reshape(grid.rows, 1).double() for k in state.shifts]
             self._replay(state.fraction_bits, moves)
         self._fits = state.x.dtype == torch.int32  # the forward's values all fitted it
-        self._split = False
         dtype = state.position.dtype
         xf, vf = (self._to_float(t, dtype) for t in (state.x, state.v))
         # Copies, contiguous: the kernels write into the integers (and not into the caller's).
@@ -681,19 +682,39 @@ class ExactArithmetic:
         vf = self.velocity(state)
         return (xf * math.nan, vf * math.nan, *ints)
 
+    def finish(self, state: State) -> State:
+        """The final state as the memory-free stack keeps it: where `_splits` allows, ``x_N`` as
+        its float32 value, which is the stack's output (the next layer keeps it for its own
+        backward anyway), and an int8 correction instead of its int32 word, 3 bytes per element
+        fewer; the backward then holds ``x`` so at every block. The float is the last step's,
+        which rounds ``x`` as `kernels._part` does (a correction past a byte would fail the
+        inversion check). Else ``state``. One device sync (the grid's range)."""
+        xf, xi = state[0], state[2]
+        if not (self.finite and self._splits(xi)):
+            return state
+        grid = self.grid
+        assert grid is not None
+        fix = correction(grid.view(xi), grid.view(xf), grid.scale).view(xi.shape)
+        return (xf, state[1], fix, *state[3:])
+
     def saved(self, state: State) -> State:
-        """The integers: ``x``, ``v``, the buffer and its word planes (the floats follow). The
-        buffer in the smallest dtype that its bound allows (one byte per element where fewer than
-        21 blocks have filled it at gamma 0.9; always for one block)."""
-        xi, vi, buffer, *words = state[2:]
-        return (xi, vi, buffer.to(self.kept_buffer), *words)
+        """The integers: ``x`` (or, after `finish`, its float, the output, and its correction),
+        ``v``, the buffer and its word planes (the floats follow). The buffer in the smallest
+        dtype that its bound allows (one byte per element where fewer than 21 blocks have filled
+        it at gamma 0.9; always for one block)."""
+        xf, _, xi, vi, buffer, *words = state
+        position = (xf,) if xi.dtype == torch.int8 else ()
+        return (*position, xi, vi, buffer.to(self.kept_buffer), *words)
 
     def restore(self, saved: State, owned: bool) -> State:
         # `unstep_position` computes the position's float; the velocity's only if asked
         # (`velocity`). The kernels write into the integers: into the saved ones where they are
         # owned, else into copies (under retain_graph, the saved ones serve every backward).
-        xi, vi, buffer, *words = saved
-        placeholder = torch.empty(0, dtype=self.dtype, device=xi.device)
+        # After `finish`, x is the saved float, which nothing writes, and its correction.
+        position = saved[0] if saved[0].is_floating_point() else None
+        xi, vi, buffer, *words = saved[position is not None :]
+        if position is None:
+            position = torch.empty(0, dtype=self.dtype, device=xi.device)  # a placeholder
         contiguous = torch.contiguous_format
         ints = (t.to(copy=not owned, memory_format=contiguous) for t in (xi, vi))
         wide = buffer.dtype != self.buffer_dtype
@@ -703,30 +724,30 @@ class ExactArithmetic:
                 assert self.grid is not None
                 self._replay(self.grid.bits, self._moves)
             self.grid = self._grids[-1]
-        self._split = self._splits(xi)
-        return (placeholder, _LAZY, *ints, buffer, *words)
+        return (position, _LAZY, *ints, buffer, *words)
 
     def _splits(self, xi: Tensor) -> bool:
-        """Whether the backward may hold ``x`` below the last block as its float32 value and an
-        int8 correction (`kernels._split`): float32 floats, an int32 word, a buffer that pushes
-        no word plane and ``q <= NARROW_Q`` (the kernels that leave ``x`` alone), and every grid
-        step within `_SPLIT_BITS`. One device sync. The last block keeps the word: its node holds
-        the saved one until it returns, and a float beside it would cost more than it saves."""
+        """Whether the memory-free stack may keep ``x`` as its float32 value and an int8
+        correction (`kernels._part`, `finish`): float32 floats, an int32 word, a buffer that
+        pushes no word plane and ``q <= NARROW_Q`` (the kernels that leave ``x`` alone), and every
+        grid step of the forward within `_SPLIT_BITS`. One device sync."""
         if not (
             self.dtype == torch.float32
             and xi.dtype == torch.int32
             and self.p
             and not self.pushes
             and self.q <= NARROW_Q
-            and self.depth > 1
         ):
             return False
         assert self.grid is not None
         low, high = _SPLIT_BITS
         # A moving grid's steps only grow: its rows' first grids and last ones bound them all.
-        grids = (self._grids[0], self._grids[-1]) if self.moving else (self.grid,)
-        bits = torch.stack([g.bits for g in grids])
-        return bool(((bits >= low) & (bits <= high)).all())
+        bits = [self.grid.bits]
+        if self.moving and self._moves:
+            moved = torch.stack(self._moves).sum(dim=0).reshape(bits[0].shape)
+            bits.append(bits[0] + moved.to(torch.int32))
+        every = torch.stack(bits)
+        return bool(((every >= low) & (every <= high)).all())
 
     def unstep_position(self, state: State, n: int) -> State:
         xf, vf, xi, vi, *rest = state
@@ -735,19 +756,16 @@ class ExactArithmetic:
         grid = self.grid
         assert grid is not None
         ahead, self._ahead = self._ahead, None
-        if xi.dtype == torch.int8 and self.moving:  # x = xf and a correction, through a shift
+        if xi.dtype == torch.int8 and self.moving:  # x = xf and a correction (`finish`), shifted
             views = [grid.view(t) for t in (xf, xi, vi, rest[0])]
             new_xf = unstep_split_moving(*views, self._factors[n], grid.scale, grid.inv)
             return (new_xf.view(xi.shape), vf, xi, vi, *rest)
-        if xi.dtype == torch.int8:  # x = xf and a correction (`restore`)
+        if xi.dtype == torch.int8:  # x = xf and a correction (`finish`)
             new_xf = unstep_split(*(grid.view(t) for t in (xf, xi, vi)), grid.scale, grid.inv)
             return (new_xf.view(xi.shape), vf, xi, vi, *rest)
         # `unstep_velocity` has moved x already; `is` rejects a stale one from a backward that
         # stopped midway (a new walk starts on new integers, `restore`'s or `from_exact_state`'s).
         if ahead is vi:
-            if self._split:  # from here on, x is the float and a correction
-                new_xf, correction = split(grid.view(xi), grid.scale, grid.inv)
-                return (new_xf.view(xi.shape), vf, correction.view(xi.shape), vi, *rest)
             return (self._to_float(xi, xf.dtype), vf, xi, vi, *rest)
         if self.moving:  # x_{n+1} and v_{n+1} whole again from the buffer's low bits
             views = [grid.view(t) for t in (xi, vi, rest[0])]
@@ -856,13 +874,16 @@ def bits_per_element(gamma: float, depth: int) -> int:
 
 def kept_bytes_per_element(gamma: float, depth: int, dtype: torch.dtype) -> int:
     """Bytes per element of the state that a memory-free stack of ``depth`` blocks in exact mode
-    keeps from its forward to its backward (`ExactArithmetic.saved`), beside its float output:
-    ``x`` and ``v`` in their words (int32 for float32 and 16-bit stacks while their values fit,
-    int64 for float64 ones), and the buffer in the smallest dtype its bound allows, with its word
-    planes."""
+    keeps from its forward to its backward (`ExactArithmetic.finish`), beside its float output:
+    ``x`` as a one-byte correction to that output in a float32 stack whose buffer pushes no word
+    plane (where its grid steps stay within float32's normal range, as every input's but the
+    subnormal and the huge do), else in its word; ``v`` in its word (int32 for float32 and 16-bit
+    stacks while their values fit, int64 for float64 ones); and the buffer in the smallest dtype
+    its bound allows, with its word planes."""
     word = 8 if dtype == torch.float64 else 4
     ratio = rational_gamma(gamma)
     if ratio.numerator == 0:
         return 2 * word
     pushes, kept = _schedule(ratio.numerator, ratio.denominator, depth)
-    return 2 * word + kept.itemsize + (WORD // 8) * len(pushes)
+    split = dtype == torch.float32 and not pushes and ratio.denominator <= NARROW_Q
+    return (1 if split else word) + word + kept.itemsize + (WORD // 8) * len(pushes)

@@ -41,13 +41,13 @@ __all__ = [
     "checksum",
     "checksum_split",
     "convert",
+    "correction",
     "eager",
     "momentum_pullback",
     "momentum_update",
     "momentum_update_",
     "power_of_two",
     "round_to_grid",
-    "split",
     "step",
     "step_moving",
     "step_narrow",
@@ -507,8 +507,9 @@ def _moving_velocity(
 # -- x as a float32 and an int8 correction ---------------------------------------------------------
 # Where x's int32 word converts to a normal float32 (its grid step is at least 2**-126, and
 # |x| < 2**31 steps stays below float32's largest), that float is within 64 steps of x: x is the
-# float, which the block takes as its input anyway, plus an int8 correction. The backward keeps
-# x so between blocks, one byte per element where the word takes four.
+# float, which the block takes as its input anyway, plus an int8 correction. The stack keeps x_N
+# so (its float is the stack's output), and the backward x_n, one byte per element where the word
+# takes four.
 
 
 def _part(value: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
@@ -523,9 +524,10 @@ def _join(position: Tensor, correction: Tensor, scale: Tensor) -> Tensor:
     return position.double() * scale + correction.double()
 
 
-def _split(x: Tensor, scale: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-    """int32 ``x`` as its float32 value and the int8 correction (`_part`)."""
-    return _part(x.double(), scale, inv)
+def _correction(x: Tensor, position: Tensor, scale: Tensor) -> Tensor:
+    """The int8 correction of int32 ``x`` beside ``position``, its float32 value as the forward's
+    kernels round it (`_part`'s): ``x - position * scale``, exact in float64."""
+    return (x.double() - position.double() * scale).to(torch.int8)
 
 
 def _unstep_split(
@@ -844,7 +846,7 @@ unstep_position_moving = _Compiled(_unstep_position_moving, _chunked(_unstep_pos
 unstep_velocity_moving = _Compiled(
     _unstep_velocity_moving, _chunked(_unstep_velocity_moving), options=_ONE_PASS
 )
-split = _Compiled(_split, _chunked(_split))
+correction = _Compiled(_correction, _chunked(_correction))
 unstep_split = _Compiled(_unstep_split, _chunked(_unstep_split))
 unstep_velocity_only = _Compiled(_unstep_velocity_only, _chunked(_unstep_velocity_only))
 unstep_split_moving = _Compiled(_unstep_split_moving, _chunked(_unstep_split_moving))
