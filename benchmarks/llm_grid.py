@@ -21,8 +21,9 @@ of Python's ``json`` module, which every machine has), at gamma 0.9 and 0.1.
   stack's `ExactState` after a memory-free exact forward with the defaults: the bits each row's
   grid moved over the stack (worst and median row), the bits its buffer holds (the gamma
   product's digits and the dropped low bits of x and v, two per bit moved) and the bytes per
-  element the backward keeps (x, v and the buffer in their words), and its logits' precision in
-  the units above.
+  element the stack keeps for its backward beside its float output (x's one-byte correction to
+  that output or its word, v's word, and the buffer with its planes: the integers it saves), and
+  its logits' precision in the units above.
 
 Writes benchmarks/results/STEM.md (default ``llm_grid``); about a minute on 2 CPU cores.
 
@@ -114,10 +115,21 @@ def moving(model: Any, ids: Tensor) -> dict[str, Any]:
     """The stack's word and `ExactState` after a memory-free exact forward with the defaults."""
     stack = model.get_submodule(smollm2.LAYERS)
     stack.exact = True
+    stack.method = "memory_free"  # the plan's already (30 layers); a short stack's too
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     hook = stack.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     model(ids)  # autograd records: memory-free; a first overflow moves the grid
     hook.remove()
+    saved: list[Tensor] = []  # the integers the stack saves: x's correction or word, v, buffer
+    x_shape = calls[0][0][0].shape
+
+    def pack(t: Tensor) -> Tensor:
+        if t.shape == x_shape and not t.is_floating_point():
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
     (x, *args), kwargs = calls[0]
     # MomentumLayerList's forward (its parent's loop) has no return_state; its base's has.
     state = MomentumNet.forward(stack, x, *args, return_state=True, **kwargs)
@@ -126,8 +138,7 @@ def moving(model: Any, ids: Tensor) -> dict[str, Any]:
     moved = state.shifts.long().sum(0).flatten() if state.shifts is not None else None
     planes = len(state.words)  # older buffer bits, 32 per element each
     buffer = int(state.buffer.max()).bit_length() + 32 * planes
-    kept = state.x.element_size() + state.v.element_size() + state.buffer.element_size()
-    kept += 4 * planes
+    kept = sum(t.element_size() for t in saved)
     return {
         "word": f"{name}, moving" if word.moving and word.dtype == torch.int32 else name,
         "moved_worst": int(moved.max()) if moved is not None else 0,
@@ -174,10 +185,12 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "word after a memory-free exact forward with the defaults; where it moves, the bits each "
         "row's grid moved over the stack (worst, median row); the bits the buffer holds (the "
         "gamma product's digits, two bits per bit moved, and 32 per word plane) and the bytes "
-        "per element the backward keeps for x, v and the buffer with its planes.",
+        "per element the stack keeps for its backward beside its float output (x's one-byte "
+        "correction or its word, v's word, the buffer with its planes).",
         "",
         "| gamma | tokens | worst row | median row | bits needed (worst) | rows leaving int32 "
-        "| word | grid moved (worst, median) | buffer bits | kept (bytes per element) |",
+        "| word | grid moved (worst, median) | buffer bits "
+        "| kept beside the output (bytes per element) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -262,4 +262,4 @@ def test_an_invented_figure_is_caught() -> None:
         assert unmeasured(page, f"{text}\n\nWe measured {invented}.\n") == [invented]
     assert not unmeasured(page, f"{text}\n\nA tolerance of `4.56e-7`.\n")
     unnamed = text.replace("benchmarks/true_peak.py", "the benchmark")
-    assert "1,220.3 MiB" in unmeasured(page, unnamed)  # its file's command is no longer named
+    assert "1,220.2 MiB" in unmeasured(page, unnamed)  # its file's command is no longer named

@@ -185,7 +185,9 @@ def test_llm_grid_script(tmp_path: Path) -> None:
     for r in rows:
         assert r["worst"] >= r["median"] > 0
         assert r["word"] in ("int32", "int32, moving", "int64")
-        assert r["kept"] >= 9  # x, v and the buffer in their words
+        # Beside the output: x's one-byte correction and v's word and the buffer (int32 words),
+        # or x, v and the buffer in int64 words.
+        assert r["kept"] >= (6 if r["word"].startswith("int32") else 17)
         ratios = [r["precision"][b] for b in script.GRID_BITS]
         assert ratios[-1] > ratios[0] > 0
         assert r["precision"]["moving"] > 0

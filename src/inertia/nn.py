@@ -77,8 +77,9 @@ class MomentumNet(nn.Module):
         method: How ``use_backprop=False`` saves memory: ``"memory_free"`` (the default) keeps
             only the final state and rebuilds the activations in backward;
             ``"checkpoint"`` runs each block under ``torch.utils.checkpoint`` (float
-            arithmetic, unless ``exact=True``), keeping each block's input: fewer bytes than
-            memory-free for stacks of one or two blocks (see `inertia.Plan`), and no inversion.
+            arithmetic, unless ``exact=True``), keeping each block's input: about as few bytes
+            as memory-free for stacks of one or two blocks (see `inertia.Plan`), and no
+            inversion.
             Both replay each block's random numbers (its own generators too) and update norm
             statistics once. `transform_to_momentumnet` chooses it per stack.
         exact: Hold ``x`` and ``v`` in fixed point (integer words on a grid: ``fraction_bits``)

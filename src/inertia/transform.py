@@ -76,12 +76,12 @@ def transform_to_momentumnet(
         sub_layers: ``momentumnet``'s name for ``residual_layers``.
         method: How each stack saves memory where ``use_backprop=False``: ``"auto"`` (the
             default) chooses per stack by the bytes each method keeps (`inertia.plan`):
-            memory-free for a stack long enough to keep fewer bytes than checkpointing each
-            block (three float32 blocks and more in exact arithmetic), checkpointing for a
-            shorter one. ``"memory_free"`` or ``"checkpoint"`` forces one method on every stack
-            (`MomentumNet`'s ``method``). The plan is logged (logger ``"inertia"``, level INFO)
-            and kept as ``model.inertia_plan`` (``print(model.inertia_plan)`` shows it with its
-            byte counts).
+            memory-free for a stack long enough to keep at most four fifths of the bytes that
+            checkpointing each block keeps (three float32 blocks and more in exact arithmetic),
+            checkpointing for a shorter one. ``"memory_free"`` or ``"checkpoint"`` forces one
+            method on every stack (`MomentumNet`'s ``method``). The plan is logged (logger
+            ``"inertia"``, level INFO) and kept as ``model.inertia_plan``
+            (``print(model.inertia_plan)`` shows it with its byte counts).
         checkpoint_kept: Checkpoint the kept first blocks (see `MomentumNet`), which then keep
             their input only. None (the default): where ``use_backprop=False``.
         checkpoint_stem: For a torchvision ResNet, also checkpoint the stem (``conv1`` to
