@@ -118,19 +118,19 @@ def moving(model: Any, ids: Tensor) -> dict[str, Any]:
     stack.method = "memory_free"  # the plan's already (30 layers); a short stack's too
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     hook = stack.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
-    model(ids)  # autograd records: memory-free; a first overflow moves the grid
-    hook.remove()
-    saved: list[Tensor] = []  # the integers the stack saves: x's correction or word, v, buffer
-    x_shape = calls[0][0][0].shape
+    integers: list[Tensor] = []  # saved for backward; the stack's have its input's shape
 
     def pack(t: Tensor) -> Tensor:
-        if t.shape == x_shape and not t.is_floating_point():
-            saved.append(t)
+        if not t.is_floating_point():
+            integers.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
+        model(ids)  # autograd records: memory-free; a first overflow moves the grid
+    hook.remove()
     (x, *args), kwargs = calls[0]
+    # The integers the stack saves: x's correction or word, v, the buffer and its planes.
+    saved = [t for t in integers if t.shape == x.shape]
     # MomentumLayerList's forward (its parent's loop) has no return_state; its base's has.
     state = MomentumNet.forward(stack, x, *args, return_state=True, **kwargs)
     word = stack.word
