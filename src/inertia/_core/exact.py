@@ -728,16 +728,9 @@ class ExactArithmetic:
 
     def _splits(self, xi: Tensor) -> bool:
         """Whether the memory-free stack may keep ``x`` as its float32 value and an int8
-        correction (`kernels._part`, `finish`): float32 floats, an int32 word, a buffer that
-        pushes no word plane and ``q <= NARROW_Q`` (the kernels that leave ``x`` alone), and every
-        grid step of the forward within `_SPLIT_BITS`. One device sync."""
-        if not (
-            self.dtype == torch.float32
-            and xi.dtype == torch.int32
-            and self.p
-            and not self.pushes
-            and self.q <= NARROW_Q
-        ):
+        correction (`kernels._part`, `finish`): an int32 word, `_corrects`, and every grid step
+        of the forward within `_SPLIT_BITS`. One device sync."""
+        if not (xi.dtype == torch.int32 and _corrects(self.dtype, self.p, self.q, self.pushes)):
             return False
         assert self.grid is not None
         low, high = _SPLIT_BITS
@@ -861,6 +854,13 @@ def _recording(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _corrects(dtype: torch.dtype, p: int, q: int, pushes: frozenset[int]) -> bool:
+    """Whether a stack of ``dtype`` with gamma ``p / q`` and word planes pushed at ``pushes`` can
+    keep ``x`` as its float and an int8 correction, its grid's range aside (`_splits`): float32
+    floats, gamma > 0, no word plane and ``q <= NARROW_Q`` (the kernels that leave ``x`` alone)."""
+    return dtype == torch.float32 and p > 0 and not pushes and q <= NARROW_Q
+
+
 def bits_per_element(gamma: float, depth: int) -> int:
     """Bits per element that the buffer takes after ``depth`` layers, as `ExactState` holds it:
     the smallest integer dtype its bound allows, or, where word planes were pushed, 64 plus the
@@ -885,5 +885,5 @@ def kept_bytes_per_element(gamma: float, depth: int, dtype: torch.dtype) -> int:
     if ratio.numerator == 0:
         return 2 * word
     pushes, kept = _schedule(ratio.numerator, ratio.denominator, depth)
-    split = dtype == torch.float32 and not pushes and ratio.denominator <= NARROW_Q
+    split = _corrects(dtype, ratio.numerator, ratio.denominator, pushes)
     return (1 if split else word) + word + kept.itemsize + (WORD // 8) * len(pushes)
